@@ -1,0 +1,90 @@
+"""The product's exception tree: every error the daemon raises on purpose is one of these.
+
+    ConsumerError
+    ├── ConfigError                  a setting is missing or wrong (names the setting)
+    ├── CodecError                   bytes that are not a record we can decode
+    ├── TransientError               worth retrying later: nothing was applied, or it is safe again
+    │   ├── TextLocalUnavailable     network error, timeout, HTTP 5xx from TextLocal
+    │   │   └── TextLocalRateLimited HTTP 429; carries retry_after_s when TextLocal sent one
+    │   └── StoreUnavailable         Redis could not be reached
+    ├── PermanentError               retrying will not help
+    │   └── TextLocalApiError        TextLocal answered "failure" with an error code
+    └── TextLocalOutcomeUnknown      a non-repeatable call (send) may or may not have been applied:
+                                     the caller must reconcile with TextLocal before trying again
+
+Library exceptions (aiohttp, redis-py, confluent-kafka) are translated into these where they enter
+the product (`raise ... from exc`), so nothing above the I/O edges handles a library's types.
+Messages never contain secrets, phone numbers or message bodies.
+"""
+
+from __future__ import annotations
+
+
+class ConsumerError(Exception):
+    """Base of every error the product raises on purpose."""
+
+
+class ConfigError(ConsumerError):
+    """A configuration setting is missing or invalid."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+class CodecError(ConsumerError):
+    """Bytes that cannot be decoded into one of our records, with the reason why."""
+
+
+class TransientError(ConsumerError):
+    """A failure that may go away: the operation can be tried again later."""
+
+
+class TextLocalUnavailable(TransientError):
+    """TextLocal could not be reached or answered with an HTTP error (network, timeout, 5xx)."""
+
+    def __init__(self, command: str, reason: str, http_status: int | None = None) -> None:
+        super().__init__(f"TextLocal {command}: {reason}")
+        self.command = command
+        self.reason = reason
+        self.http_status = http_status
+
+
+class TextLocalRateLimited(TextLocalUnavailable):
+    """TextLocal answered HTTP 429; `retry_after_s` is its Retry-After, when it gave one."""
+
+    def __init__(self, command: str, retry_after_s: float | None) -> None:
+        super().__init__(command, "rate limited (HTTP 429)", http_status=429)
+        self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(TransientError):
+    """Redis could not be reached or timed out."""
+
+
+class PermanentError(ConsumerError):
+    """A failure that retrying will not fix."""
+
+
+class TextLocalApiError(PermanentError):
+    """TextLocal answered `status: failure` with one of its published error codes."""
+
+    def __init__(self, command: str, code: int, message: str) -> None:
+        super().__init__(f"TextLocal {command} failed: error {code} {message}")
+        self.command = command
+        self.code = code
+        self.message = message
+
+
+class TextLocalOutcomeUnknown(ConsumerError):
+    """A call that must not be repeated blindly may have reached TextLocal; its reply was lost.
+
+    Raised instead of a retry for `send` and other non-idempotent commands when the connection
+    failed after the request was written (or timed out waiting for the reply).
+    """
+
+    def __init__(self, command: str, reason: str) -> None:
+        super().__init__(f"TextLocal {command}: outcome unknown ({reason})")
+        self.command = command
+        self.reason = reason
