@@ -1,0 +1,713 @@
+"""The TextLocal API client: every call the daemon makes to TextLocal goes through here.
+
+One `aiohttp.ClientSession` per client (one client per process), explicit timeouts, a
+process-wide rate limit and concurrency cap, typed results (`consumer.textlocal_types`).
+
+Errors (the tree is drawn in `consumer.errors`) are mapped at one boundary, `_post`:
+
+- a reply with `status: failure` → `TextLocalApiError(code, message)`: permanent, not retried;
+- HTTP 429 → `TextLocalRateLimited` (with Retry-After); connection refused, DNS failure or a
+  connect timeout (nothing was sent) → `TextLocalUnavailable`. Both are retried here, by
+  `consumer.retry`, the only place that retries;
+- a failure after the request may have reached TextLocal (timeout waiting for the reply, the
+  connection dropped mid-exchange, HTTP 5xx other than 503, an unreadable reply) →
+  `TextLocalUnavailable` for calls that are safe to repeat, but `TextLocalOutcomeUnknown` for
+  those that are not (`UNSAFE_TO_REPEAT`): the caller must look before it tries again.
+
+Why the timeouts tell "not sent" from "maybe sent": aiohttp raises `ConnectionTimeoutError`
+when the `connect` timeout (which covers waiting for a pooled connection, DNS and the TCP/TLS
+handshake) expires, and a plain `TimeoutError` when the `total` timeout expires. Settings keep
+`request_timeout_s` at least a second above `connect_timeout_s` (aiohttp rounds timeouts of 5 s
+and more up to the next second), so the total timeout can only fire after the connection was
+made, i.e. once the request may have been written.
+
+Secrets (API key, password, hash), phone numbers and message bodies never appear in a repr, a log
+line or an exception text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random as random_module
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Protocol, Self, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+import yarl
+
+from consumer import __version__
+from consumer.clock import Clock, SystemClock, monotonic_s, to_unix_s
+from consumer.errors import (
+    ConfigError,
+    TextLocalApiError,
+    TextLocalOutcomeUnknown,
+    TextLocalRateLimited,
+    TextLocalUnavailable,
+)
+from consumer.rate_limit import RequestRateLimiter
+from consumer.retry import RetryPolicy, call_with_retries, parse_retry_after_s
+from consumer.textlocal_types import (
+    Balance,
+    BatchStatus,
+    BulkResult,
+    Contact,
+    ContactsPage,
+    Group,
+    HistoryEntry,
+    HistoryPage,
+    JsonObject,
+    MalformedReply,
+    NewContact,
+    ScheduledSend,
+    SenderNames,
+    SendResult,
+    Template,
+    TopLevelArraySkipper,
+    decode_reply,
+    failure_of,
+    parse_balance,
+    parse_batch_status,
+    parse_bulk,
+    parse_contacts_added,
+    parse_contacts_page,
+    parse_created_group,
+    parse_groups,
+    parse_history_page,
+    parse_scheduled,
+    parse_send,
+    parse_sender_names,
+    parse_templates,
+)
+
+__all__ = [
+    "MAX_CONTACTS_PER_BULK_CALL",
+    "MAX_NUMBERS_PER_SEND",
+    "UNSAFE_TO_REPEAT",
+    "TextLocalClient",
+    "TextLocalCredentials",
+    "TextLocalObserver",
+    "TextLocalSettings",
+]
+
+ResultT = TypeVar("ResultT")
+
+log = logging.getLogger(__name__)
+
+MAX_CONTACTS_PER_BULK_CALL = 1500
+MAX_NUMBERS_PER_SEND = 10_000
+
+# Calls whose repetition after they may have been applied is not harmless: a second `send` or
+# `bulk_json` sends the SMS twice; a second `create_group`, `delete_group` or `cancel_scheduled`
+# fails with an error that hides the first call's success. Everything else is a read, or (for
+# `create_contacts_bulk`) re-adding the same contacts to a group, which changes nothing.
+UNSAFE_TO_REPEAT = frozenset(
+    {"send", "bulk_json", "create_group", "delete_group", "cancel_scheduled"}
+)
+
+# Replies that list every recipient (about 40 bytes each); the client returns counts, so these
+# arrays are skipped while reading instead of being decoded.
+_PER_RECIPIENT_ARRAYS = {
+    "send": frozenset({"messages"}),
+    "status_batch": frozenset({"messages"}),
+}
+_READ_CHUNK_BYTES = 64 * 1024
+_FORBIDDEN_CREDENTIAL_CHARACTERS = frozenset("$&=")
+_SORT_ORDERS = ("asc", "desc")
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+def _check_credential(setting: str, value: str) -> None:
+    if not value:
+        raise ConfigError(setting, "must not be empty")
+    if _FORBIDDEN_CREDENTIAL_CHARACTERS & set(value):
+        # The integration's documented rule; the value itself is never echoed.
+        raise ConfigError(setting, "must not contain '$', '&' or '='")
+
+
+@dataclass(frozen=True, repr=False)
+class TextLocalCredentials:
+    """An API key, or a username with a password or with a password hash (exactly one way).
+
+    Prefer the named constructors. The repr shows which way and the username, never a secret.
+    """
+
+    api_key: str | None = None
+    username: str | None = None
+    password: str | None = None
+    password_hash: str | None = None
+
+    @classmethod
+    def from_api_key(cls, api_key: str) -> TextLocalCredentials:
+        return cls(api_key=api_key)
+
+    @classmethod
+    def from_password(cls, username: str, password: str) -> TextLocalCredentials:
+        return cls(username=username, password=password)
+
+    @classmethod
+    def from_hash(cls, username: str, password_hash: str) -> TextLocalCredentials:
+        return cls(username=username, password_hash=password_hash)
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None:
+            if self.username is not None or self.password is not None or self.password_hash:
+                raise ConfigError(
+                    "textlocal.api_key", "give either an API key or a username, not both"
+                )
+            _check_credential("textlocal.api_key", self.api_key)
+            return
+        if self.username is None:
+            raise ConfigError("textlocal.api_key", "an API key or a username is required")
+        _check_credential("textlocal.username", self.username)
+        if (self.password is None) == (self.password_hash is None):
+            raise ConfigError(
+                "textlocal.password", "give exactly one of a password or a password hash"
+            )
+        if self.password is not None:
+            _check_credential("textlocal.password", self.password)
+        if self.password_hash is not None:
+            _check_credential("textlocal.hash", self.password_hash)
+
+    def form_fields(self) -> list[tuple[str, str]]:
+        """The authentication parameters TextLocal expects in every request."""
+        if self.api_key is not None:
+            return [("apikey", self.api_key)]
+        assert self.username is not None
+        if self.password is not None:
+            return [("username", self.username), ("password", self.password)]
+        assert self.password_hash is not None
+        return [("username", self.username), ("hash", self.password_hash)]
+
+    def __repr__(self) -> str:
+        if self.api_key is not None:
+            return "TextLocalCredentials(api_key='***')"
+        secret = "password" if self.password is not None else "password_hash"
+        return f"TextLocalCredentials(username={self.username!r}, {secret}='***')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class TextLocalSettings:
+    """Where TextLocal is and how the client treats it; every bound is explicit."""
+
+    api_url: str = "https://api.txtlocal.com/"
+    connect_timeout_s: float = 5.0
+    # Generous: "large reports may take several seconds", and a million-recipient `send` reply
+    # is about 40 MB.
+    request_timeout_s: float = 60.0
+    # TextLocal publishes no limit; 10/s with 4 in flight stays far below what its clients use.
+    rate_limit_per_s: float = 10.0
+    max_concurrency: int = 4
+    max_attempts: int = 5
+    max_total_s: float = 60.0
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 10.0
+    retry_policy: RetryPolicy = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_url", _checked_api_url(self.api_url))
+        if not self.connect_timeout_s > 0:
+            raise ConfigError("textlocal.connect_timeout_s", "must be positive")
+        if not self.request_timeout_s >= self.connect_timeout_s + 1:
+            raise ConfigError(
+                "textlocal.request_timeout_s", "must be at least 1 s above connect_timeout_s"
+            )
+        if not self.rate_limit_per_s > 0:
+            raise ConfigError("textlocal.rate_limit_per_s", "must be positive")
+        if self.max_concurrency < 1:
+            raise ConfigError("textlocal.max_concurrency", "must be at least 1")
+        object.__setattr__(
+            self,
+            "retry_policy",
+            RetryPolicy(
+                max_attempts=self.max_attempts,
+                max_total_s=self.max_total_s,
+                backoff_base_s=self.backoff_base_s,
+                backoff_cap_s=self.backoff_cap_s,
+            ),
+        )
+
+
+def _checked_api_url(api_url: str) -> str:
+    """The URL with a trailing slash; credentials or a query in it are refused (never echoed)."""
+    try:
+        url = yarl.URL(api_url)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("textlocal.api_url", "is not a URL") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError("textlocal.api_url", "must be an http(s) URL with a host")
+    if url.user is not None or url.password is not None:
+        raise ConfigError("textlocal.api_url", "must not carry credentials")
+    if url.query_string or url.fragment:
+        raise ConfigError("textlocal.api_url", "must not have a query or fragment")
+    return api_url if api_url.endswith("/") else api_url + "/"
+
+
+# --- observation -----------------------------------------------------------------------------
+
+
+class TextLocalObserver(Protocol):
+    """A metrics hook, so the client does not depend on a metrics library.
+
+    `request_finished` is called once per HTTP attempt with `outcome` one of "ok", "api_error",
+    "unavailable", "rate_limited", "outcome_unknown"; `retry_scheduled` before each backoff.
+    """
+
+    def request_finished(self, command: str, outcome: str, duration_s: float) -> None: ...
+
+    def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None: ...
+
+
+class _SilentObserver:
+    def request_finished(self, command: str, outcome: str, duration_s: float) -> None:
+        pass
+
+    def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None:
+        pass
+
+
+def _outcome_of(error: BaseException) -> str:
+    if isinstance(error, TextLocalApiError):
+        return "api_error"
+    if isinstance(error, TextLocalRateLimited):
+        return "rate_limited"
+    if isinstance(error, TextLocalUnavailable):
+        return "unavailable"
+    if isinstance(error, TextLocalOutcomeUnknown):
+        return "outcome_unknown"
+    return "error"
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+class TextLocalClient:
+    """TextLocal's API as typed async calls. Use as `async with TextLocalClient(...) as client`.
+
+    Owns one aiohttp session unless one is passed in (then the caller closes it). `sleep`,
+    `random`, `monotonic` and `clock` are injected for tests.
+    """
+
+    def __init__(
+        self,
+        settings: TextLocalSettings,
+        credentials: TextLocalCredentials,
+        *,
+        observer: TextLocalObserver | None = None,
+        session: aiohttp.ClientSession | None = None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        random: Callable[[], float] = random_module.random,
+        monotonic: Callable[[], float] = monotonic_s,
+        clock: Clock | None = None,
+    ) -> None:
+        self._settings = settings
+        self._credentials = credentials
+        self._observer: TextLocalObserver = observer or _SilentObserver()
+        self._session = session
+        self._owns_session = session is None
+        self._sleep = sleep
+        self._random = random
+        self._monotonic = monotonic
+        self._clock: Clock = clock or SystemClock()
+        self._concurrency = asyncio.Semaphore(settings.max_concurrency)
+        self._rate_limiter = RequestRateLimiter(
+            settings.rate_limit_per_s, monotonic=monotonic, sleep=sleep
+        )
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.request_timeout_s,
+            connect=settings.connect_timeout_s,
+            sock_connect=settings.connect_timeout_s,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"TextLocalClient(api_url={self._settings.api_url!r}, "
+            f"credentials={self._credentials!r})"
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create the session (if none was given). Idempotent."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._settings.max_concurrency),
+                timeout=self._timeout,
+                headers={"User-Agent": f"textlocal-consumer/{__version__}"},
+            )
+
+    async def close(self) -> None:
+        """Close the session if this client created it."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- commands ----------------------------------------------------------------------------
+
+    async def send(
+        self,
+        *,
+        message: str,
+        group_id: int | None = None,
+        numbers: Sequence[str | int] | None = None,
+        sender: str | None = None,
+        schedule_time: datetime | None = None,
+        validity: datetime | None = None,
+        custom: str | None = None,
+        optouts: bool = False,
+        test: bool = False,
+        unicode: bool = False,
+        receipt_url: str | None = None,
+    ) -> SendResult:
+        """Send (or schedule) `message` to a group or to numbers. Never repeated blindly.
+
+        Raises `TextLocalOutcomeUnknown` when the request may have been applied but no reply
+        came back: the caller reconciles (get_scheduled / get_history_group) before resending.
+        """
+        if (group_id is None) == (numbers is None):
+            raise ValueError("send needs exactly one of group_id or numbers")
+        params: list[tuple[str, str]] = [("message", _pre_encoded(message))]
+        if group_id is not None:
+            params.append(("group_id", str(group_id)))
+        if numbers is not None:
+            params.append(("numbers", _joined_numbers(numbers)))
+        if sender is not None:
+            params.append(("sender", _pre_encoded(sender)))
+        if schedule_time is not None:
+            params.append(("schedule_time", str(_unix_s(schedule_time, "schedule_time"))))
+        if validity is not None:
+            params.append(("validity", str(_unix_s(validity, "validity"))))
+        if custom is not None:
+            params.append(("custom", custom))
+        if receipt_url is not None:
+            params.append(("receipt_url", receipt_url))
+        params += _flags(optouts=optouts, test=test, unicode=unicode)
+        return await self._call("send", params, parse_send)
+
+    async def get_templates(self) -> list[Template]:
+        return await self._call("get_templates", [], parse_templates)
+
+    async def get_groups(self) -> list[Group]:
+        return await self._call("get_groups", [], parse_groups)
+
+    async def create_group(self, name: str) -> Group:
+        """Create a group. TextLocal answers error 14 when the name is taken."""
+        return await self._call("create_group", [("name", name)], parse_created_group)
+
+    async def delete_group(self, group_id: int) -> None:
+        """Delete a group and its contacts."""
+        await self._call("delete_group", [("group_id", str(group_id))], _ignore_reply)
+
+    async def get_contacts(
+        self, group_id: int, *, start: int = 0, limit: int = 1000
+    ) -> ContactsPage:
+        if start < 0 or limit < 1:
+            raise ValueError("start must be >= 0 and limit >= 1")
+
+        def parse(reply: JsonObject) -> ContactsPage:
+            return parse_contacts_page(reply, group_id=group_id, start=start, limit=limit)
+
+        params = [("group_id", str(group_id)), ("start", str(start)), ("limit", str(limit))]
+        return await self._call("get_contacts", params, parse)
+
+    async def iter_contacts(
+        self, group_id: int, *, page_size: int = 1000
+    ) -> AsyncIterator[list[Contact]]:
+        """The group's contacts, page by page, until a page comes back short."""
+        start = 0
+        while True:
+            page = await self.get_contacts(group_id, start=start, limit=page_size)
+            if page.contacts:
+                yield list(page.contacts)
+            # TextLocal may cap the page below what was asked; a page shorter than the smaller
+            # of the two is the last one.
+            if len(page.contacts) < min(page_size, page.limit):
+                return
+            start += len(page.contacts)
+
+    async def create_contacts_bulk(self, group_id: int, contacts: Sequence[NewContact]) -> int:
+        """Add up to 1,500 contacts to a group; returns TextLocal's `num_contacts`.
+
+        Safe to retry: adding the same contacts to the same group again changes nothing.
+        An empty list makes no call and returns 0.
+        """
+        if len(contacts) > MAX_CONTACTS_PER_BULK_CALL:
+            raise ValueError(
+                f"create_contacts_bulk takes at most {MAX_CONTACTS_PER_BULK_CALL} contacts "
+                f"per call, got {len(contacts)}"
+            )
+        if not contacts:
+            return 0
+        params = [
+            ("group_id", str(group_id)),
+            ("contacts", _json_text([contact.to_json() for contact in contacts])),
+        ]
+        return await self._call("create_contacts_bulk", params, parse_contacts_added)
+
+    async def status_batch(self, batch_id: int) -> BatchStatus:
+        """Delivery counts of a batch (the per-recipient list is skipped, not decoded)."""
+        return await self._call("status_batch", [("batch_id", str(batch_id))], parse_batch_status)
+
+    async def get_scheduled(self) -> list[ScheduledSend]:
+        return await self._call("get_scheduled", [], parse_scheduled)
+
+    async def cancel_scheduled(self, sent_id: int) -> None:
+        """Cancel a scheduled send, by the `id` that get_scheduled reports."""
+        await self._call("cancel_scheduled", [("sent_id", str(sent_id))], _ignore_reply)
+
+    async def get_history_group(
+        self,
+        *,
+        min_time: datetime | None = None,
+        max_time: datetime | None = None,
+        start: int = 0,
+        limit: int = 1000,
+        sort_order: str = "desc",
+    ) -> HistoryPage:
+        """One page of group sends; TextLocal's defaults are the last six months, newest first."""
+        if sort_order not in _SORT_ORDERS:
+            raise ValueError("sort_order must be 'asc' or 'desc'")
+        if start < 0 or limit < 1:
+            raise ValueError("start must be >= 0 and limit >= 1")
+        params = [("start", str(start)), ("limit", str(limit)), ("sort_order", sort_order)]
+        if min_time is not None:
+            params.append(("min_time", str(_unix_s(min_time, "min_time"))))
+        if max_time is not None:
+            params.append(("max_time", str(_unix_s(max_time, "max_time"))))
+
+        def parse(reply: JsonObject) -> HistoryPage:
+            return parse_history_page(reply, start=start, limit=limit)
+
+        return await self._call("get_history_group", params, parse)
+
+    async def iter_history_group(
+        self,
+        *,
+        min_time: datetime | None = None,
+        max_time: datetime | None = None,
+        page_size: int = 1000,
+        sort_order: str = "desc",
+    ) -> AsyncIterator[list[HistoryEntry]]:
+        """Group sends page by page, until a short page or the reported total is reached."""
+        start = 0
+        while True:
+            page = await self.get_history_group(
+                min_time=min_time,
+                max_time=max_time,
+                start=start,
+                limit=page_size,
+                sort_order=sort_order,
+            )
+            if page.entries:
+                yield list(page.entries)
+            start += len(page.entries)
+            if len(page.entries) < min(page_size, page.limit) or start >= page.total:
+                return
+
+    async def balance(self) -> Balance:
+        return await self._call("balance", [], parse_balance)
+
+    async def get_sender_names(self) -> SenderNames:
+        return await self._call("get_sender_names", [], parse_sender_names)
+
+    async def bulk_json(
+        self, messages: Sequence[tuple[str, str]], *, sender: str | None = None, test: bool = False
+    ) -> BulkResult:
+        """Send personalised messages, (number, text) pairs, in one call. Never repeated blindly."""
+        if not messages:
+            raise ValueError("bulk_json needs at least one message")
+        data: dict[str, object] = {
+            "messages": [
+                {"number": _check_number(number), "text": text} for number, text in messages
+            ]
+        }
+        if sender is not None:
+            data["sender"] = sender
+        if test:
+            data["test"] = True
+        return await self._call("bulk_json", [("data", _json_text(data))], parse_bulk)
+
+    # --- the one path every call takes ---------------------------------------------------------
+
+    async def _call(
+        self,
+        command: str,
+        params: list[tuple[str, str]],
+        parse: Callable[[JsonObject], ResultT],
+    ) -> ResultT:
+        async def attempt() -> ResultT:
+            return await self._attempt(command, params, parse)
+
+        def on_retry(error: TextLocalUnavailable, delay_s: float) -> None:
+            reason = type(error).__name__
+            self._observer.retry_scheduled(command, reason, delay_s)
+            log.warning(
+                "textlocal.retry_scheduled",
+                extra={
+                    "command": command,
+                    "reason": error.reason,
+                    "http_status": error.http_status,
+                    "delay_s": round(delay_s, 3),
+                },
+            )
+
+        return await call_with_retries(
+            attempt,
+            policy=self._settings.retry_policy,
+            sleep=self._sleep,
+            random=self._random,
+            monotonic=self._monotonic,
+            on_retry=on_retry,
+        )
+
+    async def _attempt(
+        self,
+        command: str,
+        params: list[tuple[str, str]],
+        parse: Callable[[JsonObject], ResultT],
+    ) -> ResultT:
+        async with self._concurrency:
+            await self._rate_limiter.acquire()
+            started_s = self._monotonic()
+            try:
+                reply = await self._post(command, params)
+                failure = failure_of(reply)
+                if failure is not None:
+                    raise TextLocalApiError(command, *failure)
+                result = parse(reply)
+            except MalformedReply as exc:
+                error = self._reply_lost(command, f"malformed reply ({exc})")
+                self._finished(command, error, started_s)
+                raise error from exc
+            except (TextLocalApiError, TextLocalUnavailable, TextLocalOutcomeUnknown) as error:
+                self._finished(command, error, started_s)
+                raise
+            self._finished(command, None, started_s)
+            return result
+
+    async def _post(self, command: str, params: list[tuple[str, str]]) -> JsonObject:
+        """One HTTP exchange; the only place aiohttp's exceptions are translated."""
+        if self._session is None:
+            raise RuntimeError("TextLocalClient is not open: use 'async with' or await open()")
+        form = [*self._credentials.form_fields(), *params]
+        url = f"{self._settings.api_url}{command}/"
+        try:
+            async with self._session.post(url, data=form, timeout=self._timeout) as response:
+                self._check_http_status(command, response)
+                return await self._read_reply(command, response)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Nothing reached TextLocal: safe to try again, whatever the command.
+            raise TextLocalUnavailable(command, f"cannot connect ({type(exc).__name__})") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            what = "timed out" if isinstance(exc, TimeoutError) else "connection failed"
+            raise self._reply_lost(command, f"{what} ({type(exc).__name__})") from exc
+
+    def _check_http_status(self, command: str, response: aiohttp.ClientResponse) -> None:
+        status = response.status
+        if status == 200:
+            return
+        if status == 429:
+            retry_after_s = parse_retry_after_s(
+                response.headers.get("Retry-After"), self._clock.now()
+            )
+            raise TextLocalRateLimited(command, retry_after_s)
+        if status >= 500 and status != 503:
+            # 500, 502, 504: the request got past the front door and may have been acted on.
+            raise self._reply_lost(command, f"HTTP {status}", http_status=status)
+        # 503 (and any 4xx) means TextLocal refused the request before acting on it.
+        raise TextLocalUnavailable(command, f"HTTP {status}", http_status=status)
+
+    async def _read_reply(self, command: str, response: aiohttp.ClientResponse) -> JsonObject:
+        skipped = _PER_RECIPIENT_ARRAYS.get(command)
+        if skipped is None:
+            return decode_reply(await response.read())
+        skipper = TopLevelArraySkipper(skipped)
+        async for chunk in response.content.iter_chunked(_READ_CHUNK_BYTES):
+            skipper.feed(chunk)
+        return skipper.result()
+
+    @staticmethod
+    def _reply_lost(
+        command: str, reason: str, *, http_status: int | None = None
+    ) -> TextLocalUnavailable | TextLocalOutcomeUnknown:
+        """The error for a request that may have been applied: retryable only if repeatable."""
+        if command in UNSAFE_TO_REPEAT:
+            return TextLocalOutcomeUnknown(command, reason)
+        return TextLocalUnavailable(command, reason, http_status=http_status)
+
+    def _finished(self, command: str, error: BaseException | None, started_s: float) -> None:
+        duration_s = self._monotonic() - started_s
+        outcome = "ok" if error is None else _outcome_of(error)
+        self._observer.request_finished(command, outcome, duration_s)
+        if isinstance(error, TextLocalOutcomeUnknown):
+            log.error(
+                "textlocal.outcome_unknown",
+                extra={"command": command, "reason": error.reason},
+            )
+        else:
+            log.debug(
+                "textlocal.request_finished",
+                extra={"command": command, "outcome": outcome, "duration_s": duration_s},
+            )
+
+
+# --- request encoding ---------------------------------------------------------------------------
+
+
+def _pre_encoded(text: str) -> str:
+    """TextLocal URL-decodes `message` and `sender` once more after the form decoding."""
+    return quote(text, safe="")
+
+
+def _check_number(number: str | int) -> str:
+    text = str(number).strip()
+    if not text.isdigit() or not text.isascii():
+        # Never echo the number: it is personal data.
+        raise ValueError("phone numbers must be international format digits only")
+    return text
+
+
+def _joined_numbers(numbers: Sequence[str | int]) -> str:
+    if not numbers:
+        raise ValueError("numbers must not be empty")
+    if len(numbers) > MAX_NUMBERS_PER_SEND:
+        raise ValueError(f"send takes at most {MAX_NUMBERS_PER_SEND} numbers per call")
+    return ",".join(_check_number(number) for number in numbers)
+
+
+def _unix_s(moment: datetime, name: str) -> int:
+    if moment.tzinfo is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime")
+    return to_unix_s(moment)
+
+
+def _flags(**flags: bool) -> list[tuple[str, str]]:
+    """TextLocal reads `true`/`1` as on and an absent flag as off."""
+    return [(name, "true") for name, on in flags.items() if on]
+
+
+def _json_text(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _ignore_reply(reply: JsonObject) -> None:
+    return None
