@@ -1,0 +1,130 @@
+"""Delivery receipts: POSTed to a send's `receipt_url` as its messages settle.
+
+Assumed encoding (not published): one `application/x-www-form-urlencoded` POST per message with
+`number`, `status`, `customID` and `datetime` (`Y-m-d H:i:s`, UTC, when it settled); one attempt,
+no retries. Receipts carry only D, U, I or ? (as published), so an expired message reports U.
+Messages settle in a hundred delay buckets (see delivery.py), so finding what settled since the
+last look is one pass over a send's recipients per newly settled set of buckets, never per tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+
+from consumer.sandbox.delivery import EXPIRED, INVALID, UNDELIVERED, DeliveryModel
+from consumer.sandbox.state import SandboxState
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    url: str
+    number: int
+    status: str
+    custom: str
+    settled_at_s: float
+
+    def form(self) -> dict[str, str]:
+        return {
+            "number": str(self.number),
+            "status": self.status,
+            "customID": self.custom,
+            "datetime": datetime.fromtimestamp(self.settled_at_s, UTC).strftime(
+                "%Y-%m-%d %H:%M:%S"
+            ),
+        }
+
+
+def collect_due(
+    state: SandboxState, delivery: DeliveryModel, now_s: float, cursors: dict[int, int]
+) -> list[Receipt]:
+    """Receipts for messages settled since the last call; `cursors` remembers per batch."""
+    due: list[Receipt] = []
+    for batch_id in state.receipt_batches:
+        send = state.sends.get(batch_id)
+        if send is None or send.send_at_s > now_s:
+            continue
+        fired = cursors.get(batch_id, 0)
+        settled = delivery.settled_buckets(send.send_at_s, now_s)
+        if settled <= fired:
+            continue
+        cursors[batch_id] = settled
+        invalid = set(send.invalid_positions)
+        for position, number in enumerate(send.recipients):
+            bucket = delivery.delay_bucket(number)
+            if not fired <= bucket < settled:
+                continue
+            status = INVALID if position in invalid else delivery.final_status(number)
+            due.append(
+                Receipt(
+                    url=send.receipt_url,
+                    number=number,
+                    status=UNDELIVERED if status == EXPIRED else status,
+                    custom=send.custom,
+                    settled_at_s=send.send_at_s + delivery.bucket_delay_s(bucket),
+                )
+            )
+    return due
+
+
+class ReceiptDispatcher:
+    """Finds due receipts and POSTs them, a bounded number at a time."""
+
+    def __init__(self, concurrency: int, timeout_s: float) -> None:
+        self._concurrency = concurrency
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self.cursors: dict[int, int] = {}
+        self.posted = 0
+        self.failed = 0
+
+    def reset(self) -> None:
+        self.cursors.clear()
+        self.posted = 0
+        self.failed = 0
+
+    async def dispatch(
+        self, state: SandboxState, delivery: DeliveryModel, now_s: float
+    ) -> tuple[int, int]:
+        """POST every receipt due by `now_s`; returns (posted, failed) for this round."""
+        async with self._lock:  # a flush waits for the round in flight, so it sees all of it
+            receipts = collect_due(state, delivery, now_s, self.cursors)
+            if not receipts:
+                return 0, 0
+            return await self._post_all(receipts)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _post_all(self, receipts: Sequence[Receipt]) -> tuple[int, int]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        session = self._session
+        gate = asyncio.Semaphore(self._concurrency)
+
+        async def post(receipt: Receipt) -> bool:
+            async with gate:
+                try:
+                    async with session.post(receipt.url, data=receipt.form()) as response:
+                        await response.read()
+                        return response.status < 400
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    _log.info("sandbox.receipt.failed", extra={"error": type(exc).__name__})
+                    return False
+
+        results = await asyncio.gather(*(post(r) for r in receipts))
+        posted = sum(results)
+        failed = len(results) - posted
+        self.posted += posted
+        self.failed += failed
+        return posted, failed
