@@ -5,6 +5,8 @@ Pure workflow code never reads a clock; the edges pass `clock.now()` in.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -64,3 +66,10 @@ def from_unix_s(seconds: float) -> datetime:
 def monotonic_s() -> float:
     """Seconds on the monotonic clock, for durations and deadlines within one process."""
     return time.monotonic()
+
+
+async def pause(stopping: asyncio.Event, seconds: float) -> bool:
+    """Wait `seconds`, or less if `stopping` is set; returns True when stopping."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)
+    return stopping.is_set()

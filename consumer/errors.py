@@ -6,7 +6,8 @@
     ├── TransientError               worth retrying later: nothing was applied, or it is safe again
     │   ├── TextLocalUnavailable     network error, timeout, HTTP 5xx from TextLocal
     │   │   └── TextLocalRateLimited HTTP 429; carries retry_after_s when TextLocal sent one
-    │   └── StoreUnavailable         Redis could not be reached
+    │   ├── StoreUnavailable         Redis could not be reached
+    │   └── KafkaUnavailable         Kafka refused or timed out a produce, commit or admin call
     ├── PermanentError               retrying will not help
     │   └── TextLocalApiError        TextLocal answered "failure" with an error code
     └── TextLocalOutcomeUnknown      a non-repeatable call (send) may or may not have been applied:
@@ -61,6 +62,10 @@ class TextLocalRateLimited(TextLocalUnavailable):
 
 class StoreUnavailable(TransientError):
     """Redis could not be reached or timed out."""
+
+
+class KafkaUnavailable(TransientError):
+    """Kafka did not take a record, a commit or an admin request (broker down, timeout)."""
 
 
 class PermanentError(ConsumerError):

@@ -1,0 +1,323 @@
+"""The event contracts as typed values, and their translation to and from Avro records.
+
+Input events (from Optimove) are parsed from decoded Avro fields; output events (ours) are built
+as values and turned into the field mappings the codec encodes. See DESIGN §3 and `schemas/`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+INPUT_EVENT_NAMES = frozenset({"CampaignScheduled", "CampaignRecipients", "CampaignCancelled"})
+
+# Output event ids are UUIDv5 in this namespace, from the campaign key and what happened, so an
+# event re-emitted after a crash carries the same id and downstream can recognise it.
+EVENT_ID_NAMESPACE = uuid.UUID("6f1c2a8e-3d4b-5e6f-8a9b-0c1d2e3f4a5b")
+
+
+@dataclass(frozen=True, order=True)
+class CampaignRef:
+    """Which campaign: Optimove's tenant, campaign and channel."""
+
+    tenant_id: int
+    campaign_id: str
+    channel_id: int
+
+    @property
+    def key(self) -> str:
+        """The Kafka key and the campaign's identity everywhere: "tenant:campaign:channel"."""
+        return f"{self.tenant_id}:{self.campaign_id}:{self.channel_id}"
+
+    @classmethod
+    def from_key(cls, key: str) -> CampaignRef:
+        tenant, rest = key.split(":", 1)
+        campaign, channel = rest.rsplit(":", 1)
+        return cls(int(tenant), campaign, int(channel))
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> CampaignRef:
+        return cls(int(fields["tenant_id"]), str(fields["campaign_id"]), int(fields["channel_id"]))
+
+
+@dataclass(frozen=True)
+class CampaignScheduled:
+    event_id: str
+    occurred_at: datetime
+    ref: CampaignRef
+    template_id: int
+    template_name: str
+    scheduled_at: datetime
+    message_type: str
+    recipient_count: int
+    batch_count: int
+    recipient_group_id: int = 1
+    engagement_id: str | None = None
+    action_id: str | None = None
+    promo_codes: tuple[str, ...] = ()
+    sender: str | None = None
+    metrics_window_days: int | None = None
+    validity_hours: int | None = None
+    test_mode: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> CampaignScheduled:
+        return cls(
+            event_id=fields["event_id"],
+            occurred_at=fields["occurred_at"],
+            ref=CampaignRef.from_fields(fields),
+            template_id=fields["template_id"],
+            template_name=fields["template_name"],
+            scheduled_at=fields["scheduled_at"],
+            message_type=fields["message_type"],
+            recipient_count=fields["recipient_count"],
+            batch_count=fields["batch_count"],
+            recipient_group_id=fields["recipient_group_id"],
+            engagement_id=fields["engagement_id"],
+            action_id=fields["action_id"],
+            promo_codes=tuple(fields["promo_codes"]),
+            sender=fields["sender"],
+            metrics_window_days=fields["metrics_window_days"],
+            validity_hours=fields.get("validity_hours"),
+            test_mode=fields["test_mode"],
+            metadata=dict(fields["metadata"]),
+        )
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "occurred_at": self.occurred_at,
+            **_ref_fields(self.ref),
+            "engagement_id": self.engagement_id,
+            "action_id": self.action_id,
+            "recipient_group_id": self.recipient_group_id,
+            "template_id": self.template_id,
+            "template_name": self.template_name,
+            "scheduled_at": self.scheduled_at,
+            "promo_codes": list(self.promo_codes),
+            "sender": self.sender,
+            "message_type": self.message_type,
+            "recipient_count": self.recipient_count,
+            "batch_count": self.batch_count,
+            "metrics_window_days": self.metrics_window_days,
+            "test_mode": self.test_mode,
+            "validity_hours": self.validity_hours,
+            "metadata": dict(self.metadata),
+        }
+
+
+@dataclass(frozen=True)
+class CampaignRecipients:
+    event_id: str
+    occurred_at: datetime
+    ref: CampaignRef
+    batch_index: int
+    customer_ids: tuple[str, ...]
+    # Per-customer promo codes cannot reach the SMS: one group send carries one body. They are
+    # counted so the operator sees them (see README, "Promo codes").
+    customers_with_promo_code: int = 0
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> CampaignRecipients:
+        customers = fields["customers"]
+        return cls(
+            event_id=fields["event_id"],
+            occurred_at=fields["occurred_at"],
+            ref=CampaignRef.from_fields(fields),
+            batch_index=fields["batch_index"],
+            customer_ids=tuple(customer["customer_id"] for customer in customers),
+            customers_with_promo_code=sum(1 for c in customers if c.get("promo_code")),
+        )
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "occurred_at": self.occurred_at,
+            **_ref_fields(self.ref),
+            "batch_index": self.batch_index,
+            "customers": [{"customer_id": cid, "promo_code": None} for cid in self.customer_ids],
+        }
+
+
+@dataclass(frozen=True)
+class CampaignCancelled:
+    event_id: str
+    occurred_at: datetime
+    ref: CampaignRef
+    reason: str | None = None
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> CampaignCancelled:
+        return cls(
+            event_id=fields["event_id"],
+            occurred_at=fields["occurred_at"],
+            ref=CampaignRef.from_fields(fields),
+            reason=fields["reason"],
+        )
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "occurred_at": self.occurred_at,
+            **_ref_fields(self.ref),
+            "reason": self.reason,
+        }
+
+
+InputEvent = CampaignScheduled | CampaignRecipients | CampaignCancelled
+
+
+def parse_input_event(name: str, fields: Mapping[str, Any]) -> InputEvent:
+    """Typed input event from a decoded record (the codec already checked the name)."""
+    if name == "CampaignScheduled":
+        return CampaignScheduled.from_fields(fields)
+    if name == "CampaignRecipients":
+        return CampaignRecipients.from_fields(fields)
+    if name == "CampaignCancelled":
+        return CampaignCancelled.from_fields(fields)
+    raise ValueError(f"not an input event: {name}")
+
+
+class StatusCode(StrEnum):
+    ACCEPTED = "ACCEPTED"
+    SEGMENT_CREATED = "SEGMENT_CREATED"
+    SCHEDULED = "SCHEDULED"
+    SENT = "SENT"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+
+
+@dataclass(frozen=True)
+class RecipientCounts:
+    requested: int = 0
+    matched: int = 0
+    unmatched: int = 0
+    invalid_numbers: int = 0
+    duplicates: int = 0
+
+
+@dataclass(frozen=True)
+class StatusError:
+    """Why a campaign was rejected or failed: a stable code and a sentence for people."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class CampaignStatusEvent:
+    ref: CampaignRef
+    status: StatusCode
+    occurred_at: datetime
+    # Distinguishes two events of one status (e.g. a refused cancellation after SENT).
+    qualifier: str = ""
+    counts: RecipientCounts = RecipientCounts()
+    textlocal_group_id: int | None = None
+    batch_id: int | None = None
+    cost_credits: float | None = None
+    message_parts: int | None = None
+    send_at: datetime | None = None
+    error: StatusError | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def event_id(self) -> str:
+        return output_event_id(self.ref, "status", self.status.value, self.qualifier)
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "occurred_at": self.occurred_at,
+            **_ref_fields(self.ref),
+            "status": self.status.value,
+            "counts": vars(self.counts).copy(),
+            "textlocal_group_id": self.textlocal_group_id,
+            "batch_id": self.batch_id,
+            "cost_credits": self.cost_credits,
+            "message_parts": self.message_parts,
+            "send_at": self.send_at,
+            "error": None if self.error is None else vars(self.error).copy(),
+            "metadata": dict(self.metadata),
+        }
+
+
+@dataclass(frozen=True)
+class DeliveryMetricsEvent:
+    ref: CampaignRef
+    batch_id: int
+    poll_number: int
+    polled_at: datetime
+    sent_at: datetime
+    window_ends_at: datetime
+    is_final: bool
+    num_messages: int
+    delivered: int
+    undelivered: int
+    pending: int
+    invalid: int
+    expired: int
+    unknown: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def event_id(self) -> str:
+        return output_event_id(self.ref, "metrics", str(self.batch_id), str(self.poll_number))
+
+    @property
+    def delivery_rate(self) -> float:
+        return self.delivered / self.num_messages if self.num_messages else 0.0
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "occurred_at": self.polled_at,
+            **_ref_fields(self.ref),
+            "batch_id": self.batch_id,
+            "poll_number": self.poll_number,
+            "polled_at": self.polled_at,
+            "sent_at": self.sent_at,
+            "window_ends_at": self.window_ends_at,
+            "is_final": self.is_final,
+            "num_messages": self.num_messages,
+            "delivered": self.delivered,
+            "undelivered": self.undelivered,
+            "pending": self.pending,
+            "invalid": self.invalid,
+            "expired": self.expired,
+            "unknown": self.unknown,
+            "delivery_rate": self.delivery_rate,
+            "metadata": dict(self.metadata),
+        }
+
+
+@dataclass(frozen=True)
+class TemplateRecord:
+    id: int
+    title: str
+    body: str
+    preview: str
+    prefix: str
+    contact_group_id: int
+    sender: str | None
+    imported_at: datetime
+
+    def to_fields(self) -> dict[str, Any]:
+        return vars(self).copy()
+
+
+def output_event_id(ref: CampaignRef, *parts: str) -> str:
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, "/".join((ref.key, *parts))))
+
+
+def _ref_fields(ref: CampaignRef) -> dict[str, Any]:
+    return {
+        "tenant_id": ref.tenant_id,
+        "campaign_id": ref.campaign_id,
+        "channel_id": ref.channel_id,
+    }

@@ -1,0 +1,396 @@
+"""Intake: the input topic → validated campaign state in Redis (DESIGN §2, §4 steps 1, 2, 5).
+
+Fast and TextLocal-free. For every record, in partition order:
+
+    decode ──undecodable──► dead-letter topic (original key, value, headers + dlq.* headers)
+      │
+      ├─ CampaignScheduled  ─ invalid ─► REJECTED status;  valid ─► header recorded, ACCEPTED
+      ├─ CampaignRecipients ─ invalid ─► REJECTED status;  valid ─► batch recorded (maybe READY)
+      └─ CampaignCancelled  ─► cancelled now (nothing sent yet), or handed to the executor
+
+and only then is the record's offset stored. When Redis or Kafka is unavailable the record is
+retried (with backoff) until it is handled or the daemon stops; an unhandled record's offset is
+never stored, so it is read again after a restart. Duplicates (redelivery) change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Protocol
+
+from consumer.clock import Clock, pause, to_millis
+from consumer.codec import SchemaRegistry
+from consumer.errors import CodecError, TransientError
+from consumer.events import (
+    INPUT_EVENT_NAMES,
+    CampaignCancelled,
+    CampaignRecipients,
+    CampaignScheduled,
+    CampaignStatusEvent,
+    InputEvent,
+    RecipientCounts,
+    StatusCode,
+    StatusError,
+    parse_input_event,
+)
+from consumer.kafka_io import InboundRecord
+from consumer.logs import log_event
+from consumer.metrics import Metrics
+from consumer.outbox import status_entry
+from consumer.store import CampaignSnapshot, CampaignStore
+from consumer.workflow import (
+    CampaignState,
+    ContactGroup,
+    IntakeLimits,
+    batch_index_problem,
+    validate_recipients,
+    validate_scheduled,
+)
+
+log = logging.getLogger("consumer.intake")
+
+# Campaigns that ended are kept this long (to ignore late events for them), then expire.
+FINISHED_CAMPAIGN_RETENTION_S = 30 * 24 * 3600
+_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class RecordSource(Protocol):
+    async def start(self) -> None: ...
+
+    async def poll(self, max_records: int, timeout_s: float) -> list[InboundRecord]: ...
+
+    async def store_offset(self, record: InboundRecord) -> None: ...
+
+    async def commit(self) -> None: ...
+
+
+class DeadLetterPublisher(Protocol):
+    async def publish(
+        self,
+        topic: str,
+        key: bytes | str | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    dlq_topic: str
+    consumer_group: str
+    collect_timeout: timedelta = timedelta(hours=6)
+    limits: IntakeLimits = field(default_factory=IntakeLimits)
+    poll_batch: int = 500
+
+
+class Intake:
+    """Consumes the input topic into Redis; see the module docstring."""
+
+    def __init__(
+        self,
+        source: RecordSource,
+        dead_letters: DeadLetterPublisher,
+        store: CampaignStore,
+        registry: SchemaRegistry,
+        groups: Sequence[ContactGroup],
+        settings: IntakeSettings,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self._source = source
+        self._dead_letters = dead_letters
+        self._store = store
+        self._registry = registry
+        self._groups = tuple(groups)
+        self._settings = settings
+        self._clock = clock
+        self._metrics = metrics
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Consume until `stopping` is set; then commit what was handled."""
+        await self._source.start()
+        try:
+            while not stopping.is_set():
+                records = await self._source.poll(self._settings.poll_batch, 0.5)
+                for record in records:
+                    if not await self._handle_until_done(record, stopping):
+                        return  # stopping mid-retry: the record stays uncommitted, read again
+                    await self._source.store_offset(record)
+                self._metrics.loop_last_iteration.labels("intake").set(
+                    self._clock.now().timestamp()
+                )
+        finally:
+            await self._source.commit()
+
+    async def _handle_until_done(self, record: InboundRecord, stopping: asyncio.Event) -> bool:
+        attempt = 0
+        while True:
+            try:
+                await self.handle(record)
+                return True
+            except TransientError as exc:
+                delay = _RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)]
+                attempt += 1
+                log_event(
+                    log,
+                    "intake.retry",
+                    logging.WARNING,
+                    partition=record.partition,
+                    offset=record.offset,
+                    error=str(exc),
+                    retry_in_s=delay,
+                )
+                if await pause(stopping, delay):
+                    return False
+
+    async def handle(self, record: InboundRecord) -> str:
+        """Handle one record durably; returns what happened (for logs and tests)."""
+        try:
+            if record.value is None:
+                raise CodecError("record has no value (null)")
+            decoded = self._registry.decode(record.value, expected=INPUT_EVENT_NAMES)
+        except CodecError as exc:
+            await self._dead_letter(record, exc)
+            return "dead-lettered"
+        event = parse_input_event(decoded.name, decoded.fields)
+        self._metrics.events_consumed.labels(decoded.name).inc()
+        if isinstance(event, CampaignScheduled):
+            outcome = await self._on_scheduled(event)
+        elif isinstance(event, CampaignRecipients):
+            outcome = await self._on_recipients(event)
+        else:
+            outcome = await self._on_cancelled(event)
+        if outcome.startswith("duplicate"):
+            self._metrics.events_duplicate.labels(decoded.name).inc()
+        log_event(
+            log,
+            "intake.event",
+            type=decoded.name,
+            campaign=event.ref.key,
+            event_id=event.event_id,
+            outcome=outcome,
+            partition=record.partition,
+            offset=record.offset,
+        )
+        return outcome
+
+    # --- events -------------------------------------------------------------------------------
+
+    async def _on_scheduled(self, event: CampaignScheduled) -> str:
+        if await self._store.event_seen(event.event_id):
+            return "duplicate-event"
+        now = self._clock.now()
+        problem = validate_scheduled(event, self._groups, now, self._settings.limits)
+        if problem is not None:
+            return await self._reject(event, problem, header=event)
+        accepted = CampaignStatusEvent(
+            ref=event.ref,
+            status=StatusCode.ACCEPTED,
+            occurred_at=now,
+            counts=RecipientCounts(requested=event.recipient_count),
+            send_at=event.scheduled_at,
+            metadata=event.metadata,
+        )
+        outcome = await self._store.record_header(
+            event,
+            status_entry(self._registry, accepted),
+            now,
+            now + self._settings.collect_timeout,
+        )
+        if outcome.result == "bad-index":
+            indexes = await self._store.batch_indexes(event.ref.key)
+            index_problem = batch_index_problem(indexes, event.batch_count)
+            assert index_problem is not None
+            return await self._reject(event, index_problem, header=event)
+        if outcome.recorded:
+            self._metrics.campaign_transitions.labels(outcome.state).inc()
+        return f"{outcome.result}:{outcome.state}"
+
+    async def _on_recipients(self, event: CampaignRecipients) -> str:
+        if await self._store.event_seen(event.event_id):
+            return "duplicate-event"
+        problem = validate_recipients(event)
+        if problem is not None:
+            return await self._reject(event, problem)
+        now = self._clock.now()
+        outcome = await self._store.record_batch(event, now, now + self._settings.collect_timeout)
+        if outcome.result == "bad-index":
+            snapshot = await self._store.load(event.ref.key)
+            count = snapshot.header.batch_count if snapshot and snapshot.header else 0
+            index_problem = batch_index_problem([event.batch_index], count)
+            assert index_problem is not None
+            return await self._reject(event, index_problem)
+        if outcome.recorded and outcome.state == CampaignState.READY:
+            self._metrics.campaign_transitions.labels(outcome.state).inc()
+        if event.customers_with_promo_code:
+            log_event(
+                log,
+                "intake.per_customer_promo_codes_ignored",
+                logging.WARNING,
+                campaign=event.ref.key,
+                customers=event.customers_with_promo_code,
+            )
+        return f"{outcome.result}:{outcome.state}"
+
+    async def _on_cancelled(self, event: CampaignCancelled) -> str:
+        if await self._store.event_seen(event.event_id):
+            return "duplicate-event"
+        for _ in range(5):  # a concurrent change (the executor) makes us look again
+            snapshot = await self._store.load(event.ref.key)
+            outcome = await self._cancel(event, snapshot)
+            if outcome is not None:
+                return outcome
+        raise TransientError(f"campaign {event.ref.key} kept changing while being cancelled")
+
+    async def _cancel(
+        self, event: CampaignCancelled, snapshot: CampaignSnapshot | None
+    ) -> str | None:
+        key = event.ref.key
+        keys = self._store.keys
+        now = self._clock.now()
+        transition = self._store.transition(key).mark_seen(keys.event_seen(event.event_id))
+        if snapshot is not None and snapshot.state.is_final:
+            transition.expect(snapshot.state)
+            result = await self._store.apply(transition, now)
+            return f"ignored:{snapshot.state}" if result.ok else None
+        if snapshot is None or snapshot.state == CampaignState.COLLECTING:
+            # Nothing was created at TextLocal yet: cancelled here and now.
+            header = snapshot.header if snapshot else None
+            cancelled = CampaignStatusEvent(
+                ref=event.ref,
+                status=StatusCode.CANCELLED,
+                occurred_at=now,
+                counts=RecipientCounts(
+                    requested=snapshot.int_field("requested") if snapshot else 0
+                ),
+                error=StatusError("CANCELLED_BY_OPTIMOVE", event.reason or "no reason given"),
+                metadata=header.metadata if header else {},
+            )
+            transition = (
+                transition.expect(CampaignState.COLLECTING, absent=True)
+                .set_state(CampaignState.CANCELLED)
+                .set(cancel_reason=event.reason or "", ended_at=to_millis(now))
+                .dequeue(keys.collecting_queue, key)
+                .delete_key(keys.recipients(key))
+                .delete_key(keys.batches(key))
+                .emit(keys.outbox, status_entry(self._registry, cancelled))
+                .expire(keys.campaign(key), FINISHED_CAMPAIGN_RETENTION_S)
+            )
+            result = await self._store.apply(transition, now)
+            if result.ok:
+                self._metrics.campaign_transitions.labels(CampaignState.CANCELLED).inc()
+            return "cancelled" if result.ok else None
+        # Work may exist at TextLocal (a segment, a scheduled send): the executor finishes it.
+        transition = (
+            transition.expect(snapshot.state)
+            .set(cancel_requested="1", cancel_reason=event.reason or "")
+            .enqueue(keys.work_queue, key, now)
+        )
+        result = await self._store.apply(transition, now)
+        return "cancel-requested" if result.ok else None
+
+    # --- rejection and dead letters -----------------------------------------------------------
+
+    async def _reject(
+        self, event: InputEvent, problem: StatusError, header: CampaignScheduled | None = None
+    ) -> str:
+        """REJECTED status for the campaign (if it has not started); the event is marked seen."""
+        self._metrics.events_rejected.labels(type(event).__name__, problem.code).inc()
+        key = event.ref.key
+        keys = self._store.keys
+        now = self._clock.now()
+        snapshot = await self._store.load(key)
+        if header is None and snapshot is not None:
+            header = snapshot.header
+        log_event(
+            log,
+            "intake.rejected",
+            logging.WARNING,
+            campaign=key,
+            event_id=event.event_id,
+            reason=problem.code,
+            detail=problem.message,
+        )
+        transition = self._store.transition(key).mark_seen(keys.event_seen(event.event_id))
+        if snapshot is not None and snapshot.state not in (
+            CampaignState.COLLECTING,
+            CampaignState.READY,
+        ):
+            # Too late to reject the campaign (it is under way or over): only this event is
+            # refused, which the log line and the metric above record.
+            await self._store.apply(transition, now)
+            return f"rejected-event:{snapshot.state}"
+        rejected = CampaignStatusEvent(
+            ref=event.ref,
+            status=StatusCode.REJECTED,
+            occurred_at=now,
+            qualifier=event.event_id,
+            counts=RecipientCounts(requested=snapshot.int_field("requested") if snapshot else 0),
+            error=problem,
+            send_at=header.scheduled_at if header else None,
+            metadata=header.metadata if header else {},
+        )
+        transition = (
+            transition.expect(CampaignState.COLLECTING, CampaignState.READY, absent=True)
+            .set_state(CampaignState.REJECTED)
+            .set(error_code=problem.code, error_message=problem.message, ended_at=to_millis(now))
+            .dequeue(keys.collecting_queue, key)
+            .dequeue(keys.work_queue, key)
+            .delete_key(keys.recipients(key))
+            .delete_key(keys.batches(key))
+            .emit(keys.outbox, status_entry(self._registry, rejected))
+            .expire(keys.campaign(key), FINISHED_CAMPAIGN_RETENTION_S)
+        )
+        result = await self._store.apply(transition, now)
+        if not result.ok:
+            raise TransientError(f"campaign {key} changed while being rejected ({result.reason})")
+        self._metrics.campaign_transitions.labels(CampaignState.REJECTED).inc()
+        return f"rejected:{problem.code}"
+
+    async def _dead_letter(self, record: InboundRecord, error: CodecError) -> None:
+        headers = [
+            *record.headers,
+            ("dlq.source.topic", record.topic.encode()),
+            ("dlq.source.partition", str(record.partition).encode()),
+            ("dlq.source.offset", str(record.offset).encode()),
+            ("dlq.source.timestamp", str(record.timestamp_ms or "").encode()),
+            ("dlq.consumer.group", self._settings.consumer_group.encode()),
+            ("dlq.error.class", type(error).__name__.encode()),
+            ("dlq.error.message", str(error).encode()),
+            ("dlq.attempts", b"1"),
+        ]
+        await self._dead_letters.publish(
+            self._settings.dlq_topic, record.key, record.value, headers
+        )
+        self._metrics.events_dead_lettered.labels(_dead_letter_reason(error)).inc()
+        log_event(
+            log,
+            "intake.dead_lettered",
+            logging.WARNING,
+            partition=record.partition,
+            offset=record.offset,
+            error=str(error),
+        )
+
+
+def _dead_letter_reason(error: CodecError) -> str:
+    """A bounded label for the metric, from the codec's message."""
+    text = str(error)
+    reasons = (
+        "truncated header",
+        "bad marker",
+        "unknown schema fingerprint",
+        "unexpected record",
+        "truncated",
+        "malformed",
+        "trailing bytes",
+        "no value",
+    )
+    for reason in reasons:
+        if reason in text:
+            return reason.replace(" ", "_")
+    return "undecodable"

@@ -1,0 +1,108 @@
+"""Every Redis key the daemon uses, in one place.
+
+All keys share one prefix (default `tlc:`), so several deployments or test runs can share a Redis
+server. A campaign key is Optimove's "tenant:campaign:channel". The daemon needs a single Redis
+(primary with replicas is fine); leases are claimed inside Lua scripts that build lease keys from
+queue members, which Redis Cluster would not allow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "tlc:"
+
+    # --- one campaign ---------------------------------------------------------------------
+    def campaign(self, key: str) -> str:
+        """Hash: state, header, counters, TextLocal ids (see store.CampaignSnapshot)."""
+        return f"{self.prefix}campaign:{key}"
+
+    def batches(self, key: str) -> str:
+        """Set of recipient batch indexes received."""
+        return f"{self.prefix}campaign:{key}:batches"
+
+    def recipients(self, key: str) -> str:
+        """Set of targeted customer ids."""
+        return f"{self.prefix}campaign:{key}:recipients"
+
+    def chunk(self, key: str, index: int) -> str:
+        """String: one create_contacts_bulk payload (≤1,500 resolved contacts), JSON."""
+        return f"{self.prefix}campaign:{key}:chunk:{index}"
+
+    def chunk_pattern(self, key: str) -> str:
+        return f"{self.prefix}campaign:{key}:chunk:*"
+
+    def chunks_loaded(self, key: str) -> str:
+        """Set of chunk indexes TextLocal has accepted."""
+        return f"{self.prefix}campaign:{key}:chunks-loaded"
+
+    def campaign_lease(self, key: str) -> str:
+        return f"{self.campaign_lease_prefix}{key}"
+
+    @property
+    def campaign_lease_prefix(self) -> str:
+        return f"{self.prefix}lease:campaign:"
+
+    def poll_lease(self, key: str) -> str:
+        return f"{self.poll_lease_prefix}{key}"
+
+    @property
+    def poll_lease_prefix(self) -> str:
+        return f"{self.prefix}lease:poll:"
+
+    # --- across campaigns -----------------------------------------------------------------
+    def event_seen(self, event_id: str) -> str:
+        """Marks an input event id as processed (expires after the dedupe horizon)."""
+        return f"{self.prefix}event:{event_id}"
+
+    @property
+    def work_queue(self) -> str:
+        """Sorted set: campaigns the executor should look at, scored by due time (ms)."""
+        return f"{self.prefix}queue:work"
+
+    @property
+    def collecting_queue(self) -> str:
+        """Sorted set: campaigns still collecting batches, scored by their deadline (ms)."""
+        return f"{self.prefix}queue:collecting"
+
+    @property
+    def poll_queue(self) -> str:
+        """Sorted set: sent campaigns, scored by their next delivery poll (ms)."""
+        return f"{self.prefix}queue:polls"
+
+    @property
+    def campaigns_index(self) -> str:
+        """Sorted set: every campaign key, scored by its last update (ms), for listing."""
+        return f"{self.prefix}campaigns"
+
+    @property
+    def outbox(self) -> str:
+        """Stream: output events recorded with the state change that caused them."""
+        return f"{self.prefix}outbox"
+
+    @property
+    def outbox_lease(self) -> str:
+        return f"{self.prefix}lease:outbox"
+
+    # --- contact index, templates, daily jobs ----------------------------------------------
+    def contacts_current(self, group_id: int) -> str:
+        """String: the version id of the contact index readers use."""
+        return f"{self.prefix}contacts:{group_id}:current"
+
+    def contacts_version(self, group_id: int, version: str) -> str:
+        """Hash: customer id → packed (number, first name, last name)."""
+        return f"{self.prefix}contacts:{group_id}:v:{version}"
+
+    @property
+    def templates_published(self) -> str:
+        """Hash: template id → fingerprint of what the catalog last published."""
+        return f"{self.prefix}templates:published"
+
+    def daily_job_lock(self, job: str, day: str) -> str:
+        return f"{self.prefix}daily:{job}:{day}"
+
+    def daily_job_last_success(self, job: str) -> str:
+        return f"{self.prefix}daily:{job}:last-success"

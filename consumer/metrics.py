@@ -1,0 +1,136 @@
+"""Every Prometheus metric the daemon exposes, in one place (DESIGN §7).
+
+Names follow `textlocal_consumer_<what>_<unit>`: counters end in `_total`, durations are
+`_seconds`, timestamps `_timestamp_seconds`. Labels are bounded: event type, reason code, state,
+TextLocal command and outcome, delivery status letter, job name, partition number. The registry is
+passed in, so tests read a fresh one with `get_sample_value`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "textlocal_consumer"
+
+# TextLocal calls take from tens of milliseconds to several seconds for large reports.
+_REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """The daemon's metrics, registered on the given registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, labels, registry=registry)
+
+        # intake
+        self.events_consumed = counter(
+            "events_consumed_total", "Input events decoded, by type.", ("type",)
+        )
+        self.events_rejected = counter(
+            "events_rejected_total",
+            "Input events refused with a REJECTED status, by type and reason code.",
+            ("type", "reason"),
+        )
+        self.events_dead_lettered = counter(
+            "events_dead_lettered_total",
+            "Input records sent to the dead-letter topic, by reason.",
+            ("reason",),
+        )
+        self.events_duplicate = counter(
+            "events_duplicate_total", "Input events ignored as already seen, by type.", ("type",)
+        )
+        self.consumer_lag = gauge(
+            "consumer_lag_messages",
+            "Messages behind the partition end (librdkafka statistics).",
+            ("topic", "partition"),
+        )
+        self.partitions_assigned = gauge(
+            "partitions_assigned", "Input partitions assigned to this replica."
+        )
+        # campaigns
+        self.campaigns = gauge(
+            "campaigns", "Campaigns known in Redis, by state (refreshed periodically).", ("state",)
+        )
+        self.campaign_transitions = counter(
+            "campaign_transitions_total",
+            "Campaign state changes made here, by new state.",
+            ("state",),
+        )
+        self.sms_accepted = counter(
+            "sms_accepted_total", "Messages TextLocal accepted for sending (num_messages)."
+        )
+        self.credits_spent = counter("credits_spent_total", "Credits TextLocal charged for sends.")
+        self.contacts_loaded = counter(
+            "contacts_loaded_total", "Contacts loaded into campaign segments."
+        )
+        self.unmatched_customers = counter(
+            "unmatched_customers_total",
+            "Targeted customers not sent to, by reason (unmatched, invalid_number).",
+            ("reason",),
+        )
+        # TextLocal
+        self.textlocal_request_duration = Histogram(
+            f"{PREFIX}_textlocal_request_duration_seconds",
+            "TextLocal API calls, by command and outcome.",
+            ("command", "outcome"),
+            buckets=_REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.textlocal_retries = counter(
+            "textlocal_retries_total",
+            "TextLocal calls retried, by command and reason.",
+            ("command", "reason"),
+        )
+        # delivery polls
+        self.polls = counter("polls_total", "Delivery polls, by outcome.", ("outcome",))
+        self.polls_overdue = gauge(
+            "polls_overdue", "Delivery polls past their due time and not yet done."
+        )
+        self.delivery_outcomes = counter(
+            "delivery_outcomes_total",
+            "Final delivery outcome of sent messages (at each window's last poll), by status.",
+            ("status",),
+        )
+        # coordination and jobs
+        self.leases_held = gauge(
+            "leases_held", "Redis leases this replica holds, by kind.", ("kind",)
+        )
+        self.daily_job_last_success = gauge(
+            "daily_job_last_success_timestamp_seconds",
+            "When each daily job last finished successfully (Unix time).",
+            ("job",),
+        )
+        self.daily_job_runs = counter(
+            "daily_job_runs_total", "Daily job runs, by job and outcome.", ("job", "outcome")
+        )
+        self.outbox_pending = gauge(
+            "outbox_pending_events", "Output events recorded in Redis, not yet published."
+        )
+        self.events_published = counter(
+            "events_published_total", "Output events published to Kafka, by topic kind.", ("kind",)
+        )
+        self.loop_last_iteration = gauge(
+            "loop_last_iteration_timestamp_seconds",
+            "When each role's loop last completed an iteration (Unix time).",
+            ("role",),
+        )
+
+    # --- adapters for the I/O modules' observer protocols -----------------------------------
+
+    def request_finished(self, command: str, outcome: str, duration_s: float) -> None:
+        self.textlocal_request_duration.labels(command, outcome).observe(duration_s)
+
+    def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None:
+        self.textlocal_retries.labels(command, reason).inc()
+
+    def partition_lag(self, topic: str, partition: int, lag: int) -> None:
+        self.consumer_lag.labels(topic, str(partition)).set(lag)
+
+    def assignment_changed(self, assigned: int) -> None:
+        self.partitions_assigned.set(assigned)

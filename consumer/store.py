@@ -1,0 +1,633 @@
+"""Campaign state in Redis: the workflow's durable memory (DESIGN §2, §4).
+
+Every change to a campaign is one atomic Lua call that checks what it expects (the campaign's
+state, and for the executor its lease token), writes the campaign's fields, moves it between
+queues and appends the output events the change causes to the outbox stream. A crash therefore
+never leaves a state change without its status event, nor an event without its state.
+
+Redis errors are translated into `StoreUnavailable` here; nothing above sees redis-py's types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from consumer.clock import to_millis
+from consumer.codec import SchemaRegistry
+from consumer.errors import ConfigError, StoreUnavailable
+from consumer.events import CampaignRecipients, CampaignScheduled
+from consumer.keys import RedisKeys
+from consumer.workflow import CampaignState
+
+# How long an input event id is remembered for de-duplication (redelivery horizon).
+EVENT_DEDUPE_TTL_S = 30 * 24 * 3600
+
+
+@contextmanager
+def redis_errors(operation: str) -> Iterator[None]:
+    """Translate redis-py's connection failures into the product's transient error."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """An output event waiting to be published: logical topic, key, encoded value."""
+
+    topic: str  # "status", "metrics" or "templates"; mapped to real topic names when published
+    key: str
+    value: bytes | None  # None publishes a tombstone (compacted topics)
+    event_id: str
+    entry_id: str = ""  # the stream entry id, once read back
+
+
+@dataclass(frozen=True)
+class CampaignSnapshot:
+    """A campaign's hash, read at one moment, with typed fields."""
+
+    key: str
+    state: CampaignState
+    header: CampaignScheduled | None
+    fields: Mapping[str, str]
+
+    def int_field(self, name: str, default: int = 0) -> int:
+        value = self.fields.get(name)
+        return default if value in (None, "") else int(value)
+
+    def optional_int(self, name: str) -> int | None:
+        value = self.fields.get(name)
+        return None if value in (None, "") else int(value)
+
+    def optional_time(self, name: str) -> datetime | None:
+        millis = self.optional_int(name)
+        return None if millis is None else datetime.fromtimestamp(millis / 1000, UTC)
+
+    def text(self, name: str, default: str = "") -> str:
+        return self.fields.get(name, default)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.fields.get("cancel_requested") == "1"
+
+
+@dataclass(frozen=True)
+class IntakeOutcome:
+    """What recording an input event did: "recorded", "duplicate-event", "ignored", ..."""
+
+    result: str
+    state: str
+
+    @property
+    def recorded(self) -> bool:
+        return self.result == "recorded"
+
+
+@dataclass
+class Transition:
+    """A batch of writes to one campaign, applied atomically if its expectations hold."""
+
+    key: str
+    expected_states: tuple[CampaignState, ...] | None = None  # None: any state
+    expect_absent: bool = False  # also accept "no campaign yet"
+    lease_key: str = ""
+    lease_token: str = ""
+    ops: list[bytes | str | int | float] = field(default_factory=list)
+    extra_keys: list[str] = field(default_factory=list)
+
+    def expect(self, *states: CampaignState, absent: bool = False) -> Transition:
+        """Apply only if the campaign is in one of `states` (or, with `absent`, does not exist)."""
+        self.expected_states = states
+        self.expect_absent = absent
+        return self
+
+    def fenced(self, lease_key: str, token: str) -> Transition:
+        self.lease_key, self.lease_token = lease_key, token
+        return self
+
+    def set(self, **values: str | int | float | bytes | None) -> Transition:
+        present = {name: value for name, value in values.items() if value is not None}
+        if present:
+            self.ops += ["hset", len(present)]
+            for name, value in present.items():
+                self.ops += [name, value]
+        return self
+
+    def set_state(self, state: CampaignState) -> Transition:
+        return self.set(state=state.value)
+
+    def delete_fields(self, *names: str) -> Transition:
+        self.ops += ["hdel", len(names), *names]
+        return self
+
+    def enqueue(self, queue: str, member: str, due_at: datetime) -> Transition:
+        self.ops += ["zadd", self._key_index(queue), to_millis(due_at), member]
+        return self
+
+    def dequeue(self, queue: str, member: str) -> Transition:
+        self.ops += ["zrem", self._key_index(queue), member]
+        return self
+
+    def delete_key(self, key: str) -> Transition:
+        self.ops += ["del", self._key_index(key)]
+        return self
+
+    def expire(self, key: str, seconds: int) -> Transition:
+        self.ops += ["expire", self._key_index(key), seconds]
+        return self
+
+    def mark_seen(self, seen_key: str) -> Transition:
+        self.ops += ["setex", self._key_index(seen_key), EVENT_DEDUPE_TTL_S]
+        return self
+
+    def emit(self, outbox: str, entry: OutboxEntry) -> Transition:
+        tombstone = entry.value is None
+        self.ops += [
+            "xadd",
+            self._key_index(outbox),
+            entry.topic,
+            entry.key,
+            b"" if entry.value is None else entry.value,
+            entry.event_id,
+            "1" if tombstone else "0",
+        ]
+        return self
+
+    def _key_index(self, key: str) -> int:
+        if key not in self.extra_keys:
+            self.extra_keys.append(key)
+        return 3 + self.extra_keys.index(key)  # KEYS[1] hash, KEYS[2] lease, then these
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    ok: bool
+    reason: str = ""  # "conflict:<state>" or "lease-lost" when not ok
+
+
+_APPLY = """
+local hash = KEYS[1]
+if KEYS[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'lease-lost' end
+local state = redis.call('HGET', hash, 'state')
+-- ARGV[1]: the states this change expects, comma-separated ('-' stands for "no campaign yet");
+-- empty means any.
+if ARGV[1] ~= '' then
+  local ok = false
+  for s in string.gmatch(ARGV[1], '[^,]+') do
+    if s == state or (s == '-' and not state) then ok = true end
+  end
+  if not ok then return 'conflict:' .. (state or '-') end
+end
+local i = 6
+while i <= #ARGV do
+  local op = ARGV[i]
+  if op == 'hset' then
+    local n = tonumber(ARGV[i + 1])
+    redis.call('HSET', hash, unpack(ARGV, i + 2, i + 1 + 2 * n))
+    i = i + 2 + 2 * n
+  elseif op == 'hdel' then
+    local n = tonumber(ARGV[i + 1])
+    redis.call('HDEL', hash, unpack(ARGV, i + 2, i + 1 + n))
+    i = i + 2 + n
+  elseif op == 'zadd' then
+    redis.call('ZADD', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
+  elseif op == 'zrem' then
+    redis.call('ZREM', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
+    i = i + 3
+  elseif op == 'del' then
+    redis.call('DEL', KEYS[tonumber(ARGV[i + 1])])
+    i = i + 2
+  elseif op == 'expire' then
+    redis.call('EXPIRE', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
+    i = i + 3
+  elseif op == 'setex' then
+    redis.call('SET', KEYS[tonumber(ARGV[i + 1])], '1', 'EX', ARGV[i + 2])
+    i = i + 3
+  elseif op == 'xadd' then
+    redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'topic', ARGV[i + 2], 'key', ARGV[i + 3],
+      'value', ARGV[i + 4], 'event_id', ARGV[i + 5], 'tombstone', ARGV[i + 6])
+    i = i + 7
+  else
+    return redis.error_reply('unknown op ' .. tostring(op))
+  end
+end
+redis.call('HSET', hash, 'updated_at', ARGV[3])
+redis.call('ZADD', ARGV[4], ARGV[3], ARGV[5])
+return 'ok'
+"""
+
+# Recording a recipients batch: idempotent by event id and by batch index; the campaign turns
+# READY when the header is in and every batch has arrived.
+_RECORD_BATCH = """
+local campaign, batches, recipients, seen, work, collecting, index =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local key, batch_index, now, deadline, ttl, with_promo =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+if redis.call('EXISTS', seen) == 1 then return {'duplicate-event', ''} end
+local state = redis.call('HGET', campaign, 'state')
+if state and state ~= 'COLLECTING' then
+  redis.call('SET', seen, '1', 'EX', ttl)
+  return {'ignored', state}
+end
+if redis.call('SISMEMBER', batches, batch_index) == 1 then
+  redis.call('SET', seen, '1', 'EX', ttl)
+  return {'duplicate-batch', state or ''}
+end
+local count = tonumber(redis.call('HGET', campaign, 'batch_count') or '-1')
+if count > 0 and tonumber(batch_index) >= count then return {'bad-index', state or ''} end
+for i = 7, #ARGV, 5000 do
+  redis.call('SADD', recipients, unpack(ARGV, i, math.min(i + 4999, #ARGV)))
+end
+redis.call('HINCRBY', campaign, 'requested', #ARGV - 6)
+redis.call('HINCRBY', campaign, 'with_promo', with_promo)
+redis.call('SADD', batches, batch_index)
+redis.call('HSET', campaign, 'updated_at', now)
+redis.call('ZADD', index, now, key)
+if not state then
+  state = 'COLLECTING'
+  redis.call('HSET', campaign, 'state', state, 'created_at', now)
+  redis.call('ZADD', collecting, 'NX', deadline, key)
+end
+if count > 0 and redis.call('SCARD', batches) >= count then
+  state = 'READY'
+  redis.call('HSET', campaign, 'state', state, 'ready_at', now)
+  redis.call('ZREM', collecting, key)
+  redis.call('ZADD', work, now, key)
+end
+redis.call('SET', seen, '1', 'EX', ttl)
+return {'recorded', state}
+"""
+
+# Recording a campaign header (CampaignScheduled), with its ACCEPTED status event.
+_RECORD_HEADER = """
+local campaign, batches, seen, work, collecting, outbox, index =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local key, header, batch_count, now, deadline, ttl =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+if redis.call('EXISTS', seen) == 1 then return {'duplicate-event', ''} end
+local state = redis.call('HGET', campaign, 'state')
+if state and state ~= 'COLLECTING' then
+  redis.call('SET', seen, '1', 'EX', ttl)
+  return {'ignored', state}
+end
+if redis.call('HEXISTS', campaign, 'header') == 1 then
+  redis.call('SET', seen, '1', 'EX', ttl)
+  return {'ignored', 'header-present'}
+end
+for _, member in ipairs(redis.call('SMEMBERS', batches)) do
+  if tonumber(member) >= tonumber(batch_count) then return {'bad-index', member} end
+end
+redis.call('HSET', campaign, 'header', header, 'batch_count', batch_count, 'updated_at', now)
+if not state then redis.call('HSET', campaign, 'created_at', now) end
+redis.call('ZADD', index, now, key)
+redis.call('XADD', outbox, '*', 'topic', ARGV[7], 'key', key, 'value', ARGV[8],
+  'event_id', ARGV[9], 'tombstone', '0')
+if redis.call('SCARD', batches) >= tonumber(batch_count) then
+  state = 'READY'
+  redis.call('HSET', campaign, 'state', state, 'ready_at', now)
+  redis.call('ZREM', collecting, key)
+  redis.call('ZADD', work, now, key)
+else
+  state = 'COLLECTING'
+  redis.call('HSET', campaign, 'state', state)
+  redis.call('ZADD', collecting, 'GT', deadline, key)
+end
+redis.call('SET', seen, '1', 'EX', ttl)
+return {'recorded', state}
+"""
+
+# Claim up to N due members of a queue, each under its own lease (SET NX PX).
+_CLAIM_DUE = """
+local members =
+  redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]) * 4)
+local claimed = {}
+for _, member in ipairs(members) do
+  if redis.call('SET', ARGV[3] .. member, ARGV[4], 'NX', 'PX', ARGV[5]) then
+    table.insert(claimed, member)
+    if #claimed >= tonumber(ARGV[2]) then break end
+  end
+end
+return claimed
+"""
+
+_RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class CampaignStore:
+    """Reads and atomically changes campaigns, queues, leases and the outbox in Redis."""
+
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys, registry: SchemaRegistry) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._registry = registry
+        self._apply = redis.register_script(_APPLY)
+        self._record_batch = redis.register_script(_RECORD_BATCH)
+        self._record_header = redis.register_script(_RECORD_HEADER)
+        self._claim_due = redis.register_script(_CLAIM_DUE)
+        self._renew = redis.register_script(_RENEW_LEASE)
+        self._release = redis.register_script(_RELEASE_LEASE)
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    async def check_persistence(self, *, allow_without: bool) -> bool:
+        """True when Redis writes an append-only file; refuses to go on without unless allowed."""
+        with redis_errors("INFO persistence"):
+            info = await self.redis.info("persistence")
+        if int(info.get("aof_enabled", 0)) == 1:
+            return True
+        if allow_without:
+            return False
+        raise ConfigError(
+            "redis.url",
+            "this Redis has no AOF persistence (appendonly no): campaign state would be lost on "
+            "restart. Enable appendonly, or set TEXTLOCAL_CONSUMER_REDIS_ALLOW_NO_PERSISTENCE=true "
+            "to run anyway",
+        )
+
+    # --- intake -----------------------------------------------------------------------------
+
+    async def record_header(
+        self,
+        event: CampaignScheduled,
+        accepted: OutboxEntry,
+        now: datetime,
+        collect_deadline: datetime,
+    ) -> IntakeOutcome:
+        key = event.ref.key
+        header = self._registry.encode("CampaignScheduled", event.to_fields())
+        k = self.keys
+        with redis_errors("record header"):
+            result = await self._record_header(
+                keys=[
+                    k.campaign(key),
+                    k.batches(key),
+                    k.event_seen(event.event_id),
+                    k.work_queue,
+                    k.collecting_queue,
+                    k.outbox,
+                    k.campaigns_index,
+                ],
+                args=[
+                    key,
+                    header,
+                    event.batch_count,
+                    to_millis(now),
+                    to_millis(collect_deadline),
+                    EVENT_DEDUPE_TTL_S,
+                    accepted.topic,
+                    accepted.value or b"",
+                    accepted.event_id,
+                ],
+            )
+        return _outcome(result)
+
+    async def record_batch(
+        self, event: CampaignRecipients, now: datetime, collect_deadline: datetime
+    ) -> IntakeOutcome:
+        key = event.ref.key
+        k = self.keys
+        with redis_errors("record batch"):
+            result = await self._record_batch(
+                keys=[
+                    k.campaign(key),
+                    k.batches(key),
+                    k.recipients(key),
+                    k.event_seen(event.event_id),
+                    k.work_queue,
+                    k.collecting_queue,
+                    k.campaigns_index,
+                ],
+                args=[
+                    key,
+                    event.batch_index,
+                    to_millis(now),
+                    to_millis(collect_deadline),
+                    EVENT_DEDUPE_TTL_S,
+                    event.customers_with_promo_code,
+                    *event.customer_ids,
+                ],
+            )
+        return _outcome(result)
+
+    async def event_seen(self, event_id: str) -> bool:
+        with redis_errors("EXISTS event"):
+            return bool(await self.redis.exists(self.keys.event_seen(event_id)))
+
+    async def batch_indexes(self, key: str) -> list[int]:
+        with redis_errors("SMEMBERS batches"):
+            members = await self.redis.smembers(self.keys.batches(key))
+        return sorted(int(m) for m in members)
+
+    # --- reading and changing campaigns -----------------------------------------------------
+
+    async def load(self, key: str) -> CampaignSnapshot | None:
+        with redis_errors("HGETALL campaign"):
+            raw = {
+                _as_bytes(name): _as_bytes(value)
+                for name, value in (await self.redis.hgetall(self.keys.campaign(key))).items()
+            }
+        if not raw or b"state" not in raw:
+            return None
+        header_bytes = raw.pop(b"header", None)
+        header = None
+        if header_bytes:
+            decoded = self._registry.decode(header_bytes, expected={"CampaignScheduled"})
+            header = CampaignScheduled.from_fields(decoded.fields)
+        fields = {name.decode(): value.decode() for name, value in raw.items()}
+        return CampaignSnapshot(
+            key=key, state=CampaignState(fields["state"]), header=header, fields=fields
+        )
+
+    def transition(self, key: str) -> Transition:
+        return Transition(key=key)
+
+    async def apply(self, transition: Transition, now: datetime) -> ApplyResult:
+        """Apply a transition atomically; not applied when an expectation does not hold."""
+        expected = ",".join(
+            [state.value for state in transition.expected_states or ()]
+            + (["-"] if transition.expect_absent else [])
+        )
+        keys = [self.keys.campaign(transition.key), transition.lease_key, *transition.extra_keys]
+        args = [
+            expected,
+            transition.lease_token,
+            to_millis(now),
+            self.keys.campaigns_index,
+            transition.key,
+            *transition.ops,
+        ]
+        with redis_errors("apply transition"):
+            result = await self._apply(keys=keys, args=args)
+        reason = result.decode() if isinstance(result, bytes) else str(result)
+        return ApplyResult(ok=reason == "ok", reason="" if reason == "ok" else reason)
+
+    async def campaign_keys(self, limit: int = 100) -> list[str]:
+        """The most recently updated campaigns."""
+        with redis_errors("ZREVRANGE campaigns"):
+            members = await self.redis.zrevrange(self.keys.campaigns_index, 0, limit - 1)
+        return [_text(member) for member in members]
+
+    # --- queues and leases ------------------------------------------------------------------
+
+    async def claim_due(
+        self, queue: str, lease_prefix: str, now: datetime, limit: int, token: str, ttl_ms: int
+    ) -> list[str]:
+        with redis_errors("claim due"):
+            members = await self._claim_due(
+                keys=[queue], args=[to_millis(now), limit, lease_prefix, token, ttl_ms]
+            )
+        return [_text(member) for member in members]
+
+    async def due_members(self, queue: str, now: datetime, limit: int) -> list[str]:
+        with redis_errors("ZRANGEBYSCORE"):
+            members = await self.redis.zrangebyscore(queue, "-inf", to_millis(now), 0, limit)
+        return [_text(member) for member in members]
+
+    async def reschedule(self, queue: str, member: str, due_at: datetime) -> None:
+        with redis_errors("ZADD"):
+            await self.redis.zadd(queue, {member: to_millis(due_at)})
+
+    async def unschedule(self, queue: str, member: str) -> None:
+        with redis_errors("ZREM"):
+            await self.redis.zrem(queue, member)
+
+    async def queue_size(self, queue: str) -> int:
+        with redis_errors("ZCARD"):
+            return int(await self.redis.zcard(queue))
+
+    async def acquire_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool:
+        with redis_errors("acquire lease"):
+            return bool(await self.redis.set(lease_key, token, nx=True, px=ttl_ms))
+
+    async def renew_lease(self, lease_key: str, token: str, ttl_ms: int) -> bool:
+        with redis_errors("renew lease"):
+            return bool(await self._renew(keys=[lease_key], args=[token, ttl_ms]))
+
+    async def release_lease(self, lease_key: str, token: str) -> None:
+        with redis_errors("release lease"):
+            await self._release(keys=[lease_key], args=[token])
+
+    @asynccontextmanager
+    async def lease(self, lease_key: str, token: str, ttl_ms: int) -> AsyncIterator[bool]:
+        """Hold a lease for a block (yields False when another holder has it)."""
+        held = await self.acquire_lease(lease_key, token, ttl_ms)
+        try:
+            yield held
+        finally:
+            if held:
+                await self.release_lease(lease_key, token)
+
+    # --- outbox -----------------------------------------------------------------------------
+
+    async def outbox_read(self, limit: int) -> list[OutboxEntry]:
+        with redis_errors("XRANGE outbox"):
+            rows = await self.redis.xrange(self.keys.outbox, "-", "+", count=limit)
+        return [_outbox_entry(entry_id, values or {}) for entry_id, values in rows or []]
+
+    async def outbox_delete(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            with redis_errors("XDEL outbox"):
+                await self.redis.xdel(self.keys.outbox, *entry_ids)
+
+    async def outbox_length(self) -> int:
+        with redis_errors("XLEN outbox"):
+            return int(await self.redis.xlen(self.keys.outbox))
+
+    async def wait_for_outbox(self, after_id: str, timeout_ms: int) -> None:
+        """Block until an entry newer than `after_id` arrives, or the timeout passes."""
+        with redis_errors("XREAD outbox"):
+            await self.redis.xread({self.keys.outbox: after_id}, count=1, block=timeout_ms)
+
+    async def add_to_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        """Append events that belong to no campaign transition (the template catalog)."""
+        if not entries:
+            return
+        with redis_errors("XADD outbox"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for entry in entries:
+                    pipe.xadd(self.keys.outbox, _outbox_fields(entry))
+                await pipe.execute()
+
+    async def delete_keys(self, *keys: str) -> None:
+        if keys:
+            with redis_errors("UNLINK"):
+                await self.redis.unlink(*keys)
+
+    async def ping(self) -> bool:
+        try:
+            with redis_errors("PING"):
+                return bool(await self.redis.ping())
+        except StoreUnavailable:
+            return False
+
+
+def _outcome(result: Any) -> IntakeOutcome:
+    result_name, state = (
+        value.decode() if isinstance(value, bytes) else str(value) for value in result
+    )
+    return IntakeOutcome(result=result_name, state=state)
+
+
+def _outbox_fields(entry: OutboxEntry) -> dict[Any, Any]:
+    return {
+        "topic": entry.topic,
+        "key": entry.key,
+        "value": entry.value or b"",
+        "event_id": entry.event_id,
+        "tombstone": "1" if entry.value is None else "0",
+    }
+
+
+def _outbox_entry(entry_id: object, raw: Mapping[Any, Any]) -> OutboxEntry:
+    values = {_text(name): _as_bytes(value) for name, value in raw.items()}
+    tombstone = values.get("tombstone") == b"1"
+    return OutboxEntry(
+        topic=values["topic"].decode(),
+        key=values["key"].decode(),
+        value=None if tombstone else values["value"],
+        event_id=values["event_id"].decode(),
+        entry_id=_text(entry_id),
+    )
+
+
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return str(value).encode()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+__all__ = [
+    "ApplyResult",
+    "CampaignSnapshot",
+    "CampaignStore",
+    "IntakeOutcome",
+    "OutboxEntry",
+    "Transition",
+    "redis_errors",
+]

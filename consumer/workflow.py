@@ -1,0 +1,328 @@
+"""A campaign's rules, as pure functions: values in, decisions out. No I/O, no clock reads.
+
+States (DESIGN §4):
+
+    COLLECTING → READY → SEGMENT_CREATED → CONTACTS_LOADED → SEND_PENDING → SENT → POLLING → DONE
+    plus the ends CANCELLED, FAILED, REJECTED.
+
+Intake validates events here; the executor asks here what a campaign's next step is, how its
+message reads, how many parts it costs and how to name its segment; the poller asks when polls
+fall due.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled, StatusError
+
+MAX_CUSTOMERS_PER_BATCH = 10_000
+MAX_CONTACTS_PER_BULK_CALL = 1_500
+# TextLocal truncates longer messages; we refuse instead of sending a cut-off text.
+MAX_MESSAGE_CHARS = 765
+MAX_MESSAGE_PARTS = 5
+MAX_VALIDITY_HOURS = 72
+MAX_METRICS_WINDOW_DAYS = 31
+PROMO_CODE_PLACEHOLDER = "[%PROMO_CODE%]"
+
+
+class CampaignState(StrEnum):
+    COLLECTING = "COLLECTING"
+    READY = "READY"
+    SEGMENT_CREATED = "SEGMENT_CREATED"
+    CONTACTS_LOADED = "CONTACTS_LOADED"
+    SEND_PENDING = "SEND_PENDING"
+    SENT = "SENT"
+    POLLING = "POLLING"
+    DONE = "DONE"
+    CANCELLED = "CANCELLED"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+    @property
+    def before_send(self) -> bool:
+        """No send can have been requested yet: cancelling needs no word with TextLocal's sends."""
+        return self in BEFORE_SEND_STATES
+
+
+FINAL_STATES = frozenset(
+    {CampaignState.DONE, CampaignState.CANCELLED, CampaignState.FAILED, CampaignState.REJECTED}
+)
+BEFORE_SEND_STATES = frozenset(
+    {
+        CampaignState.COLLECTING,
+        CampaignState.READY,
+        CampaignState.SEGMENT_CREATED,
+        CampaignState.CONTACTS_LOADED,
+    }
+)
+
+
+@dataclass(frozen=True)
+class ContactGroup:
+    """A TextLocal master contact group and the templates (by name prefix) that target it."""
+
+    group_id: int
+    name: str
+    template_prefix: str
+    customer_id_field: str  # "custom1", "custom2" or "custom3"
+    sender: str | None = None
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """Bounds intake applies to an incoming campaign."""
+
+    # A send time this far in the past is refused; closer, the campaign is sent at once.
+    max_send_delay: timedelta = timedelta(hours=1)
+    default_window_days: int = 7
+
+
+# --- intake validation ----------------------------------------------------------------------
+
+
+def contact_group_for(template_name: str, groups: Sequence[ContactGroup]) -> ContactGroup | None:
+    """The group whose prefix starts the name (longest prefix wins; an empty one matches all)."""
+    matches = [g for g in groups if template_name.startswith(g.template_prefix)]
+    return max(matches, key=lambda g: len(g.template_prefix), default=None)
+
+
+def validate_scheduled(
+    event: CampaignScheduled, groups: Sequence[ContactGroup], now: datetime, limits: IntakeLimits
+) -> StatusError | None:
+    """Why a campaign header cannot be accepted, or None when it can."""
+    for name, value in (
+        ("event_id", event.event_id),
+        ("campaign_id", event.ref.campaign_id),
+        ("template_name", event.template_name),
+    ):
+        if not value.strip():
+            return StatusError("MISSING_FIELD", f"{name} is empty")
+    if event.message_type != "SMS":
+        return StatusError(
+            "MMS_NOT_SUPPORTED", f"message_type {event.message_type}: this connector sends SMS only"
+        )
+    if contact_group_for(event.template_name, groups) is None:
+        prefixes = ", ".join(repr(g.template_prefix) for g in groups)
+        return StatusError(
+            "UNKNOWN_TEMPLATE_PREFIX",
+            f"template_name {event.template_name!r} starts with no configured prefix ({prefixes})",
+        )
+    if event.recipient_count <= 0 or event.batch_count <= 0:
+        return StatusError(
+            "EMPTY_TARGET",
+            f"recipient_count {event.recipient_count}, batch_count {event.batch_count}: "
+            "a campaign needs at least one recipient in at least one batch",
+        )
+    if event.recipient_count > event.batch_count * MAX_CUSTOMERS_PER_BATCH:
+        return StatusError(
+            "INVALID_FIELD",
+            f"recipient_count {event.recipient_count} cannot fit in {event.batch_count} "
+            f"batches of at most {MAX_CUSTOMERS_PER_BATCH}",
+        )
+    if event.scheduled_at < now - limits.max_send_delay:
+        return StatusError(
+            "SEND_TIME_PASSED",
+            f"scheduled_at {event.scheduled_at.isoformat()} is more than "
+            f"{limits.max_send_delay} in the past",
+        )
+    window = event.metrics_window_days
+    if window is not None and not 1 <= window <= MAX_METRICS_WINDOW_DAYS:
+        return StatusError(
+            "INVALID_FIELD",
+            f"metrics_window_days {window} is outside 1..{MAX_METRICS_WINDOW_DAYS}",
+        )
+    validity = event.validity_hours
+    if validity is not None and not 1 <= validity <= MAX_VALIDITY_HOURS:
+        return StatusError(
+            "INVALID_FIELD", f"validity_hours {validity} is outside 1..{MAX_VALIDITY_HOURS}"
+        )
+    if event.sender is not None and (problem := sender_problem(event.sender)):
+        return StatusError("INVALID_SENDER", problem)
+    return None
+
+
+def validate_recipients(event: CampaignRecipients) -> StatusError | None:
+    """Why a recipients batch cannot be accepted (on its own), or None."""
+    if event.batch_index < 0:
+        return StatusError("INVALID_FIELD", f"batch_index {event.batch_index} is negative")
+    if len(event.customer_ids) > MAX_CUSTOMERS_PER_BATCH:
+        return StatusError(
+            "BATCH_TOO_LARGE",
+            f"batch {event.batch_index} holds {len(event.customer_ids)} customers; "
+            f"at most {MAX_CUSTOMERS_PER_BATCH} are allowed",
+        )
+    return None
+
+
+def batch_index_problem(batch_indexes: Sequence[int], batch_count: int) -> StatusError | None:
+    """A batch index the header's batch_count does not allow, once both are known."""
+    beyond = sorted(index for index in batch_indexes if index >= batch_count)
+    if beyond:
+        return StatusError(
+            "BATCH_INDEX_OUT_OF_RANGE",
+            f"batch_index {beyond[0]} but the campaign has batch_count {batch_count}",
+        )
+    return None
+
+
+_ALPHANUMERIC_SENDER = re.compile(r"^[A-Za-z0-9 ]{3,11}$")
+_NUMERIC_SENDER = re.compile(r"^[0-9]{3,13}$")
+
+
+def sender_problem(sender: str) -> str | None:
+    """TextLocal (UK) senders: 3–11 letters/digits, or a number of at most 13 digits."""
+    if _NUMERIC_SENDER.match(sender) or (
+        _ALPHANUMERIC_SENDER.match(sender) and any(c.isalpha() for c in sender)
+    ):
+        return None
+    return f"sender {sender!r}: use 3–11 letters and digits, or a number of at most 13 digits"
+
+
+def metrics_window(event: CampaignScheduled, limits: IntakeLimits) -> timedelta:
+    return timedelta(days=event.metrics_window_days or limits.default_window_days)
+
+
+# --- recipients -------------------------------------------------------------------------------
+
+_NUMBER_SEPARATORS = re.compile(r"[\s\-().]")
+
+
+def normalise_number(raw: str) -> str | None:
+    """International digits as TextLocal wants them ("447700900123"), or None when invalid.
+
+    Separators and a leading "+" or "00" are dropped; what remains must be 10–15 digits not
+    starting with 0 (a national number like "07700…" has no country code and is invalid).
+    """
+    number = _NUMBER_SEPARATORS.sub("", raw)
+    if number.startswith("+"):
+        number = number[1:]
+    elif number.startswith("00"):
+        number = number[2:]
+    if not number.isdigit() or not 10 <= len(number) <= 15 or number[0] == "0":
+        return None
+    return number
+
+
+# --- the message ------------------------------------------------------------------------------
+
+# GSM 03.38: the basic character set, and the extension table whose characters cost two septets.
+_GSM_BASIC = frozenset(
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+_GSM_EXTENSION = frozenset("^{}\\[~]|€\f")
+
+
+@dataclass(frozen=True)
+class MessageCost:
+    """How TextLocal will bill one message: characters counted, parts, and whether it is unicode."""
+
+    length: int
+    parts: int
+    unicode: bool
+
+
+def message_cost(text: str) -> MessageCost:
+    """Parts per recipient: GSM-7 160 / 153 per part, else unicode 70 / 67 (TextLocal's table)."""
+    if all(c in _GSM_BASIC or c in _GSM_EXTENSION for c in text):
+        length = sum(2 if c in _GSM_EXTENSION else 1 for c in text)
+        single, multi, unicode = 160, 153, False
+    else:
+        length = len(text.encode("utf-16-le")) // 2
+        single, multi, unicode = 70, 67, True
+    parts = 1 if length <= single else math.ceil(length / multi)
+    return MessageCost(length=length, parts=parts, unicode=unicode)
+
+
+def render_message(body: str, promo_codes: Sequence[str]) -> str | StatusError:
+    """The SMS text: the template body with the campaign's promo code in its placeholder.
+
+    One group send carries one text, so the placeholder takes exactly one campaign-level code.
+    """
+    if PROMO_CODE_PLACEHOLDER in body:
+        codes = sorted(set(promo_codes))
+        if not codes:
+            return StatusError(
+                "PROMO_CODE_MISSING",
+                f"the template uses {PROMO_CODE_PLACEHOLDER} but the campaign has no promo code",
+            )
+        if len(codes) > 1:
+            return StatusError(
+                "PROMO_CODE_AMBIGUOUS",
+                f"the campaign has {len(codes)} promo codes; one segment send carries one",
+            )
+        body = body.replace(PROMO_CODE_PLACEHOLDER, codes[0])
+    if not body.strip():
+        return StatusError("EMPTY_MESSAGE", "the template body is empty")
+    if len(body) > MAX_MESSAGE_CHARS:
+        return StatusError(
+            "MESSAGE_TOO_LONG",
+            f"the message has {len(body)} characters; TextLocal sends at most {MAX_MESSAGE_CHARS}",
+        )
+    cost = message_cost(body)
+    if cost.parts > MAX_MESSAGE_PARTS:
+        return StatusError(
+            "MESSAGE_TOO_LONG",
+            f"the message needs {cost.parts} parts; TextLocal sends at most {MAX_MESSAGE_PARTS}",
+        )
+    return body
+
+
+def estimated_cost_credits(cost: MessageCost, recipients: int) -> int:
+    return cost.parts * recipients
+
+
+# --- names and references ---------------------------------------------------------------------
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+MAX_GROUP_NAME_CHARS = 40
+
+
+def short_reference(ref: CampaignRef) -> str:
+    """The campaign's reference at TextLocal (`custom`, receipts): readable, bounded, unique."""
+    readable = _UNSAFE_NAME_CHARS.sub("_", f"{ref.tenant_id}-{ref.campaign_id}-{ref.channel_id}")
+    if len(readable) <= 24:
+        return readable
+    digest = hashlib.sha256(ref.key.encode()).hexdigest()[:10]
+    return f"{readable[:13]}~{digest}"
+
+
+def segment_group_name(group: ContactGroup, ref: CampaignRef) -> str:
+    """Deterministic, so a restarted executor finds (adopts) the group it created before."""
+    name = f"{group.template_prefix}seg-{short_reference(ref)}"
+    if len(name) <= MAX_GROUP_NAME_CHARS:
+        return name
+    digest = hashlib.sha256(ref.key.encode()).hexdigest()[:16]
+    return f"seg-{digest}"
+
+
+# --- delivery polls ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PollSlot:
+    number: int  # 1-based
+    due_at: datetime
+    is_final: bool
+
+
+def poll_slot(sent_at: datetime, interval: timedelta, window: timedelta, number: int) -> PollSlot:
+    """The n-th poll: one interval after the previous; the one reaching the window end is final."""
+    window_ends_at = sent_at + window
+    due_at = min(sent_at + interval * number, window_ends_at)
+    return PollSlot(number=number, due_at=due_at, is_final=due_at >= window_ends_at)
+
+
+def poll_count(interval: timedelta, window: timedelta) -> int:
+    return max(1, math.ceil(window / interval))
