@@ -391,7 +391,8 @@ def parse_scheduled(reply: JsonObject) -> list[ScheduledSend]:
                 scheduled_for=as_utc_datetime(
                     _field(entry, "scheduledFor", "scheduled"), "scheduled.scheduledFor"
                 ),
-                group_id=_optional_int(entry, "groupid", "scheduled"),
+                # Group ids start at 1: a send to numbers shows "" or "0" here.
+                group_id=_optional_int(entry, "groupid", "scheduled") or None,
                 group_name=as_str(entry.get("groupName", ""), "scheduled.groupName"),
                 how_many=as_int(entry.get("howmany", 0), "scheduled.howmany"),
                 message=as_str(entry.get("message", ""), "scheduled.message"),

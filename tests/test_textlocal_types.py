@@ -194,6 +194,7 @@ def test_scheduled_sends_are_all_strings() -> None:
                     "groupid": "31",
                 },
                 {"id": "124", "scheduledFor": "2025-03-02 10:00:00", "groupid": ""},
+                {"id": "125", "scheduledFor": "1740909600", "groupid": "0"},
             ]
         }
     )
@@ -201,6 +202,8 @@ def test_scheduled_sends_are_all_strings() -> None:
     assert (scheduled[0].id, scheduled[0].group_id, scheduled[0].how_many) == (123, 31, 1500)
     assert scheduled[1].group_id is None
     assert scheduled[1].scheduled_for == datetime(2025, 3, 2, 10, 0, tzinfo=UTC)
+    assert scheduled[2].group_id is None
+    assert scheduled[2].scheduled_for == datetime(2025, 3, 2, 10, 0, tzinfo=UTC)
 
 
 def test_history_page() -> None:
