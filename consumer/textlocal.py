@@ -50,6 +50,7 @@ from consumer.errors import (
     TextLocalRateLimited,
     TextLocalUnavailable,
 )
+from consumer.logs import log_event
 from consumer.rate_limit import RequestRateLimiter
 from consumer.retry import RetryPolicy, call_with_retries, parse_retry_after_s
 from consumer.textlocal_types import (
@@ -382,6 +383,7 @@ class TextLocalClient:
 
         Raises `TextLocalOutcomeUnknown` when the request may have been applied but no reply
         came back: the caller reconciles (get_scheduled / get_history_group) before resending.
+        A caller that cancels the call while it is in flight is in the same position.
         """
         if (group_id is None) == (numbers is None):
             raise ValueError("send needs exactly one of group_id or numbers")
@@ -535,6 +537,8 @@ class TextLocalClient:
         """Send personalised messages, (number, text) pairs, in one call. Never repeated blindly."""
         if not messages:
             raise ValueError("bulk_json needs at least one message")
+        if len(messages) > MAX_NUMBERS_PER_SEND:
+            raise ValueError(f"bulk_json takes at most {MAX_NUMBERS_PER_SEND} messages per call")
         data: dict[str, object] = {
             "messages": [
                 {"number": _check_number(number), "text": text} for number, text in messages
@@ -560,14 +564,14 @@ class TextLocalClient:
         def on_retry(error: TextLocalUnavailable, delay_s: float) -> None:
             reason = type(error).__name__
             self._observer.retry_scheduled(command, reason, delay_s)
-            log.warning(
+            log_event(
+                log,
                 "textlocal.retry_scheduled",
-                extra={
-                    "command": command,
-                    "reason": error.reason,
-                    "http_status": error.http_status,
-                    "delay_s": round(delay_s, 3),
-                },
+                logging.WARNING,
+                command=command,
+                reason=error.reason,
+                http_status=error.http_status,
+                delay_s=round(delay_s, 3),
             )
 
         return await call_with_retries(
@@ -659,14 +663,21 @@ class TextLocalClient:
         outcome = "ok" if error is None else _outcome_of(error)
         self._observer.request_finished(command, outcome, duration_s)
         if isinstance(error, TextLocalOutcomeUnknown):
-            log.error(
+            log_event(
+                log,
                 "textlocal.outcome_unknown",
-                extra={"command": command, "reason": error.reason},
+                logging.ERROR,
+                command=command,
+                reason=error.reason,
             )
         else:
-            log.debug(
+            log_event(
+                log,
                 "textlocal.request_finished",
-                extra={"command": command, "outcome": outcome, "duration_s": duration_s},
+                logging.DEBUG,
+                command=command,
+                outcome=outcome,
+                duration_s=round(duration_s, 3),
             )
 
 

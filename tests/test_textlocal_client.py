@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import time
 import tracemalloc
@@ -585,6 +586,29 @@ async def test_a_dropped_reply_to_a_safe_call_is_retried(server: ScriptedServer)
         server.script = [Drop()]
         assert await client.create_contacts_bulk(31, [NewContact(NUMBER)]) == 1
     assert server.commands() == ["get_groups"] * 3 + ["create_contacts_bulk"] * 2
+
+
+async def test_logs_carry_no_secrets_numbers_or_bodies(
+    server: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's log lines (retries, unknown outcomes, requests) show none of those."""
+    server.script = [Reply({}, status=503), Drop()]
+    caplog.set_level(logging.DEBUG, logger="consumer.textlocal")
+    async with open_client(server.url) as client:
+        with pytest.raises(TextLocalOutcomeUnknown):
+            await client.send(message="Body-Text-XYZ", numbers=[NUMBER])
+        await client.balance()
+    events = [record.getMessage() for record in caplog.records]
+    assert events == [
+        "textlocal.request_finished",
+        "textlocal.retry_scheduled",
+        "textlocal.outcome_unknown",
+        "textlocal.request_finished",
+    ]
+    for record in caplog.records:
+        shown = f"{record.getMessage()} {vars(record)}"
+        for private in (*SECRETS, NUMBER, "Body-Text-XYZ"):
+            assert private not in shown
 
 
 async def test_a_timeout_on_send_is_an_unknown_outcome(server: ScriptedServer) -> None:
