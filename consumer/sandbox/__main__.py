@@ -24,8 +24,8 @@ API_KEY_ENV = "TEXTLOCAL_SANDBOX_API_KEY"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m consumer.sandbox",
-        description="A local imitation of TextLocal's SMS API (see consumer/sandbox/ASSUMPTIONS.md)."
-        " Admin API for tests and demos under /_sandbox/.",
+        description="A local imitation of TextLocal's SMS API (assumptions:"
+        " consumer/sandbox/ASSUMPTIONS.md). Admin API for tests and demos under /_sandbox/.",
     )
     parser.add_argument("--port", type=int, required=True, help="TCP port (0 = any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

@@ -19,6 +19,7 @@ from typing import Final
 from urllib.parse import parse_qsl, unquote_plus
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 _API_KEY: Final = "apikey"
 _TRUE: Final = frozenset({"1", "true"})
@@ -114,7 +115,7 @@ async def _multipart_pairs(request: web.Request) -> list[tuple[str, str]]:
                 continue  # nested multipart or a nameless part: PHP ignores those too
             data = await part.read(decode=True)
             pairs.append((part.name, bytes(data).decode("utf-8", errors="replace")))
-    except (ValueError, AssertionError, RuntimeError, LookupError):
+    except (HttpProcessingError, ValueError, AssertionError, RuntimeError, LookupError):
         # A malformed body: keep what was read, as a lenient server would, and answer on that.
         return pairs
     return pairs
