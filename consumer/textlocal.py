@@ -6,9 +6,10 @@ process-wide rate limit and concurrency cap, typed results (`consumer.textlocal_
 Errors (the tree is drawn in `consumer.errors`) are mapped at one boundary, `_post`:
 
 - a reply with `status: failure` → `TextLocalApiError(code, message)`: permanent, not retried;
-- HTTP 429 → `TextLocalRateLimited` (with Retry-After); connection refused, DNS failure or a
-  connect timeout (nothing was sent) → `TextLocalUnavailable`. Both are retried here, by
-  `consumer.retry`, the only place that retries;
+- HTTP 429 → `TextLocalRateLimited` (with Retry-After); HTTP 503 or 4xx (refused before being
+  acted on), connection refused, DNS failure or a connect timeout (nothing was sent) →
+  `TextLocalUnavailable`. Both are retried here, by `consumer.retry`, the only place that
+  retries, for every command;
 - a failure after the request may have reached TextLocal (timeout waiting for the reply, the
   connection dropped mid-exchange, HTTP 5xx other than 503, an unreadable reply) →
   `TextLocalUnavailable` for calls that are safe to repeat, but `TextLocalOutcomeUnknown` for
@@ -260,7 +261,9 @@ class TextLocalObserver(Protocol):
     """A metrics hook, so the client does not depend on a metrics library.
 
     `request_finished` is called once per HTTP attempt with `outcome` one of "ok", "api_error",
-    "unavailable", "rate_limited", "outcome_unknown"; `retry_scheduled` before each backoff.
+    "unavailable", "rate_limited", "outcome_unknown"; `retry_scheduled` before each backoff,
+    with `reason` the error's class name ("TextLocalUnavailable" or "TextLocalRateLimited"), so
+    both stay bounded sets fit for metric labels.
     """
 
     def request_finished(self, command: str, outcome: str, duration_s: float) -> None: ...
