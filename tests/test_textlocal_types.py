@@ -356,13 +356,14 @@ def million_recipient_send_reply(recipients: int) -> Iterator[bytes]:
 def test_million_recipient_reply_is_parsed_in_little_memory() -> None:
     """A 1M-recipient send reply (~45 MB) parses to the right counts with a small peak."""
     recipients = 1_000_000
+    # Produced before tracing starts, so the peak below is the parser's alone.
+    chunks = list(million_recipient_send_reply(recipients))
+    total_bytes = sum(map(len, chunks))
     skipper = TopLevelArraySkipper(MESSAGES)
-    total_bytes = 0
     tracemalloc.start()
     started = time.perf_counter()
     try:
-        for chunk in million_recipient_send_reply(recipients):
-            total_bytes += len(chunk)
+        for chunk in chunks:
             skipper.feed(chunk)
         result = parse_send(skipper.result())
         _, peak_bytes = tracemalloc.get_traced_memory()
@@ -371,9 +372,9 @@ def test_million_recipient_reply_is_parsed_in_little_memory() -> None:
     elapsed_s = time.perf_counter() - started
     print(
         f"\n1M-recipient send reply: {total_bytes / 1e6:.1f} MB parsed in {elapsed_s:.2f}s, "
-        f"peak traced allocation {peak_bytes / 1e6:.2f} MB"
+        f"peak traced allocation {peak_bytes / 1e3:.1f} KB"
     )
     assert total_bytes > 40_000_000
     assert (result.batch_id, result.num_messages, result.cost) == (4242, recipients, 1000000.0)
     assert result.content == "Hi [there]"
-    assert peak_bytes < 5_000_000
+    assert peak_bytes < 1_000_000
