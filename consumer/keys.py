@@ -97,6 +97,11 @@ class RedisKeys:
         return f"{self.prefix}contacts:{group_id}:v:{version}"
 
     @property
+    def templates_catalog(self) -> str:
+        """Hash: template id → JSON of the TextLocal template (title, body, sender)."""
+        return f"{self.prefix}templates:catalog"
+
+    @property
     def templates_published(self) -> str:
         """Hash: template id → fingerprint of what the catalog last published."""
         return f"{self.prefix}templates:published"

@@ -306,13 +306,17 @@ redis.call('SET', seen, '1', 'EX', ttl)
 return {'recorded', state}
 """
 
-# Claim up to N due members of a queue, each under its own lease (SET NX PX).
+# Claim up to N due members of a queue, each under its own lease (SET NX PX). A claimed member
+# is pushed back by the lease time, so members held by others never crowd the due range, and a
+# crashed holder's work falls due again when its lease runs out.
 _CLAIM_DUE = """
 local members =
   redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]) * 4)
 local claimed = {}
+local requeue_at = tonumber(ARGV[1]) + tonumber(ARGV[5])
 for _, member in ipairs(members) do
   if redis.call('SET', ARGV[3] .. member, ARGV[4], 'NX', 'PX', ARGV[5]) then
+    redis.call('ZADD', KEYS[1], 'XX', requeue_at, member)
     table.insert(claimed, member)
     if #claimed >= tonumber(ARGV[2]) then break end
   end
@@ -443,7 +447,7 @@ class CampaignStore:
     async def load(self, key: str) -> CampaignSnapshot | None:
         with redis_errors("HGETALL campaign"):
             raw = {
-                _as_bytes(name): _as_bytes(value)
+                as_bytes(name): as_bytes(value)
                 for name, value in (await self.redis.hgetall(self.keys.campaign(key))).items()
             }
         if not raw or b"state" not in raw:
@@ -485,7 +489,7 @@ class CampaignStore:
         """The most recently updated campaigns."""
         with redis_errors("ZREVRANGE campaigns"):
             members = await self.redis.zrevrange(self.keys.campaigns_index, 0, limit - 1)
-        return [_text(member) for member in members]
+        return [as_text(member) for member in members]
 
     # --- queues and leases ------------------------------------------------------------------
 
@@ -496,12 +500,12 @@ class CampaignStore:
             members = await self._claim_due(
                 keys=[queue], args=[to_millis(now), limit, lease_prefix, token, ttl_ms]
             )
-        return [_text(member) for member in members]
+        return [as_text(member) for member in members]
 
     async def due_members(self, queue: str, now: datetime, limit: int) -> list[str]:
         with redis_errors("ZRANGEBYSCORE"):
             members = await self.redis.zrangebyscore(queue, "-inf", to_millis(now), 0, limit)
-        return [_text(member) for member in members]
+        return [as_text(member) for member in members]
 
     async def reschedule(self, queue: str, member: str, due_at: datetime) -> None:
         with redis_errors("ZADD"):
@@ -599,18 +603,19 @@ def _outbox_fields(entry: OutboxEntry) -> dict[Any, Any]:
 
 
 def _outbox_entry(entry_id: object, raw: Mapping[Any, Any]) -> OutboxEntry:
-    values = {_text(name): _as_bytes(value) for name, value in raw.items()}
+    values = {as_text(name): as_bytes(value) for name, value in raw.items()}
     tombstone = values.get("tombstone") == b"1"
     return OutboxEntry(
         topic=values["topic"].decode(),
         key=values["key"].decode(),
         value=None if tombstone else values["value"],
         event_id=values["event_id"].decode(),
-        entry_id=_text(entry_id),
+        entry_id=as_text(entry_id),
     )
 
 
-def _as_bytes(value: object) -> bytes:
+def as_bytes(value: object) -> bytes:
+    """redis-py answers bytes or str depending on settings; the product reads bytes."""
     if isinstance(value, bytes):
         return value
     if isinstance(value, str):
@@ -618,7 +623,7 @@ def _as_bytes(value: object) -> bytes:
     return str(value).encode()
 
 
-def _text(value: object) -> str:
+def as_text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

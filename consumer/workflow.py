@@ -202,7 +202,8 @@ def normalise_number(raw: str) -> str | None:
     """International digits as TextLocal wants them ("447700900123"), or None when invalid.
 
     Separators and a leading "+" or "00" are dropped; what remains must be 10–15 digits not
-    starting with 0 (a national number like "07700…" has no country code and is invalid).
+    starting with 0 (a national number like "07700…" has no country code and is invalid), and a
+    UK number (44…) must be 12 digits: 44 and the 10-digit national number without its 0.
     """
     number = _NUMBER_SEPARATORS.sub("", raw)
     if number.startswith("+"):
@@ -210,6 +211,8 @@ def normalise_number(raw: str) -> str | None:
     elif number.startswith("00"):
         number = number[2:]
     if not number.isdigit() or not 10 <= len(number) <= 15 or number[0] == "0":
+        return None
+    if number.startswith("44") and len(number) != 12:
         return None
     return number
 
@@ -305,6 +308,51 @@ def segment_group_name(group: ContactGroup, ref: CampaignRef) -> str:
         return name
     digest = hashlib.sha256(ref.key.encode()).hexdigest()[:16]
     return f"seg-{digest}"
+
+
+# --- the executor's next step -----------------------------------------------------------------
+
+
+class Step(StrEnum):
+    RESOLVE = "resolve"  # customer ids → contacts, in chunks for loading
+    CREATE_SEGMENT = "create_segment"
+    LOAD_CONTACTS = "load_contacts"
+    SEND = "send"
+    RECONCILE_SEND = "reconcile_send"  # a send may have happened: look before sending again
+    CANCEL = "cancel"
+    MISS_SEND_WINDOW = "miss_send_window"  # too late to send at all
+    NONE = "none"  # nothing for the executor (collecting, sent, or over)
+
+
+def next_step(
+    state: CampaignState,
+    *,
+    resolved: bool,
+    cancel_requested: bool,
+    scheduled_at: datetime,
+    now: datetime,
+    max_send_delay: timedelta,
+) -> Step:
+    """What the executor does next with a campaign it holds."""
+    if state.is_final:
+        return Step.NONE
+    if cancel_requested:
+        return Step.CANCEL
+    late = now > scheduled_at + max_send_delay
+    if late and state.before_send and state != CampaignState.COLLECTING:
+        return Step.MISS_SEND_WINDOW
+    steps = {
+        CampaignState.READY: Step.CREATE_SEGMENT if resolved else Step.RESOLVE,
+        CampaignState.SEGMENT_CREATED: Step.LOAD_CONTACTS,
+        CampaignState.CONTACTS_LOADED: Step.SEND,
+        CampaignState.SEND_PENDING: Step.RECONCILE_SEND,
+    }
+    return steps.get(state, Step.NONE)
+
+
+def retry_delay(failures: int, cap: timedelta = timedelta(minutes=5)) -> timedelta:
+    """Backoff before a campaign's next attempt after `failures` transient failures in a row."""
+    return min(timedelta(seconds=2 ** min(failures, 16)), cap)
 
 
 # --- delivery polls ---------------------------------------------------------------------------

@@ -1,0 +1,509 @@
+"""Configuration: one table of settings, read from environment variables and/or one YAML file.
+
+Every setting has a YAML path (`kafka.bootstrap_servers`) and an environment variable
+(`TEXTLOCAL_CONSUMER_KAFKA_BOOTSTRAP_SERVERS`); the environment wins over the file, the file over
+the default. Settings are validated once at start, and an error names the variable, the YAML path
+and what is wrong (never a secret's value). librdkafka properties pass through unchanged from
+`kafka.properties` or `TEXTLOCAL_CONSUMER_KAFKA_PROPERTY_<NAME>` (`SASL_MECHANISMS` →
+`sasl.mechanisms`). `textlocal-consumer settings` prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from consumer.errors import ConfigError
+from consumer.textlocal import TextLocalCredentials, TextLocalSettings
+from consumer.workflow import ContactGroup, IntakeLimits, sender_problem
+
+ENV_PREFIX = "TEXTLOCAL_CONSUMER_"
+CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
+KAFKA_PROPERTY_ENV = f"{ENV_PREFIX}KAFKA_PROPERTY_"
+ROLES = ("intake", "executor", "poller", "daily")
+_SECRET_WORDS = ("password", "secret", "key", "token", "credentials")
+
+
+# --- value parsers: each raises ValueError with a sentence saying what is expected ---------------
+
+
+def _text(raw: object) -> str:
+    if not isinstance(raw, str | int | float):
+        raise ValueError("must be text")
+    return str(raw).strip()
+
+
+def _optional_text(raw: object) -> str | None:
+    return _text(raw) or None
+
+
+def _positive_int(raw: object) -> int:
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_float(raw: object) -> float:
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _positive_float(raw: object) -> float:
+    value = _non_negative_float(raw)
+    if value == 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _port(raw: object) -> int:
+    value = _positive_int(raw)
+    if value > 65535:
+        raise ValueError("must be a port number (1–65535)")
+    return value
+
+
+def _boolean(raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("must be true or false")
+
+
+def _time_of_day(raw: object) -> time:
+    text = _text(raw)
+    try:
+        hours, minutes = (int(part) for part in text.split(":"))
+        return time(hours, minutes)
+    except ValueError:
+        raise ValueError("must be a UTC time of day as HH:MM, e.g. 03:00") from None
+
+
+def _roles(raw: object) -> frozenset[str]:
+    names = [part.strip() for part in _text(raw).split(",") if part.strip()]
+    unknown = sorted(set(names) - set(ROLES))
+    if unknown or not names:
+        raise ValueError(f"must be a comma-separated subset of {', '.join(ROLES)}")
+    return frozenset(names)
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(raw: object) -> str:
+        value = _text(raw).lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _contact_groups(raw: object) -> tuple[ContactGroup, ...]:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"must be a JSON list of groups ({exc.msg})") from None
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("must be a non-empty list of contact groups")
+    groups = [_contact_group(entry, position) for position, entry in enumerate(raw)]
+    prefixes = [group.template_prefix for group in groups]
+    duplicates = sorted({p for p in prefixes if prefixes.count(p) > 1})
+    if duplicates:
+        raise ValueError(f"template prefix {duplicates[0]!r} is used by more than one group")
+    return tuple(groups)
+
+
+def _contact_group(entry: object, position: int) -> ContactGroup:
+    where = f"group #{position + 1}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a mapping with id, name, template_prefix, ...")
+    known = {"id", "name", "template_prefix", "customer_id_field", "sender"}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ValueError(f"{where} has unknown field {unknown[0]!r} (known: {sorted(known)})")
+    try:
+        group_id = _positive_int(entry["id"])
+    except KeyError:
+        raise ValueError(f"{where} needs an id (the TextLocal group id)") from None
+    except ValueError as exc:
+        raise ValueError(f"{where} id {exc}") from None
+    field_name = _text(entry.get("customer_id_field", "custom1"))
+    if field_name not in {"custom1", "custom2", "custom3"}:
+        raise ValueError(f"{where} customer_id_field must be custom1, custom2 or custom3")
+    sender = _optional_text(entry.get("sender", ""))
+    if sender is not None and (problem := sender_problem(sender)):
+        raise ValueError(f"{where} {problem}")
+    return ContactGroup(
+        group_id=group_id,
+        name=_text(entry.get("name", f"group {group_id}")),
+        template_prefix=_text(entry.get("template_prefix", "")),
+        customer_id_field=field_name,
+        sender=sender,
+    )
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: where it lives, its default, how it is read, and what it does."""
+
+    path: str  # YAML path, dotted
+    default: object
+    parse: Callable[[object], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.path.upper().replace(".", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    # TextLocal
+    Option("textlocal.api_key", "", _optional_text, "TextLocal API key (or username + password/hash).", secret=True),
+    Option("textlocal.username", "", _optional_text, "TextLocal username (with password or hash)."),
+    Option("textlocal.password", "", _optional_text, "TextLocal password.", secret=True),
+    Option("textlocal.hash", "", _optional_text, "TextLocal password hash.", secret=True),
+    Option("textlocal.api_url", "https://api.txtlocal.com/", _text, "TextLocal API base URL (UK; India: https://api.textlocal.in/)."),
+    Option("textlocal.rate_limit_per_s", 10.0, _positive_float, "Requests per second to TextLocal, for the whole process."),
+    Option("textlocal.max_concurrency", 4, _positive_int, "TextLocal requests in flight at once."),
+    Option("textlocal.connect_timeout_s", 5.0, _positive_float, "Connect timeout for TextLocal."),
+    Option("textlocal.request_timeout_s", 60.0, _positive_float, "Whole-request timeout for TextLocal."),
+    Option("textlocal.max_attempts", 5, _positive_int, "Attempts per TextLocal call on transient errors."),
+    Option("textlocal.max_retry_s", 60.0, _positive_float, "Total time one TextLocal call may spend retrying."),
+    # Contact groups
+    Option("contact_groups", None, _contact_groups, "Master contact groups: list of {id, name, template_prefix, customer_id_field (custom1|custom2|custom3), sender}. Env: JSON."),
+    # Kafka
+    Option("kafka.bootstrap_servers", None, _text, "Kafka bootstrap servers (host:port,...)."),
+    Option("kafka.group_id", "textlocal-consumer", _text, "Consumer group of the input topic."),
+    Option("kafka.input_topic", "optimove.sms.campaigns.v1", _text, "Campaign events from Optimove."),
+    Option("kafka.status_topic", "textlocal.sms.campaign-status.v1", _text, "CampaignStatus events."),
+    Option("kafka.metrics_topic", "textlocal.sms.delivery-metrics.v1", _text, "DeliveryMetrics events."),
+    Option("kafka.templates_topic", "textlocal.sms.templates.v1", _text, "Template catalog (compacted)."),
+    Option("kafka.dlq_topic", "optimove.sms.campaigns.v1.dlq", _text, "Dead letters of the input topic."),
+    Option("kafka.create_topics", False, _boolean, "Create missing topics at start (output topics and DLQ; templates compacted)."),
+    Option("kafka.topic_partitions", 6, _positive_int, "Partitions of topics the daemon creates."),
+    # Redis
+    Option("redis.url", "redis://localhost:6379/0", _text, "Redis URL (redis:// or rediss://).", secret=True),
+    Option("redis.key_prefix", "tlc:", _text, "Prefix of every Redis key."),
+    Option("redis.allow_no_persistence", False, _boolean, "Run even if Redis has no AOF persistence (state may be lost)."),
+    # Workflow
+    Option("workflow.poll_interval_s", 86400.0, _positive_float, "Seconds between delivery polls of a sent campaign."),
+    Option("workflow.metrics_window_days", 7, _positive_int, "Days of delivery polling after a send (an event may override)."),
+    Option("workflow.collect_timeout_s", 21600.0, _positive_float, "A campaign whose batches are not all in by then fails."),
+    Option("workflow.max_send_delay_s", 3600.0, _non_negative_float, "A send time further in the past is rejected; closer, it is sent at once."),
+    Option("workflow.daily_jobs_at", "03:00", _time_of_day, "UTC time of the daily template import and contact refresh."),
+    Option("workflow.executor_concurrency", 4, _positive_int, "Campaigns one replica executes at once."),
+    Option("workflow.contact_load_concurrency", 4, _positive_int, "create_contacts_bulk calls in flight per campaign."),
+    Option("workflow.lease_ttl_s", 60.0, _positive_float, "Lease on a campaign or poll; a crashed replica's work is taken over after it."),
+    Option("workflow.segment_retention_s", 0.0, _non_negative_float, "Keep a campaign's segment group this long after its last poll."),
+    Option("workflow.drain_timeout_s", 25.0, _positive_float, "On SIGTERM, time to finish in-flight steps before handing them back."),
+    # Process
+    Option("roles", ",".join(ROLES), _roles, "Roles this process runs: intake, executor, poller, daily."),
+    Option("http.host", "0.0.0.0", _text, "Address of the /metrics, /healthz, /readyz server."),  # noqa: S104 - a pod's port
+    Option("http.port", 9108, _port, "Port of the /metrics, /healthz, /readyz server."),
+    Option("log.format", "auto", _choice("auto", "json", "text"), "Log lines as JSON, text, or auto (text on a terminal)."),
+    Option("log.level", "INFO", _choice("debug", "info", "warning", "error"), "Log level."),
+    Option("instance_id", "", _optional_text, "This replica's name in leases and logs (default: host name + pid)."),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str
+    group_id: str
+    input_topic: str
+    status_topic: str
+    metrics_topic: str
+    templates_topic: str
+    dlq_topic: str
+    create_topics: bool
+    topic_partitions: int
+    properties: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def client_config(self) -> dict[str, str]:
+        return {**self.properties, "bootstrap.servers": self.bootstrap_servers}
+
+    def output_topics(self) -> dict[str, str]:
+        """Logical output kinds (as in the outbox) → topic names."""
+        return {
+            "status": self.status_topic,
+            "metrics": self.metrics_topic,
+            "templates": self.templates_topic,
+        }
+
+    def __repr__(self) -> str:
+        shown = {k: ("***" if _looks_secret(k) else v) for k, v in self.properties.items()}
+        return (
+            f"KafkaSettings(bootstrap_servers={self.bootstrap_servers!r}, "
+            f"group_id={self.group_id!r}, input_topic={self.input_topic!r}, properties={shown})"
+        )
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = field(repr=False)
+    key_prefix: str
+    allow_no_persistence: bool
+
+    def __repr__(self) -> str:
+        return f"RedisSettings(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+
+@dataclass(frozen=True)
+class WorkflowSettings:
+    poll_interval: timedelta = timedelta(days=1)
+    metrics_window_days: int = 7
+    collect_timeout: timedelta = timedelta(hours=6)
+    max_send_delay: timedelta = timedelta(hours=1)
+    daily_jobs_at: time = time(3, 0)
+    executor_concurrency: int = 4
+    contact_load_concurrency: int = 4
+    lease_ttl_s: float = 60.0
+    segment_retention: timedelta = timedelta(0)
+    drain_timeout_s: float = 25.0
+
+    @property
+    def intake_limits(self) -> IntakeLimits:
+        return IntakeLimits(
+            max_send_delay=self.max_send_delay, default_window_days=self.metrics_window_days
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    textlocal: TextLocalSettings
+    credentials: TextLocalCredentials
+    contact_groups: tuple[ContactGroup, ...]
+    kafka: KafkaSettings
+    redis: RedisSettings
+    workflow: WorkflowSettings
+    roles: frozenset[str]
+    http_host: str
+    http_port: int
+    log_format: str
+    log_level: str
+    instance_id: str
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log scrubber."""
+        values = [
+            self.credentials.api_key,
+            self.credentials.password,
+            self.credentials.password_hash,
+            *(v for k, v in self.kafka.properties.items() if _looks_secret(k)),
+        ]
+        password = _url_password(self.redis.url)
+        return [v for v in [*values, password] if v]
+
+
+def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -> Settings:
+    """Build and validate the settings from the environment (and the YAML file, if any)."""
+    file_path = config_file or (
+        Path(environ[CONFIG_FILE_ENV]) if environ.get(CONFIG_FILE_ENV) else None
+    )
+    from_file = _read_yaml(file_path) if file_path else {}
+    values = {option.path: _value(option, environ, from_file) for option in OPTIONS}
+    properties = _kafka_properties(environ, from_file)
+    credentials = _build(
+        "textlocal.api_key",
+        lambda: _credentials(values),
+    )
+    textlocal = _build(
+        "textlocal.api_url",
+        lambda: TextLocalSettings(
+            api_url=values["textlocal.api_url"],
+            connect_timeout_s=values["textlocal.connect_timeout_s"],
+            request_timeout_s=values["textlocal.request_timeout_s"],
+            rate_limit_per_s=values["textlocal.rate_limit_per_s"],
+            max_concurrency=values["textlocal.max_concurrency"],
+            max_attempts=values["textlocal.max_attempts"],
+            max_total_s=values["textlocal.max_retry_s"],
+        ),
+    )
+    return Settings(
+        textlocal=textlocal,
+        credentials=credentials,
+        contact_groups=values["contact_groups"],
+        kafka=KafkaSettings(
+            bootstrap_servers=values["kafka.bootstrap_servers"],
+            group_id=values["kafka.group_id"],
+            input_topic=values["kafka.input_topic"],
+            status_topic=values["kafka.status_topic"],
+            metrics_topic=values["kafka.metrics_topic"],
+            templates_topic=values["kafka.templates_topic"],
+            dlq_topic=values["kafka.dlq_topic"],
+            create_topics=values["kafka.create_topics"],
+            topic_partitions=values["kafka.topic_partitions"],
+            properties=properties,
+        ),
+        redis=RedisSettings(
+            url=values["redis.url"],
+            key_prefix=values["redis.key_prefix"],
+            allow_no_persistence=values["redis.allow_no_persistence"],
+        ),
+        workflow=WorkflowSettings(
+            poll_interval=timedelta(seconds=values["workflow.poll_interval_s"]),
+            metrics_window_days=values["workflow.metrics_window_days"],
+            collect_timeout=timedelta(seconds=values["workflow.collect_timeout_s"]),
+            max_send_delay=timedelta(seconds=values["workflow.max_send_delay_s"]),
+            daily_jobs_at=values["workflow.daily_jobs_at"],
+            executor_concurrency=values["workflow.executor_concurrency"],
+            contact_load_concurrency=values["workflow.contact_load_concurrency"],
+            lease_ttl_s=values["workflow.lease_ttl_s"],
+            segment_retention=timedelta(seconds=values["workflow.segment_retention_s"]),
+            drain_timeout_s=values["workflow.drain_timeout_s"],
+        ),
+        roles=values["roles"],
+        http_host=values["http.host"],
+        http_port=values["http.port"],
+        log_format=values["log.format"],
+        log_level=values["log.level"],
+        instance_id=values["instance_id"] or f"{socket.gethostname()}-{os.getpid()}",
+    )
+
+
+def describe_settings() -> str:
+    """The settings table, for `textlocal-consumer settings` and the README."""
+    lines = []
+    for option in OPTIONS:
+        default = "(required)" if option.default is None else repr(option.default)
+        if option.secret:
+            default = "(secret)" if option.default in ("", None) else "(secret, has default)"
+        lines.append(f"{option.env}\n    {option.path} = {default}\n    {option.help}")
+    lines.append(
+        f"{KAFKA_PROPERTY_ENV}<NAME>\n    kafka.properties.<name>\n"
+        "    Any librdkafka property, e.g. SECURITY_PROTOCOL → security.protocol."
+    )
+    lines.append(
+        f"{CONFIG_FILE_ENV}\n    (none)\n    A YAML file holding any of the settings above."
+    )
+    return "\n".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    password = _url_password(url)
+    return url.replace(f":{password}@", ":***@") if password else url
+
+
+# --- internals -------------------------------------------------------------------------------
+
+
+def _value(option: Option, environ: Mapping[str, str], from_file: Mapping[str, Any]) -> Any:
+    if option.env in environ:
+        raw: object = environ[option.env]
+    elif option.path in from_file:
+        raw = from_file[option.path]
+    elif option.default is None:
+        raise ConfigError(f"{option.env} ({option.path})", f"is required: {option.help}")
+    else:
+        raw = option.default
+    try:
+        return option.parse(raw)
+    except ValueError as exc:
+        shown = "" if option.secret else f", got {str(raw)[:80]!r}"
+        raise ConfigError(f"{option.env} ({option.path})", f"{exc}{shown}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(CONFIG_FILE_ENV, f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(CONFIG_FILE_ENV, f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(CONFIG_FILE_ENV, f"{path} must hold a mapping of settings")
+    flat: dict[str, Any] = {}
+    known = {option.path for option in OPTIONS} | {"kafka.properties"}
+    _flatten(document, "", flat, known)
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ConfigError(CONFIG_FILE_ENV, f"{path}: unknown setting {unknown[0]!r}")
+    return flat
+
+
+def _flatten(node: Mapping[str, Any], prefix: str, out: dict[str, Any], known: set[str]) -> None:
+    for name, value in node.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, dict) and path not in known:
+            _flatten(value, f"{path}.", out, known)
+        else:
+            out[path] = value
+
+
+def _kafka_properties(environ: Mapping[str, str], from_file: Mapping[str, Any]) -> dict[str, str]:
+    properties: dict[str, str] = {}
+    file_properties = from_file.get("kafka.properties", {})
+    if not isinstance(file_properties, dict):
+        raise ConfigError("kafka.properties", "must be a mapping of librdkafka properties")
+    properties.update({str(k): str(v) for k, v in file_properties.items()})
+    for name, value in environ.items():
+        if name.startswith(KAFKA_PROPERTY_ENV):
+            properties[name[len(KAFKA_PROPERTY_ENV) :].lower().replace("_", ".")] = value
+    if "bootstrap.servers" in properties:
+        raise ConfigError("kafka.properties", "set bootstrap servers with kafka.bootstrap_servers")
+    return properties
+
+
+def _credentials(values: Mapping[str, Any]) -> TextLocalCredentials:
+    api_key, username = values["textlocal.api_key"], values["textlocal.username"]
+    if api_key:
+        if username:
+            raise ConfigError(
+                "TEXTLOCAL_CONSUMER_TEXTLOCAL_USERNAME (textlocal.username)",
+                "give either an API key or a username, not both",
+            )
+        return TextLocalCredentials.from_api_key(api_key)
+    if not username:
+        raise ConfigError(
+            "TEXTLOCAL_CONSUMER_TEXTLOCAL_API_KEY (textlocal.api_key)",
+            "is required (or textlocal.username with textlocal.password or textlocal.hash)",
+        )
+    if values["textlocal.hash"]:
+        return TextLocalCredentials.from_hash(username, values["textlocal.hash"])
+    return TextLocalCredentials.from_password(username, values["textlocal.password"] or "")
+
+
+def _build(setting: str, make: Callable[[], Any]) -> Any:
+    """Run a constructor; its ConfigError gains the environment variable's name."""
+    try:
+        return make()
+    except ConfigError as exc:
+        if exc.setting.startswith(ENV_PREFIX):
+            raise  # already names its variable
+        path = exc.setting if exc.setting in {o.path for o in OPTIONS} else setting
+        env = ENV_PREFIX + path.upper().replace(".", "_")
+        raise ConfigError(f"{env} ({path})", exc.problem) from None
+
+
+def _looks_secret(name: str) -> bool:
+    return any(word in name.lower() for word in _SECRET_WORDS)
+
+
+def _url_password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None

@@ -1,0 +1,729 @@
+"""The executor's steps for one campaign, each idempotent and recorded before the next (DESIGN §4).
+
+    READY ─resolve─► READY(resolved) ─create segment─► SEGMENT_CREATED ─load contacts─►
+    CONTACTS_LOADED ─(record SEND_PENDING, then send)─► SENT ─► polling (poller.py)
+
+Every record is a fenced transition: it applies only while this replica holds the campaign's
+lease and the campaign is in the state the step started from. The one step that must never run
+twice, `send`, is preceded by SEND_PENDING with its attempt time; a later owner that finds
+SEND_PENDING looks for the send at TextLocal (scheduled sends, then the group's history) and
+adopts it, and sends again only when TextLocal has no trace of it after a grace period that
+outlasts any request still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from consumer.clock import Clock, to_millis
+from consumer.codec import SchemaRegistry
+from consumer.contact_index import ContactIndex
+from consumer.errors import (
+    TextLocalApiError,
+    TextLocalOutcomeUnknown,
+    TransientError,
+)
+from consumer.events import (
+    CampaignScheduled,
+    CampaignStatusEvent,
+    RecipientCounts,
+    StatusCode,
+    StatusError,
+)
+from consumer.fault_points import FaultPoints
+from consumer.logs import log_event
+from consumer.metrics import Metrics
+from consumer.outbox import status_entry
+from consumer.store import CampaignSnapshot, CampaignStore, Transition, as_text, redis_errors
+from consumer.templates import TemplateCopy
+from consumer.textlocal import MAX_CONTACTS_PER_BULK_CALL, TextLocalClient
+from consumer.textlocal_types import NewContact
+from consumer.workflow import (
+    CampaignState,
+    ContactGroup,
+    contact_group_for,
+    message_cost,
+    normalise_number,
+    poll_slot,
+    render_message,
+    segment_group_name,
+    short_reference,
+)
+
+log = logging.getLogger("consumer.executor")
+
+# TextLocal error codes with a meaning for the workflow.
+GROUP_EXISTS = 14
+INVALID_GROUP = 10
+FINISHED_CAMPAIGN_RETENTION_S = 30 * 24 * 3600
+_SCAN_PAGE = 10_000
+
+
+class LeaseLost(Exception):
+    """This replica no longer holds the campaign: stop working on it at once."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    contact_load_concurrency: int = 4
+    poll_interval: timedelta = timedelta(days=1)
+    default_window_days: int = 7
+    # A send closer than this to now goes out at once (TextLocal refuses times in the past).
+    schedule_margin: timedelta = timedelta(seconds=30)
+    # How long after a send attempt TextLocal may still show it: longer than a request can be
+    # in flight (request timeout plus the retries before it), so "no trace" means "not sent".
+    send_reconcile_grace: timedelta = timedelta(minutes=3)
+
+
+@dataclass(frozen=True)
+class FoundSend:
+    """A send for the campaign's segment that TextLocal knows about."""
+
+    batch_id: int
+    send_at: datetime
+    still_scheduled: bool
+    cost: float | None
+
+
+class CampaignRun:
+    """One campaign held under this replica's lease, with its latest snapshot."""
+
+    def __init__(self, snapshot: CampaignSnapshot, lease_key: str, token: str) -> None:
+        if snapshot.header is None:
+            raise ValueError(f"campaign {snapshot.key} has no header")
+        self.snapshot = snapshot
+        self.header: CampaignScheduled = snapshot.header
+        self.lease_key = lease_key
+        self.token = token
+        self.lease_lost = asyncio.Event()
+
+    @property
+    def key(self) -> str:
+        return self.snapshot.key
+
+    def check_lease(self) -> None:
+        if self.lease_lost.is_set():
+            raise LeaseLost(self.key)
+
+
+class CampaignSteps:
+    """Carries campaigns through their steps against TextLocal; see the module docstring."""
+
+    def __init__(
+        self,
+        store: CampaignStore,
+        index: ContactIndex,
+        client: TextLocalClient,
+        templates: TemplateCopy,
+        registry: SchemaRegistry,
+        groups: Sequence[ContactGroup],
+        settings: StepSettings,
+        clock: Clock,
+        metrics: Metrics,
+        faults: FaultPoints,
+    ) -> None:
+        self._store = store
+        self._keys = store.keys
+        self._index = index
+        self._client = client
+        self._templates = templates
+        self._registry = registry
+        self._groups = tuple(groups)
+        self._settings = settings
+        self._clock = clock
+        self._metrics = metrics
+        self._faults = faults
+
+    # --- resolve -------------------------------------------------------------------------------
+
+    async def resolve(self, run: CampaignRun) -> None:
+        """Look every customer up in the contact index; write ≤1,500-contact chunks to Redis.
+
+        Streams the recipient set (SSCAN), so memory stays flat however big the campaign. Only
+        numbers are remembered (as ints) to drop a number reached through two customer ids.
+        """
+        group = self._group(run)
+        version = await self._index.current_version(group.group_id)
+        if version is None:
+            raise TransientError(f"the contact index of group {group.group_id} is not built yet")
+        redis = self._store.redis
+        recipients = self._keys.recipients(run.key)
+        numbers_seen: set[int] = set()
+        chunk: list[dict[str, str]] = []
+        chunks = matched = unmatched = invalid = repeated_numbers = 0
+        cursor = 0
+        while True:
+            with redis_errors("SSCAN recipients"):
+                cursor, members = await redis.sscan(recipients, cursor, count=_SCAN_PAGE)
+            customer_ids = [as_text(member) for member in members]
+            contacts = await self._index.lookup(group.group_id, version, customer_ids)
+            pending_writes: dict[str, str] = {}
+            for customer_id, contact in zip(customer_ids, contacts, strict=True):
+                if contact is None:
+                    unmatched += 1
+                    continue
+                number = normalise_number(contact.number)
+                if number is None:
+                    invalid += 1
+                    continue
+                if int(number) in numbers_seen:
+                    repeated_numbers += 1
+                    continue
+                numbers_seen.add(int(number))
+                matched += 1
+                chunk.append(
+                    {
+                        "number": number,
+                        "first_name": contact.first_name,
+                        "last_name": contact.last_name,
+                        group.customer_id_field: customer_id,
+                    }
+                )
+                if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
+                    pending_writes[self._keys.chunk(run.key, chunks)] = json.dumps(chunk)
+                    chunks, chunk = chunks + 1, []
+            if cursor == 0 and chunk:
+                pending_writes[self._keys.chunk(run.key, chunks)] = json.dumps(chunk)
+                chunks, chunk = chunks + 1, []
+            if pending_writes:
+                with redis_errors("MSET chunks"):
+                    await redis.mset(pending_writes)
+            run.check_lease()
+            if cursor == 0:
+                break
+        with redis_errors("SCARD recipients"):
+            distinct_customers = int(await redis.scard(recipients))
+        requested = run.snapshot.int_field("requested")
+        counts = RecipientCounts(
+            requested=requested,
+            matched=matched,
+            unmatched=unmatched,
+            invalid_numbers=invalid,
+            duplicates=requested - distinct_customers + repeated_numbers,
+        )
+        self._metrics.unmatched_customers.labels("unmatched").inc(unmatched)
+        self._metrics.unmatched_customers.labels("invalid_number").inc(invalid)
+        log_event(
+            log,
+            "campaign.resolved",
+            campaign=run.key,
+            requested=requested,
+            matched=matched,
+            unmatched=unmatched,
+            invalid_numbers=invalid,
+            duplicates=counts.duplicates,
+            chunks=chunks,
+        )
+        if matched == 0:
+            await self.fail(
+                run,
+                StatusError(
+                    "NO_RECIPIENTS",
+                    f"none of the {distinct_customers} customers has a valid number in contact "
+                    f"group {group.group_id}",
+                ),
+                counts=counts,
+            )
+            return
+        await self._apply(
+            run,
+            self._fenced(run, CampaignState.READY).set(
+                resolved="1",
+                matched=matched,
+                unmatched=unmatched,
+                invalid_numbers=invalid,
+                duplicates=counts.duplicates,
+                chunks=chunks,
+                contact_group_id=group.group_id,
+            ),
+        )
+
+    # --- segment -------------------------------------------------------------------------------
+
+    async def create_segment(self, run: CampaignRun) -> None:
+        """Create the campaign's group (a deterministic name), or adopt it if it exists."""
+        group = self._group(run)
+        name = segment_group_name(group, run.header.ref)
+        try:
+            group_id = (await self._client.create_group(name)).id
+        except TextLocalApiError as exc:
+            if exc.code != GROUP_EXISTS:
+                raise
+            group_id = await self._existing_group(name)
+        except TextLocalOutcomeUnknown:
+            # The group may exist now: the next attempt adopts it (create → "exists" → adopt).
+            raise TransientError(f"create_group for {run.key}: outcome unknown") from None
+        self._faults.reached("segment.created")
+        status = self._status(run, StatusCode.SEGMENT_CREATED, textlocal_group_id=group_id)
+        await self._apply(
+            run,
+            self._fenced(run, CampaignState.READY)
+            .set_state(CampaignState.SEGMENT_CREATED)
+            .set(group_id=group_id, group_name=name)
+            .emit(self._keys.outbox, status_entry(self._registry, status)),
+            CampaignState.SEGMENT_CREATED,
+        )
+        log_event(log, "campaign.segment_created", campaign=run.key, group_id=group_id)
+
+    async def _existing_group(self, name: str) -> int:
+        for found in await self._client.get_groups():
+            if found.name == name:
+                return found.id
+        raise TransientError(f"TextLocal says group {name!r} exists but does not list it")
+
+    async def load_contacts(self, run: CampaignRun) -> None:
+        """Load every chunk not yet loaded, a few in flight, recording each one as it lands."""
+        group_id = run.snapshot.int_field("group_id")
+        chunks = run.snapshot.int_field("chunks")
+        loaded_key = self._keys.chunks_loaded(run.key)
+        with redis_errors("SMEMBERS chunks loaded"):
+            loaded = {int(as_text(m)) for m in await self._store.redis.smembers(loaded_key)}
+        pending = [index for index in range(chunks) if index not in loaded]
+        in_flight = asyncio.Semaphore(self._settings.contact_load_concurrency)
+
+        async def load(index: int) -> None:
+            async with in_flight:
+                run.check_lease()
+                with redis_errors("GET chunk"):
+                    payload = await self._store.redis.get(self._keys.chunk(run.key, index))
+                if payload is None:
+                    raise TransientError(f"chunk {index} of {run.key} is missing")
+                contacts = [NewContact(**entry) for entry in json.loads(payload)]
+                await self._client.create_contacts_bulk(group_id, contacts)
+                with redis_errors("SADD chunk loaded"):
+                    await self._store.redis.sadd(loaded_key, index)
+                self._metrics.contacts_loaded.inc(len(contacts))
+                self._faults.reached("contacts.chunk_loaded")
+
+        async with asyncio.TaskGroup() as tasks:
+            for index in pending:
+                tasks.create_task(load(index))
+        await self._apply(
+            run,
+            self._fenced(run, CampaignState.SEGMENT_CREATED).set_state(
+                CampaignState.CONTACTS_LOADED
+            ),
+            CampaignState.CONTACTS_LOADED,
+        )
+        log_event(
+            log, "campaign.contacts_loaded", campaign=run.key, group_id=group_id, chunks=chunks
+        )
+
+    # --- send ----------------------------------------------------------------------------------
+
+    async def send(self, run: CampaignRun) -> None:
+        """Check template, text and credits; record SEND_PENDING; then send exactly once."""
+        template = await self._templates.lookup(run.header.template_id)
+        if template is None:
+            await self.fail(
+                run,
+                StatusError(
+                    "UNKNOWN_TEMPLATE",
+                    f"template_id {run.header.template_id} is not among TextLocal's templates",
+                ),
+                status=StatusCode.REJECTED,
+            )
+            return
+        message = render_message(template.body, run.header.promo_codes)
+        if isinstance(message, StatusError):
+            await self.fail(run, message, status=StatusCode.REJECTED)
+            return
+        cost = message_cost(message)
+        recipients = run.snapshot.int_field("matched")
+        needed = cost.parts * recipients
+        if not run.header.test_mode:
+            balance = await self._client.balance()
+            if balance.sms < needed:
+                await self.fail(
+                    run,
+                    StatusError(
+                        "INSUFFICIENT_CREDITS",
+                        f"the send needs {needed} credits ({recipients} recipients × "
+                        f"{cost.parts} parts); the balance is {balance.sms:g}",
+                    ),
+                )
+                return
+        now = self._clock.now()
+        scheduled = run.header.scheduled_at > now + self._settings.schedule_margin
+        send_at = run.header.scheduled_at if scheduled else now
+        await self._apply(
+            run,
+            self._fenced(run, CampaignState.CONTACTS_LOADED)
+            .set_state(CampaignState.SEND_PENDING)
+            .set(
+                send_attempted_at=to_millis(now),
+                send_attempts=run.snapshot.int_field("send_attempts") + 1,
+                message=message,
+                message_parts=cost.parts,
+                unicode="1" if cost.unicode else "0",
+                send_at=to_millis(send_at),
+                scheduled="1" if scheduled else "0",
+                estimated_cost=needed,
+            ),
+            CampaignState.SEND_PENDING,
+        )
+        await self._call_send(run)
+
+    async def reconcile_send(self, run: CampaignRun) -> None:
+        """SEND_PENDING found again: adopt TextLocal's send, or send once it surely has none."""
+        found = await self._find_send(run)
+        if found is not None:
+            log_event(log, "campaign.send_adopted", campaign=run.key, batch_id=found.batch_id)
+            await self._record_sent(run, found.batch_id, found.cost, found.send_at)
+            return
+        now = self._clock.now()
+        attempted_at = run.snapshot.optional_time("send_attempted_at") or now
+        settles_at = attempted_at + self._settings.send_reconcile_grace
+        if now < settles_at:
+            raise RetryAt(settles_at, "a send attempt may still be in flight")
+        scheduled = run.header.scheduled_at > now + self._settings.schedule_margin
+        await self._apply(
+            run,
+            self._fenced(run, CampaignState.SEND_PENDING).set(
+                send_attempted_at=to_millis(now),
+                send_attempts=run.snapshot.int_field("send_attempts") + 1,
+                send_at=to_millis(run.header.scheduled_at if scheduled else now),
+                scheduled="1" if scheduled else "0",
+            ),
+        )
+        log_event(log, "campaign.send_retried", logging.WARNING, campaign=run.key)
+        await self._call_send(run)
+
+    async def _call_send(self, run: CampaignRun) -> None:
+        snapshot = run.snapshot
+        scheduled = snapshot.text("scheduled") == "1"
+        send_at = snapshot.optional_time("send_at") or self._clock.now()
+        validity = (
+            send_at + timedelta(hours=run.header.validity_hours)
+            if run.header.validity_hours
+            else None
+        )
+        run.check_lease()
+        try:
+            result = await self._client.send(
+                message=snapshot.text("message"),
+                group_id=snapshot.int_field("group_id"),
+                sender=run.header.sender or self._group(run).sender,
+                schedule_time=send_at if scheduled else None,
+                validity=validity,
+                custom=short_reference(run.header.ref),
+                optouts=True,
+                test=run.header.test_mode,
+                unicode=snapshot.text("unicode") == "1",
+            )
+        except TextLocalOutcomeUnknown:
+            log_event(log, "campaign.send_outcome_unknown", logging.WARNING, campaign=run.key)
+            await self.reconcile_send(run)
+            return
+        except TextLocalApiError as exc:
+            await self.fail(run, StatusError(f"TEXTLOCAL_{exc.code}", exc.message))
+            return
+        self._faults.reached("send.returned")
+        self._metrics.sms_accepted.inc(result.num_messages)
+        self._metrics.credits_spent.inc(result.cost)
+        await self._record_sent(run, result.batch_id, result.cost, send_at, result.num_messages)
+
+    async def _find_send(self, run: CampaignRun) -> FoundSend | None:
+        group_id = run.snapshot.int_field("group_id")
+        for pending in await self._client.get_scheduled():
+            if pending.group_id == group_id:
+                return FoundSend(pending.id, pending.scheduled_for, True, None)
+        now = self._clock.now()
+        attempted_at = run.snapshot.optional_time("send_attempted_at") or now
+        async for page in self._client.iter_history_group(
+            min_time=attempted_at - timedelta(minutes=10), max_time=now + timedelta(minutes=10)
+        ):
+            for entry in page:
+                if entry.group_id == group_id:
+                    return FoundSend(entry.batch_id, entry.sent_at, False, entry.num_credits)
+        return None
+
+    async def _record_sent(
+        self,
+        run: CampaignRun,
+        batch_id: int | None,
+        cost: float | None,
+        send_at: datetime,
+        num_messages: int | None = None,
+    ) -> None:
+        snapshot = run.snapshot
+        now = self._clock.now()
+        scheduled = send_at > now
+        window = timedelta(
+            days=run.header.metrics_window_days or self._settings.default_window_days
+        )
+        first_poll = poll_slot(send_at, self._settings.poll_interval, window, 1)
+        status = self._status(
+            run,
+            StatusCode.SCHEDULED if scheduled else StatusCode.SENT,
+            textlocal_group_id=snapshot.optional_int("group_id"),
+            batch_id=batch_id,
+            cost_credits=cost,
+            message_parts=snapshot.optional_int("message_parts"),
+            send_at=send_at,
+        )
+        transition = (
+            self._fenced(run, CampaignState.SEND_PENDING)
+            .set(
+                batch_id=batch_id,
+                cost=cost,
+                num_messages=num_messages,
+                sent_at=to_millis(send_at),
+                window_ends_at=to_millis(send_at + window),
+                polls_done=0,
+            )
+            .dequeue(self._keys.work_queue, run.key)
+            .emit(self._keys.outbox, status_entry(self._registry, status))
+        )
+        if run.header.test_mode or batch_id is None:
+            # TextLocal keeps no record of test sends: there is nothing to poll.
+            transition.set_state(CampaignState.DONE).set(ended_at=to_millis(now))
+            transition.expire(self._keys.campaign(run.key), FINISHED_CAMPAIGN_RETENTION_S)
+            new_state = CampaignState.DONE
+        else:
+            transition.set_state(CampaignState.SENT)
+            transition.enqueue(self._keys.poll_queue, run.key, first_poll.due_at)
+            new_state = CampaignState.SENT
+        await self._apply(run, transition, new_state)
+        self._faults.reached("send.recorded")
+        log_event(
+            log,
+            "campaign.sent",
+            campaign=run.key,
+            batch_id=batch_id,
+            scheduled=scheduled,
+            recipients=snapshot.int_field("matched"),
+            cost=cost,
+        )
+        await self.discard_working_data(run.key)
+        if new_state == CampaignState.DONE:
+            await self.delete_segment(snapshot.optional_int("group_id"))
+
+    # --- cancel --------------------------------------------------------------------------------
+
+    async def cancel(self, run: CampaignRun) -> None:
+        """Optimove cancelled: undo what exists at TextLocal, or say it is too late."""
+        state = run.snapshot.state
+        group_id = run.snapshot.optional_int("group_id")
+        if state == CampaignState.SEND_PENDING:
+            found = await self._find_send(run)
+            if found is None:
+                now = self._clock.now()
+                attempted_at = run.snapshot.optional_time("send_attempted_at") or now
+                if now < attempted_at + self._settings.send_reconcile_grace:
+                    raise RetryAt(
+                        attempted_at + self._settings.send_reconcile_grace,
+                        "cancelling: a send attempt may still be in flight",
+                    )
+            else:
+                await self._record_sent(run, found.batch_id, found.cost, found.send_at)
+                return  # SENT (or SCHEDULED) now; the cancellation is looked at again
+        elif state in (CampaignState.SENT, CampaignState.POLLING):
+            batch_id = run.snapshot.optional_int("batch_id")
+            send_at = run.snapshot.optional_time("sent_at")
+            if (
+                batch_id is None
+                or send_at is None
+                or not await self._cancel_scheduled(batch_id, send_at)
+            ):
+                await self._refuse_cancel(run)
+                return
+        await self.delete_segment(group_id)
+        reason = run.snapshot.text("cancel_reason") or "no reason given"
+        await self.fail(
+            run,
+            StatusError("CANCELLED_BY_OPTIMOVE", reason),
+            status=StatusCode.CANCELLED,
+            delete_segment=False,
+        )
+
+    async def _cancel_scheduled(self, batch_id: int, send_at: datetime) -> bool:
+        """True when the scheduled send is (now) cancelled; False when it went out already."""
+        if send_at <= self._clock.now():
+            return False
+        try:
+            await self._client.cancel_scheduled(batch_id)
+            return True
+        except (TextLocalApiError, TextLocalOutcomeUnknown) as exc:
+            # Unknown outcome, or "not found": the list of scheduled sends tells which.
+            still_listed = any(s.id == batch_id for s in await self._client.get_scheduled())
+            if still_listed:
+                raise TransientError(f"cancel_scheduled {batch_id} did not take: {exc}") from exc
+            return send_at > self._clock.now()
+
+    async def _refuse_cancel(self, run: CampaignRun) -> None:
+        status = self._status(
+            run,
+            StatusCode.SENT,
+            qualifier="cancel-refused",
+            batch_id=run.snapshot.optional_int("batch_id"),
+            textlocal_group_id=run.snapshot.optional_int("group_id"),
+            error=StatusError(
+                "CANCEL_TOO_LATE", "the campaign was already sent; it cannot be cancelled"
+            ),
+        )
+        await self._apply(
+            run,
+            self._fenced(run, run.snapshot.state)
+            .delete_fields("cancel_requested")
+            .dequeue(self._keys.work_queue, run.key)
+            .emit(self._keys.outbox, status_entry(self._registry, status)),
+        )
+        log_event(log, "campaign.cancel_refused", logging.WARNING, campaign=run.key)
+
+    # --- endings -------------------------------------------------------------------------------
+
+    async def fail(
+        self,
+        run: CampaignRun,
+        error: StatusError,
+        *,
+        status: StatusCode = StatusCode.FAILED,
+        counts: RecipientCounts | None = None,
+        delete_segment: bool = True,
+    ) -> None:
+        """End the campaign FAILED, REJECTED or CANCELLED, with its status event."""
+        state = {
+            StatusCode.FAILED: CampaignState.FAILED,
+            StatusCode.REJECTED: CampaignState.REJECTED,
+            StatusCode.CANCELLED: CampaignState.CANCELLED,
+        }[status]
+        event = self._status(
+            run,
+            status,
+            counts=counts,
+            error=error,
+            textlocal_group_id=run.snapshot.optional_int("group_id"),
+        )
+        await self._apply(
+            run,
+            self._fenced(run, run.snapshot.state)
+            .set_state(state)
+            .set(
+                error_code=error.code,
+                error_message=error.message,
+                ended_at=to_millis(self._clock.now()),
+            )
+            .dequeue(self._keys.work_queue, run.key)
+            .dequeue(self._keys.poll_queue, run.key)
+            .emit(self._keys.outbox, status_entry(self._registry, event))
+            .expire(self._keys.campaign(run.key), FINISHED_CAMPAIGN_RETENTION_S),
+            state,
+        )
+        log_event(
+            log,
+            "campaign.ended",
+            logging.WARNING if status != StatusCode.CANCELLED else logging.INFO,
+            campaign=run.key,
+            status=status.value,
+            reason=error.code,
+            detail=error.message,
+        )
+        await self.discard_working_data(run.key)
+        if delete_segment:
+            await self.delete_segment(run.snapshot.optional_int("group_id"))
+
+    async def delete_segment(self, group_id: int | None) -> None:
+        """Delete a campaign's segment group; one already gone is fine."""
+        if group_id is None:
+            return
+        try:
+            await self._client.delete_group(group_id)
+        except TextLocalApiError as exc:
+            if exc.code != INVALID_GROUP:
+                raise
+        except TextLocalOutcomeUnknown as exc:
+            raise TransientError(f"delete_group {group_id}: outcome unknown") from exc
+        log_event(log, "campaign.segment_deleted", group_id=group_id)
+
+    async def discard_working_data(self, key: str) -> None:
+        """Drop the recipient set and contact chunks once they cannot be needed again."""
+        redis = self._store.redis
+        with redis_errors("SCAN chunks"):
+            chunk_keys = [
+                as_text(k)
+                async for k in redis.scan_iter(match=self._keys.chunk_pattern(key), count=1000)
+            ]
+        await self._store.delete_keys(
+            self._keys.recipients(key),
+            self._keys.batches(key),
+            self._keys.chunks_loaded(key),
+            *chunk_keys,
+        )
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _group(self, run: CampaignRun) -> ContactGroup:
+        group = contact_group_for(run.header.template_name, self._groups)
+        if group is None:  # intake checked this; the configuration changed since
+            raise TransientError(f"no contact group for template {run.header.template_name!r}")
+        return group
+
+    def _fenced(self, run: CampaignRun, state: CampaignState) -> Transition:
+        return self._store.transition(run.key).expect(state).fenced(run.lease_key, run.token)
+
+    async def _apply(
+        self, run: CampaignRun, transition: Transition, new_state: CampaignState | None = None
+    ) -> None:
+        result = await self._store.apply(transition, self._clock.now())
+        if not result.ok:
+            raise LeaseLost(f"{run.key}: {result.reason}")
+        if new_state is not None:
+            self._metrics.campaign_transitions.labels(new_state.value).inc()
+        fresh = await self._store.load(run.key)
+        if fresh is None:
+            raise LeaseLost(f"{run.key}: gone")
+        run.snapshot = fresh
+
+    def _status(
+        self,
+        run: CampaignRun,
+        status: StatusCode,
+        *,
+        qualifier: str = "",
+        counts: RecipientCounts | None = None,
+        textlocal_group_id: int | None = None,
+        batch_id: int | None = None,
+        cost_credits: float | None = None,
+        message_parts: int | None = None,
+        send_at: datetime | None = None,
+        error: StatusError | None = None,
+    ) -> CampaignStatusEvent:
+        snapshot = run.snapshot
+        return CampaignStatusEvent(
+            ref=run.header.ref,
+            status=status,
+            occurred_at=self._clock.now(),
+            qualifier=qualifier,
+            counts=counts or counts_of(snapshot),
+            textlocal_group_id=textlocal_group_id,
+            batch_id=batch_id,
+            cost_credits=cost_credits,
+            message_parts=message_parts,
+            send_at=send_at or snapshot.optional_time("send_at") or run.header.scheduled_at,
+            error=error,
+            metadata=run.header.metadata,
+        )
+
+
+class RetryAt(TransientError):
+    """Not now: look at the campaign again at `when` (not an error, a wait)."""
+
+    def __init__(self, when: datetime, reason: str) -> None:
+        super().__init__(reason)
+        self.when = when
+
+
+def counts_of(snapshot: CampaignSnapshot) -> RecipientCounts:
+    return RecipientCounts(
+        requested=snapshot.int_field("requested"),
+        matched=snapshot.int_field("matched"),
+        unmatched=snapshot.int_field("unmatched"),
+        invalid_numbers=snapshot.int_field("invalid_numbers"),
+        duplicates=snapshot.int_field("duplicates"),
+    )

@@ -1,0 +1,86 @@
+"""TextLocal's templates as the executor sees them: a Redis copy, refreshed from TextLocal.
+
+The daily catalog job (and a miss, at most once a minute) refreshes the copy with
+`get_templates`, so sending a campaign normally costs no template call at all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import redis.asyncio as aioredis
+
+from consumer.clock import monotonic_s
+from consumer.keys import RedisKeys
+from consumer.store import as_bytes, redis_errors
+from consumer.textlocal import TextLocalClient
+from consumer.textlocal_types import Template
+
+REFRESH_ON_MISS_INTERVAL_S = 60.0
+
+
+class TemplateCopy:
+    """Template id → Template, from Redis, refreshed from TextLocal when asked or on a miss."""
+
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys, client: TextLocalClient) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._client = client
+        self._last_refresh_s = float("-inf")
+
+    async def lookup(self, template_id: int) -> Template | None:
+        template = await self._stored(template_id)
+        if template is None and monotonic_s() - self._last_refresh_s > REFRESH_ON_MISS_INTERVAL_S:
+            await self.refresh()
+            template = await self._stored(template_id)
+        return template
+
+    async def refresh(self) -> list[Template]:
+        """Replace the copy with TextLocal's current templates (atomically)."""
+        templates = await self._client.get_templates()
+        self._last_refresh_s = monotonic_s()
+        await self.replace(templates)
+        return templates
+
+    async def replace(self, templates: Sequence[Template]) -> None:
+        with redis_errors("replace templates"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self._keys.templates_catalog)
+                if templates:
+                    pipe.hset(
+                        self._keys.templates_catalog,
+                        mapping={str(t.id): _to_json(t) for t in templates},
+                    )
+                await pipe.execute()
+
+    async def stored_all(self) -> list[Template]:
+        with redis_errors("HGETALL templates"):
+            raw = await self._redis.hgetall(self._keys.templates_catalog)
+        return sorted((_from_json(as_bytes(value)) for value in raw.values()), key=lambda t: t.id)
+
+    async def _stored(self, template_id: int) -> Template | None:
+        with redis_errors("HGET template"):
+            raw = await self._redis.hget(self._keys.templates_catalog, str(template_id))
+        return None if raw is None else _from_json(as_bytes(raw))
+
+
+def _to_json(template: Template) -> str:
+    return json.dumps(
+        {
+            "id": template.id,
+            "title": template.title,
+            "body": template.body,
+            "sender_name": template.sender_name,
+        }
+    )
+
+
+def _from_json(raw: bytes) -> Template:
+    values = json.loads(raw)
+    return Template(
+        id=int(values["id"]),
+        title=values["title"],
+        body=values["body"],
+        sender_name=values["sender_name"],
+    )
