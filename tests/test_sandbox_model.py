@@ -97,3 +97,13 @@ def test_params_merge_and_empty_values() -> None:
     assert params.text("message") == "q"
     assert params.flag("x")
     assert params.url_decoded("message") == "q"
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab=&%+;# \x00é€😀2FfC3\r\n?/")), max_size=40))
+def test_form_parsing_matches_urllib(text: str) -> None:
+    """The fast form parser reads bodies exactly as urllib's parse_qsl does."""
+    from urllib.parse import parse_qsl
+
+    from consumer.sandbox.wire import parse_urlencoded
+
+    assert parse_urlencoded(text) == parse_qsl(text, keep_blank_values=True, errors="replace")
