@@ -1,0 +1,107 @@
+"""The daemon's small HTTP server: /metrics, /healthz and /readyz on one port (DESIGN §7).
+
+- `/healthz` (liveness): every role's loop has completed an iteration recently, and no unit of
+  work (a campaign step, a poll, a daily job) has been running for longer than its bound. A
+  failing liveness probe makes Kubernetes restart the pod, which is the cure for a stuck loop.
+- `/readyz` (readiness): Redis answers, and the intake role (if run here) has joined its consumer
+  group. Each answers 200 or 503 with a JSON body saying which check failed.
+- `/metrics`: the Prometheus exposition of the registry passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from consumer.clock import Clock
+
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+METRICS_PATH = "/metrics"
+
+ReadinessCheck = Callable[[], Awaitable[str | None]]  # None when ready, else why not
+
+
+@dataclass
+class HealthState:
+    """Heartbeats and in-flight work, reported by the roles, judged by /healthz."""
+
+    clock: Clock
+    # A loop that has not come round for this long is considered dead.
+    loop_stall_after: timedelta = timedelta(minutes=2)
+    # A unit of work running this long is considered stuck (a million-recipient campaign's
+    # contact load takes minutes; an hour means something hangs).
+    work_stuck_after: timedelta = timedelta(hours=1)
+    _beats: dict[str, datetime] = field(default_factory=dict)
+    _work: dict[str, datetime] = field(default_factory=dict)
+
+    def expect(self, role: str) -> None:
+        """Start watching a role's loop (counted from now)."""
+        self._beats[role] = self.clock.now()
+
+    def beat(self, role: str) -> None:
+        self._beats[role] = self.clock.now()
+
+    def work_started(self, unit: str) -> None:
+        self._work[unit] = self.clock.now()
+
+    def work_finished(self, unit: str) -> None:
+        self._work.pop(unit, None)
+
+    def problems(self) -> list[str]:
+        now = self.clock.now()
+        found = [
+            f"{role} loop silent for {(now - last).total_seconds():.0f}s"
+            for role, last in self._beats.items()
+            if now - last > self.loop_stall_after
+        ]
+        found += [
+            f"{unit} running for {(now - started).total_seconds():.0f}s"
+            for unit, started in self._work.items()
+            if now - started > self.work_stuck_after
+        ]
+        return found
+
+
+def health_app(
+    health: HealthState,
+    readiness: Mapping[str, ReadinessCheck],
+    registry: CollectorRegistry,
+) -> web.Application:
+    """The aiohttp application serving the three paths."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        problems = health.problems()
+        return _answer(not problems, {"problems": problems})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        failing = {}
+        for name, check in readiness.items():
+            why = await check()
+            if why is not None:
+                failing[name] = why
+        return _answer(not failing, {"failing": failing})
+
+    async def metrics(_request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(registry))
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        response.charset = "utf-8"
+        return response
+
+    app = web.Application()
+    app.router.add_get(HEALTH_PATH, healthz)
+    app.router.add_get(READY_PATH, readyz)
+    app.router.add_get(METRICS_PATH, metrics)
+    return app
+
+
+def _answer(ok: bool, details: Mapping[str, object]) -> web.Response:
+    body = {"status": "ok" if ok else "failing", **details}
+    return web.Response(
+        status=200 if ok else 503, text=json.dumps(body), content_type="application/json"
+    )
