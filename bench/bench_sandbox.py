@@ -30,7 +30,12 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 
+from consumer.sandbox.commands import COMMANDS, CommandContext  # noqa: E402
+from consumer.sandbox.config import SandboxConfig  # noqa: E402
 from consumer.sandbox.contacts import Contact, ContactGroup  # noqa: E402
+from consumer.sandbox.reply import render_success  # noqa: E402
+from consumer.sandbox.state import SandboxState  # noqa: E402
+from consumer.sandbox.wire import RequestParams  # noqa: E402
 
 CHUNK = 1_500
 FIRST_NUMBER = 447_000_000_000
@@ -65,6 +70,29 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def measure_server_time(count: int) -> tuple[float, float]:
+    """Seconds of server work (command + rendering, no HTTP) for a group send to `count`
+    contacts and for status_batch on it once settled."""
+    state = SandboxState(SandboxConfig(balance_sms=count * 2))
+    group = state.create_group("bench")
+    state.add_contacts(group, (contact(i) for i in range(count)), 0.0)
+    now_s = time.time()
+    started = time.perf_counter()
+    sent = COMMANDS["send"](
+        CommandContext(state, state.config, now_s),
+        RequestParams({"group_id": str(group.id), "message": "Hi"}),
+    )
+    render_success(sent)
+    send_s = time.perf_counter() - started
+    started = time.perf_counter()
+    report = COMMANDS["status_batch"](
+        CommandContext(state, state.config, now_s + 86_400),
+        RequestParams({"batch_id": str(sent["batch_id"])}),
+    )
+    render_success(report)
+    return send_s, time.perf_counter() - started
 
 
 def free_port() -> int:
@@ -177,6 +205,11 @@ def main() -> None:
     print(
         f"memory: {args.contacts:,} contacts in one group = {allocated / 2**20:.1f} MiB"
         f" ({allocated / args.contacts:.0f} bytes/contact; built in {build_s:.1f} s)"
+    )
+    send_s, status_s = measure_server_time(args.contacts)
+    print(
+        f"server time (in-process, no HTTP): group send to {args.contacts:,} = {send_s:.2f} s,"
+        f" status_batch = {status_s:.2f} s"
     )
     asyncio.run(measure_http(args.contacts, args.concurrency))
 

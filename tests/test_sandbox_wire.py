@@ -261,11 +261,14 @@ async def test_plain_json_contacts_are_not_decoded_again(
     assert view.contacts[0].first_name == "A+B 100%25"
 
 
-async def test_php_and_form_contacts_give_the_same_group(sandbox: SandboxHandle) -> None:
-    """The same contacts uploaded PHP-style and form-style end up identical."""
+@pytest.mark.parametrize("encoding", ["urlencoded", "query", "get"])
+async def test_php_and_form_contacts_give_the_same_group(
+    sandbox: SandboxHandle, encoding: Encoding
+) -> None:
+    """The same contacts uploaded PHP-style and by a form client end up identical."""
     php_group = (await call(sandbox, "create_group", [("name", "php")]))["group"]["id"]
     form_group = (await call(sandbox, "create_group", [("name", "form")]))["group"]["id"]
-    await raw_call(
+    php_reply = await raw_call(
         sandbox.url,
         "create_contacts_bulk/",
         [
@@ -276,11 +279,14 @@ async def test_php_and_form_contacts_give_the_same_group(sandbox: SandboxHandle)
         ],
         encoding="multipart",
     )
-    await call(
+    form_reply = await call(
         sandbox,
         "create_contacts_bulk",
         [("group_id", str(form_group)), ("contacts", json.dumps(PHP_CONTACTS))],
+        encoding=encoding,
     )
+    php_json = json.loads(await php_reply.text())
+    assert {**php_json, "group_id": 0} == {**form_reply, "group_id": 0}
     php_view = await sandbox.admin.group_contacts(php_group)
     form_view = await sandbox.admin.group_contacts(form_group)
     assert php_view.contacts == form_view.contacts

@@ -22,7 +22,7 @@ INVALID: Final = "I"
 EXPIRED: Final = "E"
 UNKNOWN: Final = "?"
 _TABLE_SIZE: Final = 10_000
-_DELAY_BUCKETS: Final = 100
+DELAY_BUCKETS: Final = 100
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,10 @@ class DeliveryModel:
 
     def delay_bucket(self, number: int) -> int:
         """0–99: which of the hundred settle delays this number gets."""
-        return (number // 100) % _DELAY_BUCKETS
+        return (number // 100) % DELAY_BUCKETS
 
     def bucket_delay_s(self, bucket: int) -> float:
-        return self.settle_delay_s * (1 + self.settle_spread * bucket / (_DELAY_BUCKETS - 1))
+        return self.settle_delay_s * (1 + self.settle_spread * bucket / (DELAY_BUCKETS - 1))
 
     def settle_delay_s_for(self, number: int) -> float:
         return self.bucket_delay_s(self.delay_bucket(number))
@@ -103,13 +103,13 @@ class DeliveryModel:
 
     def settled_buckets(self, sent_at_s: float, now_s: float) -> int:
         """How many delay buckets (from bucket 0 up) have settled by `now_s`."""
-        return sum(1 for b in range(_DELAY_BUCKETS) if sent_at_s + self.bucket_delay_s(b) <= now_s)
+        return sum(1 for b in range(DELAY_BUCKETS) if sent_at_s + self.bucket_delay_s(b) <= now_s)
 
     def _table(self, sent_at_s: float, now_s: float) -> list[str]:
         settled = self.settled_buckets(sent_at_s, now_s)
         outcomes = [self.mix.outcome(d) for d in range(100)]
         table: list[str] = []
-        for bucket in range(_DELAY_BUCKETS):
+        for bucket in range(DELAY_BUCKETS):
             if bucket < settled:
                 table.extend(outcomes)
             else:

@@ -17,10 +17,17 @@ from datetime import UTC, datetime
 
 import aiohttp
 
-from consumer.sandbox.delivery import EXPIRED, INVALID, UNDELIVERED, DeliveryModel
+from consumer.sandbox.delivery import (
+    DELAY_BUCKETS,
+    EXPIRED,
+    INVALID,
+    UNDELIVERED,
+    DeliveryModel,
+)
 from consumer.sandbox.state import SandboxState
 
 _log = logging.getLogger(__name__)
+_SLICE = 1_000
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ def collect_due(
         if send is None or send.send_at_s > now_s:
             continue
         fired = cursors.get(batch_id, 0)
+        if fired >= DELAY_BUCKETS:
+            continue  # every message of this batch has had its receipt
         settled = delivery.settled_buckets(send.send_at_s, now_s)
         if settled <= fired:
             continue
@@ -122,9 +131,12 @@ class ReceiptDispatcher:
                     _log.info("sandbox.receipt.failed", extra={"error": type(exc).__name__})
                     return False
 
-        results = await asyncio.gather(*(post(r) for r in receipts))
-        posted = sum(results)
-        failed = len(results) - posted
+        posted = 0
+        # In slices, so a big batch never holds one coroutine per message at once.
+        for start in range(0, len(receipts), _SLICE):
+            results = await asyncio.gather(*(post(r) for r in receipts[start : start + _SLICE]))
+            posted += sum(results)
+        failed = len(receipts) - posted
         self.posted += posted
         self.failed += failed
         return posted, failed
