@@ -291,3 +291,30 @@ async def test_bulk_json_sends_one_text_per_recipient(sandbox: SandboxHandle) ->
     assert test["test_mode"] is True
     assert error_code(await call(sandbox, "bulk_json", {"data": "[1"})) == 15
     assert error_code(await call(sandbox, "bulk_json", {"data": '{"messages": []}'})) == 4
+
+
+@pytest.mark.parametrize(
+    ("command", "fields"),
+    [
+        ("send", {"numbers": NUMBER, "message": "x", "schedule_time": "--5"}),
+        ("send", {"numbers": NUMBER, "message": "x", "receipt_url": "http://["}),
+        ("create_shorturl", {"url": "https://[::1"}),
+        ("get_contacts", {"group_id": "5", "start": "--1", "limit": "9" * 40}),
+    ],
+)
+async def test_odd_values_get_an_error_or_a_default(
+    sandbox: SandboxHandle, command: str, fields: dict[str, str]
+) -> None:
+    """Malformed numbers and URLs are refused or defaulted, never a server error."""
+    reply = await call(sandbox, command, fields)
+    assert reply["status"] in ("success", "failure")
+
+
+async def test_bulk_json_sender_is_taken_as_written(sandbox: SandboxHandle) -> None:
+    """A sender inside bulk_json's JSON is not URL-decoded again: `A+B` stays `A+B` (refused,
+    `+` is not allowed in a sender) instead of becoming `A B`."""
+    data = {"sender": "A+B", "messages": [{"number": NUMBER, "text": "hi"}]}
+    assert error_code(await call(sandbox, "bulk_json", {"data": json.dumps(data)})) == 43
+    data["sender"] = "A&B Shop"
+    reply = await call(sandbox, "bulk_json", {"data": json.dumps(data)})
+    assert reply["message"]["sender"] == "A&B Shop"

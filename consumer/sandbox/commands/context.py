@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ from consumer.sandbox.state import SandboxState
 from consumer.sandbox.wire import RequestParams
 
 Reply = dict[str, object]
+_INTEGER = re.compile(r"-?[0-9]{1,30}")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ def parse_int(text: str | None, *, failure: int | None = None) -> int | None:
     if text is None:
         return None
     stripped = text.strip()
-    if stripped.lstrip("-").isdigit() and stripped.isascii():
+    if _INTEGER.fullmatch(stripped):
         return int(stripped)
     if failure is not None:
         raise CommandFailed(failure)

@@ -6,7 +6,7 @@ import re
 from array import array
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from consumer.sandbox.codes import WARNING_INVALID_NUMBER, WARNING_TEXTS, CommandFailed
 from consumer.sandbox.commands.context import CommandContext, Reply, parse_int
@@ -108,13 +108,20 @@ def bulk_json(ctx: CommandContext, params: RequestParams) -> Reply:
     recipients = Recipients(packed, invalid, None, "", tuple(refused))
     # Options given inside `data` win over the same ones given as parameters.
     overrides = {k: str(v) for k, v in data.items() if k != "messages" and v is not None}
+    if "sender" in overrides:
+        # Parameters' senders arrive URL-encoded once more and are decoded; one inside JSON
+        # does not, so encode it here to have it come out unchanged.
+        overrides["sender"] = quote(overrides["sender"], safe="")
     merged = RequestParams({**params.values, **_non_empty(overrides)})
     options = _options(ctx, merged)
     return _accept(ctx, merged, recipients, options, SMS, texts[0], tuple(texts), None)
 
 
 def is_http_url(text: str) -> bool:
-    parts = urlsplit(text.strip())
+    try:
+        parts = urlsplit(text.strip())
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
     return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
