@@ -5,6 +5,7 @@ in ASSUMPTIONS.md), and never crashes."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 from urllib.parse import quote
 
@@ -27,7 +28,9 @@ INTERESTING = st.sampled_from(
         "", "0", "1", "-1", "true", "5", "6", "99999999999", "447700900123",
         "447700900123,447700900124", "[]", "{}", "null", '[{"number":447700900101}]',
         '{"messages":[{"number":"447700900101","text":"hi"}]}', "%5B%5D", "%", "%%2", "+",
-        "x" * 800, "https://example.com/r", "asc", "desc", "é€😀", "\x00",
+        "x" * 800, "https://example.com/r", "asc", "desc", "é€😀", "\x00", "--5", "-1e3",
+        "http://[", "1" * 40, '{"messages":[{"number":true,"text":"a"}],"sender":"%"}',
+        '[{"number":"447700900101","first_name":null,"custom1":1.5}]',
     ]
 )  # fmt: skip
 VALUES = st.one_of(INTERESTING, st.text(max_size=60))
@@ -37,8 +40,9 @@ PARAMS = st.lists(
 )
 COMMAND_NAMES = st.one_of(st.sampled_from(sorted(COMMANDS)), st.text(max_size=12))
 ENCODINGS = st.sampled_from(["urlencoded", "multipart", "query", "get"])
+# SANDBOX_FUZZ_EXAMPLES=5000 for a longer hunt; the default keeps the suite quick.
 SETTINGS = settings(
-    max_examples=150,
+    max_examples=int(os.environ.get("SANDBOX_FUZZ_EXAMPLES", "150")),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
