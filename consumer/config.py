@@ -209,13 +209,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis.allow_no_persistence", False, _boolean, "Run even if Redis has no AOF persistence (state may be lost)."),
     # Workflow
     Option("workflow.poll_interval_s", 86400.0, _positive_float, "Seconds between delivery polls of a sent campaign."),
-    Option("workflow.metrics_window_days", 7, _positive_int, "Days of delivery polling after a send (an event may override)."),
+    Option("workflow.metrics_window_days", 7.0, _positive_float, "Days of delivery polling after a send (an event may override); fractions allowed."),
     Option("workflow.collect_timeout_s", 21600.0, _positive_float, "A campaign whose batches are not all in by then fails."),
     Option("workflow.max_send_delay_s", 3600.0, _non_negative_float, "A send time further in the past is rejected; closer, it is sent at once."),
     Option("workflow.daily_jobs_at", "03:00", _time_of_day, "UTC time of the daily template import and contact refresh."),
     Option("workflow.executor_concurrency", 4, _positive_int, "Campaigns one replica executes at once."),
     Option("workflow.contact_load_concurrency", 4, _positive_int, "create_contacts_bulk calls in flight per campaign."),
     Option("workflow.lease_ttl_s", 60.0, _positive_float, "Lease on a campaign or poll; a crashed replica's work is taken over after it."),
+    Option("workflow.send_reconcile_grace_s", 180.0, _positive_float, "After a send whose outcome is unknown, how long TextLocal may take to show it before it is sent again."),
     Option("workflow.segment_retention_s", 0.0, _non_negative_float, "Keep a campaign's segment group this long after its last poll."),
     Option("workflow.drain_timeout_s", 25.0, _positive_float, "On SIGTERM, time to finish in-flight steps before handing them back."),
     # Process
@@ -273,13 +274,14 @@ class RedisSettings:
 @dataclass(frozen=True)
 class WorkflowSettings:
     poll_interval: timedelta = timedelta(days=1)
-    metrics_window_days: int = 7
+    metrics_window_days: float = 7.0
     collect_timeout: timedelta = timedelta(hours=6)
     max_send_delay: timedelta = timedelta(hours=1)
     daily_jobs_at: time = time(3, 0)
     executor_concurrency: int = 4
     contact_load_concurrency: int = 4
-    lease_ttl_s: float = 60.0
+    lease_ttl: timedelta = timedelta(seconds=60)
+    send_reconcile_grace: timedelta = timedelta(minutes=3)
     segment_retention: timedelta = timedelta(0)
     drain_timeout_s: float = 25.0
 
@@ -341,6 +343,13 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             max_total_s=values["textlocal.max_retry_s"],
         ),
     )
+    grace_s = values["workflow.send_reconcile_grace_s"]
+    if grace_s <= textlocal.request_timeout_s:
+        raise ConfigError(
+            f"{ENV_PREFIX}WORKFLOW_SEND_RECONCILE_GRACE_S (workflow.send_reconcile_grace_s)",
+            f"must be longer than textlocal.request_timeout_s ({textlocal.request_timeout_s:g}): "
+            "a send still in flight must have landed before it is looked for and sent again",
+        )
     return Settings(
         textlocal=textlocal,
         credentials=credentials,
@@ -370,7 +379,8 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             daily_jobs_at=values["workflow.daily_jobs_at"],
             executor_concurrency=values["workflow.executor_concurrency"],
             contact_load_concurrency=values["workflow.contact_load_concurrency"],
-            lease_ttl_s=values["workflow.lease_ttl_s"],
+            lease_ttl=timedelta(seconds=values["workflow.lease_ttl_s"]),
+            send_reconcile_grace=timedelta(seconds=values["workflow.send_reconcile_grace_s"]),
             segment_retention=timedelta(seconds=values["workflow.segment_retention_s"]),
             drain_timeout_s=values["workflow.drain_timeout_s"],
         ),

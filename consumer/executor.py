@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from consumer.clock import Clock, pause, to_millis
 from consumer.codec import SchemaRegistry
@@ -77,11 +77,16 @@ class Executor:
         self._metrics = metrics
         self._owner = owner
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._started: dict[str, datetime] = {}
         self._last_sweep_s = float("-inf")
 
     @property
     def running(self) -> int:
         return len(self._running)
+
+    def oldest_running_since(self) -> datetime | None:
+        """When the longest-running campaign in hand was claimed (for the liveness check)."""
+        return min(self._started.values(), default=None)
 
     async def run(self, stopping: asyncio.Event, drain_timeout_s: float = 25.0) -> None:
         """Claim and execute due campaigns until `stopping`; then drain and hand back."""
@@ -117,6 +122,7 @@ class Executor:
         for key in keys:
             task = asyncio.create_task(self.execute(key), name=f"campaign {key}")
             self._running[key] = task
+            self._started[key] = self._clock.now()
             task.add_done_callback(self._forget)
         self._metrics.leases_held.labels("campaign").set(len(self._running))
         return len(keys)
@@ -125,6 +131,7 @@ class Executor:
         for key, running in list(self._running.items()):
             if running is task:
                 del self._running[key]
+                self._started.pop(key, None)
 
     async def run_until_idle(self, timeout_s: float = 60.0) -> None:
         """Claim and execute until nothing is due (for tests and one-shot runs)."""

@@ -27,44 +27,38 @@ METRICS_PATH = "/metrics"
 ReadinessCheck = Callable[[], Awaitable[str | None]]  # None when ready, else why not
 
 
+LOOP_METRIC = "textlocal_consumer_loop_last_iteration_timestamp_seconds"
+
+
 @dataclass
 class HealthState:
-    """Heartbeats and in-flight work, reported by the roles, judged by /healthz."""
+    """Judges liveness from the roles' loop heartbeats (a gauge each role sets per iteration)
+    and from probes that tell when the oldest unit of work in flight started."""
 
     clock: Clock
+    registry: CollectorRegistry
+    roles: tuple[str, ...]
     # A loop that has not come round for this long is considered dead.
     loop_stall_after: timedelta = timedelta(minutes=2)
     # A unit of work running this long is considered stuck (a million-recipient campaign's
     # contact load takes minutes; an hour means something hangs).
     work_stuck_after: timedelta = timedelta(hours=1)
-    _beats: dict[str, datetime] = field(default_factory=dict)
-    _work: dict[str, datetime] = field(default_factory=dict)
-
-    def expect(self, role: str) -> None:
-        """Start watching a role's loop (counted from now)."""
-        self._beats[role] = self.clock.now()
-
-    def beat(self, role: str) -> None:
-        self._beats[role] = self.clock.now()
-
-    def work_started(self, unit: str) -> None:
-        self._work[unit] = self.clock.now()
-
-    def work_finished(self, unit: str) -> None:
-        self._work.pop(unit, None)
+    work_probes: dict[str, Callable[[], datetime | None]] = field(default_factory=dict)
+    started_at: datetime | None = None
 
     def problems(self) -> list[str]:
         now = self.clock.now()
-        found = [
-            f"{role} loop silent for {(now - last).total_seconds():.0f}s"
-            for role, last in self._beats.items()
-            if now - last > self.loop_stall_after
-        ]
-        found += [
-            f"{unit} running for {(now - started).total_seconds():.0f}s"
-            for unit, started in self._work.items()
-            if now - started > self.work_stuck_after
-        ]
+        started = self.started_at or now
+        found = []
+        for role in self.roles:
+            beat = self.registry.get_sample_value(LOOP_METRIC, {"role": role})
+            silent_s = now.timestamp() - (beat if beat is not None else started.timestamp())
+            if silent_s > self.loop_stall_after.total_seconds():
+                found.append(f"{role} loop silent for {silent_s:.0f}s")
+        for name, oldest_started in self.work_probes.items():
+            since = oldest_started()
+            if since is not None and now - since > self.work_stuck_after:
+                found.append(f"{name} running for {(now - since).total_seconds():.0f}s")
         return found
 
 

@@ -74,6 +74,7 @@ class KafkaEventSource:
         self._observer = observer
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka-consumer")
         self._assigned: frozenset[tuple[str, int]] = frozenset()
+        self._joined = False
         self._closed = False
         settings: dict[str, Any] = {
             "auto.offset.reset": "earliest",
@@ -91,6 +92,11 @@ class KafkaEventSource:
     @property
     def assigned_partitions(self) -> frozenset[tuple[str, int]]:
         return self._assigned
+
+    @property
+    def has_joined_group(self) -> bool:
+        """True once the group gave this consumer an assignment (possibly empty)."""
+        return self._joined
 
     async def start(self) -> None:
         await self._call(
@@ -160,6 +166,7 @@ class KafkaEventSource:
 
     # Called on the consumer thread, inside poll.
     def _on_assign(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+        self._joined = True
         self._assigned = self._assigned | {(p.topic, p.partition) for p in partitions}
         log.info("kafka.partitions_assigned", extra={"count": len(self._assigned)})
         if self._observer is not None:

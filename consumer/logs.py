@@ -28,7 +28,7 @@ _PHONE_LIKE = re.compile(r"\+?\d{10,}")
 
 
 def log_event(
-    logger: logging.Logger, event: str, level: int = logging.INFO, **context: Any
+    logger: logging.Logger, event: str, level: int = logging.INFO, /, **context: Any
 ) -> None:
     """Log `event` (a stable dotted name) with context fields."""
     logger.log(level, event, extra={"context": context})

@@ -72,7 +72,7 @@ class LeaseLost(Exception):
 class StepSettings:
     contact_load_concurrency: int = 4
     poll_interval: timedelta = timedelta(days=1)
-    default_window_days: int = 7
+    default_window_days: float = 7.0
     # A send closer than this to now goes out at once (TextLocal refuses times in the past).
     schedule_margin: timedelta = timedelta(seconds=30)
     # How long after a send attempt TextLocal may still show it: longer than a request can be

@@ -85,7 +85,7 @@ class IntakeLimits:
 
     # A send time this far in the past is refused; closer, the campaign is sent at once.
     max_send_delay: timedelta = timedelta(hours=1)
-    default_window_days: int = 7
+    default_window_days: float = 7.0
 
 
 # --- intake validation ----------------------------------------------------------------------
@@ -374,3 +374,35 @@ def poll_slot(sent_at: datetime, interval: timedelta, window: timedelta, number:
 
 def poll_count(interval: timedelta, window: timedelta) -> int:
     return max(1, math.ceil(window / interval))
+
+
+def due_poll(
+    sent_at: datetime, interval: timedelta, window: timedelta, polls_done: int, now: datetime
+) -> PollSlot | None:
+    """The poll to make now: the latest slot due by `now` after the `polls_done` already made.
+
+    None when the next slot is not due yet or the window is over. A poller that was down for
+    several intervals makes one poll, for the latest slot, rather than several in a row that
+    would all report the same counts.
+    """
+    last = poll_count(interval, window)
+    if polls_done >= last:
+        return None
+    if poll_slot(sent_at, interval, window, last).due_at <= now:
+        reached = last
+    else:
+        reached = min(last - 1, max(0, (now - sent_at) // interval))
+    if reached <= polls_done:
+        return None
+    return poll_slot(sent_at, interval, window, reached)
+
+
+# --- the template catalog ---------------------------------------------------------------------
+
+# What the catalog's preview shows where a campaign's promo code will go.
+PREVIEW_PROMO_CODE = "PROMO123"
+
+
+def template_preview(body: str) -> str:
+    """The body as a recipient would read it, with a sample code in the promo-code placeholder."""
+    return body.replace(PROMO_CODE_PLACEHOLDER, PREVIEW_PROMO_CODE)

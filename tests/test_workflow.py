@@ -1,0 +1,245 @@
+"""The campaign rules as pure functions: plain values in, decisions out."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consumer.events import CampaignRef, CampaignScheduled, StatusError
+from consumer.workflow import (
+    CampaignState,
+    ContactGroup,
+    IntakeLimits,
+    Step,
+    contact_group_for,
+    message_cost,
+    next_step,
+    normalise_number,
+    poll_count,
+    poll_slot,
+    render_message,
+    retry_delay,
+    segment_group_name,
+    sender_problem,
+    short_reference,
+    validate_scheduled,
+)
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+GROUPS = (
+    ContactGroup(10, "UK", "OPT_", "custom1"),
+    ContactGroup(11, "UK VIP", "OPT_VIP_", "custom2", sender="ShopVIP"),
+)
+HEADER = CampaignScheduled(
+    event_id="e1",
+    occurred_at=NOW,
+    ref=CampaignRef(42, "2.38", 505),
+    template_id=7,
+    template_name="OPT_Welcome",
+    scheduled_at=NOW,
+    message_type="SMS",
+    recipient_count=100,
+    batch_count=1,
+)
+
+
+def problem(**changes: object) -> str | None:
+    error = validate_scheduled(replace(HEADER, **changes), GROUPS, NOW, IntakeLimits())  # type: ignore[arg-type]
+    return None if error is None else error.code
+
+
+def test_valid_header_passes() -> None:
+    """A complete SMS header for a known prefix, due now, is accepted."""
+    assert problem() is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "code"),
+    [
+        ({"message_type": "MMS"}, "MMS_NOT_SUPPORTED"),
+        ({"template_name": "PROMO_x"}, "UNKNOWN_TEMPLATE_PREFIX"),
+        ({"recipient_count": 0}, "EMPTY_TARGET"),
+        ({"batch_count": 0}, "EMPTY_TARGET"),
+        ({"recipient_count": 20_001, "batch_count": 2}, "INVALID_FIELD"),
+        ({"scheduled_at": NOW - timedelta(hours=2)}, "SEND_TIME_PASSED"),
+        ({"metrics_window_days": 0}, "INVALID_FIELD"),
+        ({"validity_hours": 73}, "INVALID_FIELD"),
+        ({"sender": "A!"}, "INVALID_SENDER"),
+        ({"event_id": " "}, "MISSING_FIELD"),
+    ],
+)
+def test_invalid_headers_name_their_reason(changes: dict[str, object], code: str) -> None:
+    """Each kind of invalid header is refused with its own reason code."""
+    assert problem(**changes) == code
+
+
+def test_slightly_late_send_time_is_accepted() -> None:
+    """A send time within the allowed delay is accepted (it is sent at once)."""
+    assert problem(scheduled_at=NOW - timedelta(minutes=59)) is None
+
+
+def test_longest_prefix_picks_the_contact_group() -> None:
+    """OPT_VIP_ templates go to the VIP group, other OPT_ templates to the main one."""
+    assert contact_group_for("OPT_VIP_Gold", GROUPS) == GROUPS[1]
+    assert contact_group_for("OPT_Welcome", GROUPS) == GROUPS[0]
+    assert contact_group_for("Other", GROUPS) is None
+    catch_all = (ContactGroup(1, "all", "", "custom1"),)
+    assert contact_group_for("Anything", catch_all) == catch_all[0]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("447700900123", "447700900123"),
+        ("+44 7700 900123", "447700900123"),
+        ("0044-7700-900123", "447700900123"),
+        ("353871234567", "353871234567"),
+        ("07700900123", None),
+        ("4477009001", None),
+        ("44770090012345", None),
+        ("12345", None),
+        ("44770090012a", None),
+        ("", None),
+    ],
+)
+def test_numbers_are_normalised_or_refused(raw: str, expected: str | None) -> None:
+    """International digits pass (separators dropped); national, short and odd UK numbers fail."""
+    assert normalise_number(raw) == expected
+
+
+@given(st.text(max_size=30))
+def test_normalised_numbers_are_always_plain_digits(raw: str) -> None:
+    """Whatever the input, a normalised number is 10–15 ASCII digits or None."""
+    number = normalise_number(raw)
+    assert number is None or (number.isascii() and number.isdigit() and 10 <= len(number) <= 15)
+
+
+@pytest.mark.parametrize(
+    ("text", "length", "parts", "unicode"),
+    [
+        ("a" * 160, 160, 1, False),
+        ("a" * 161, 161, 2, False),
+        ("a" * 306, 306, 2, False),
+        ("a" * 307, 307, 3, False),
+        ("€" * 80, 160, 1, False),  # extension characters cost two septets
+        ("ü" * 70, 70, 1, False),  # in the GSM basic set
+        ("ć" * 70, 70, 1, True),
+        ("ć" * 71, 71, 2, True),
+        ("😀" * 35, 70, 1, True),  # surrogate pairs count twice
+    ],
+)
+def test_message_cost_follows_textlocals_table(
+    text: str, length: int, parts: int, unicode: bool
+) -> None:
+    """GSM-7 texts cost 160/153 characters per part; anything else is unicode at 70/67."""
+    cost = message_cost(text)
+    assert (cost.length, cost.parts, cost.unicode) == (length, parts, unicode)
+
+
+def test_promo_code_fills_its_placeholder() -> None:
+    """The campaign's single promo code replaces the placeholder."""
+    assert render_message("Use [%PROMO_CODE%] now", ["SAVE10"]) == "Use SAVE10 now"
+    assert render_message("No code here", []) == "No code here"
+
+
+@pytest.mark.parametrize(
+    ("body", "codes", "code"),
+    [
+        ("Use [%PROMO_CODE%]", [], "PROMO_CODE_MISSING"),
+        ("Use [%PROMO_CODE%]", ["A", "B"], "PROMO_CODE_AMBIGUOUS"),
+        ("   ", [], "EMPTY_MESSAGE"),
+        ("x" * 766, [], "MESSAGE_TOO_LONG"),
+        ("ć" * 400, [], "MESSAGE_TOO_LONG"),
+    ],
+)
+def test_unsendable_messages_are_refused(body: str, codes: list[str], code: str) -> None:
+    """Missing or ambiguous codes, empty and over-long texts are refused, not truncated."""
+    result = render_message(body, codes)
+    assert isinstance(result, StatusError)
+    assert result.code == code
+
+
+def test_sender_rules() -> None:
+    """Senders are 3–11 letters/digits with a letter, or up to 13 digits."""
+    assert sender_problem("ShopCo") is None
+    assert sender_problem("447700900123") is None
+    assert sender_problem("Shop & Co") is not None
+    assert sender_problem("AB") is not None
+    assert sender_problem("TwelveLetter") is not None
+
+
+def test_segment_names_are_deterministic_and_bounded() -> None:
+    """One campaign always maps to one group name, short enough for TextLocal."""
+    ref = CampaignRef(42, "2.38", 505)
+    assert segment_group_name(GROUPS[0], ref) == "OPT_seg-42-2.38-505"
+    assert short_reference(ref) == "42-2.38-505"
+    long_ref = CampaignRef(42, "a-very-long-campaign-identifier-from-optimove" * 2, 505)
+    name = segment_group_name(GROUPS[0], long_ref)
+    assert len(name) <= 40
+    assert name == segment_group_name(GROUPS[0], long_ref)
+    assert segment_group_name(GROUPS[0], replace(long_ref, channel_id=506)) != name
+
+
+def test_a_week_of_daily_polls() -> None:
+    """A 7-day window polled daily gives 7 polls, the 7th at the window's end and final."""
+    sent = NOW
+    slots = [poll_slot(sent, timedelta(days=1), timedelta(days=7), n) for n in range(1, 8)]
+    assert [s.due_at for s in slots] == [sent + timedelta(days=n) for n in range(1, 8)]
+    assert [s.is_final for s in slots] == [False] * 6 + [True]
+    assert poll_count(timedelta(days=1), timedelta(days=7)) == 7
+
+
+def test_a_window_shorter_than_a_whole_number_of_intervals_ends_on_time() -> None:
+    """A 2.5-day window gets polls at days 1, 2 and a final one at 2.5."""
+    slots = [poll_slot(NOW, timedelta(days=1), timedelta(days=2.5), n) for n in (1, 2, 3)]
+    assert slots[-1].due_at == NOW + timedelta(days=2.5)
+    assert [s.is_final for s in slots] == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("state", "resolved", "cancel", "now", "step"),
+    [
+        (CampaignState.READY, False, False, NOW, Step.RESOLVE),
+        (CampaignState.READY, True, False, NOW, Step.CREATE_SEGMENT),
+        (CampaignState.SEGMENT_CREATED, True, False, NOW, Step.LOAD_CONTACTS),
+        (CampaignState.CONTACTS_LOADED, True, False, NOW, Step.SEND),
+        (CampaignState.SEND_PENDING, True, False, NOW, Step.RECONCILE_SEND),
+        (CampaignState.SEND_PENDING, True, False, NOW + timedelta(days=1), Step.RECONCILE_SEND),
+        (CampaignState.READY, False, True, NOW, Step.CANCEL),
+        (CampaignState.SENT, True, True, NOW, Step.CANCEL),
+        (CampaignState.SENT, True, False, NOW, Step.NONE),
+        (CampaignState.DONE, True, True, NOW, Step.NONE),
+        (
+            CampaignState.CONTACTS_LOADED,
+            True,
+            False,
+            NOW + timedelta(hours=2),
+            Step.MISS_SEND_WINDOW,
+        ),
+    ],
+)
+def test_next_step(
+    state: CampaignState, resolved: bool, cancel: bool, now: datetime, step: Step
+) -> None:
+    """The executor's next step follows the state, cancellation first, a missed window next."""
+    assert (
+        next_step(
+            state,
+            resolved=resolved,
+            cancel_requested=cancel,
+            scheduled_at=NOW,
+            now=now,
+            max_send_delay=timedelta(hours=1),
+        )
+        == step
+    )
+
+
+def test_retry_delay_grows_and_is_capped() -> None:
+    """Backoff doubles per failure and stops at five minutes."""
+    assert [retry_delay(n).total_seconds() for n in (1, 2, 3)] == [2, 4, 8]
+    assert retry_delay(40) == timedelta(minutes=5)
