@@ -1,0 +1,517 @@
+"""The poller: delivery polls of sent campaigns, one per interval, for the window after the send.
+
+    SENT ─poll 1─► POLLING ─poll 2─► … ─final poll (is_final)─► DONE ─(retention)─► segment deleted
+
+The executor registers the window when it records SENT: `sent_at`, `window_ends_at`,
+`polls_done = 0`, and the campaign in `keys.poll_queue` scored by its first poll (send time +
+interval). Slots follow `workflow.poll_slot`; the one reaching the window's end is final.
+
+Each due member of the poll queue is claimed under its own lease (`CampaignStore.claim_due`, an
+atomic Lua claim), so with any number of replicas one replica at a time polls a campaign; a
+crashed replica's claim falls due again when its lease expires. A poll is `status_batch` for the
+campaign's batch, then ONE fenced transition (the poll lease, state SENT or POLLING) that records
+`polls_done`, the new state (POLLING, or DONE after the final slot), the `DeliveryMetrics` event
+in the outbox and the next slot in the queue. A crash before the transition repeats the
+`status_batch` call but never the event; after it, nothing is repeated. The event id is derived
+from the batch id and poll number, so downstream can recognise any duplicate anyway.
+
+Decisions where the design is silent:
+- **Late polls.** A poller that was down for several intervals makes one poll now, for the latest
+  slot due, instead of several in a row reporting the same counts (`workflow.due_poll`); the
+  skipped poll numbers are absent downstream. `polls_done` is the last slot number consumed.
+- **Transient TextLocal errors** (network, 5xx, 429, after the client's own retries) and Redis
+  errors: the slot is kept and tried again after a backoff (`workflow.retry_delay` on the
+  campaign's `poll_failures`). If the retries last past the next slot, the next slot is taken.
+- **Permanent TextLocal errors** (an error code, e.g. an unknown batch): the slot is consumed
+  with NO metrics event (there are no counts to report, and zeros would read as a real result);
+  the error is logged, counted in `polls_total{outcome="failed"}` and kept on the campaign
+  (`poll_error`). The window goes on; if it was the final slot, the window closes (DONE) without
+  an `is_final` event, and downstream takes `window_ends_at` of the earlier events as the end.
+- **Cancellation.** Only SENT and POLLING campaigns are polled. A campaign in any other state
+  (CANCELLED, FAILED, DONE without a pending clean-up) found in the queue is removed from it
+  without a TextLocal call.
+- **Segment retention.** After the final poll the campaign stays in the poll queue, DONE with
+  `segment_cleanup = 1`, due at final poll + `segment_retention`; the clean-up deletes the
+  segment group and removes it from the queue. With retention 0 the clean-up runs at once, in
+  the same task, under the same lease; either way a crash or a TextLocal outage only delays it.
+  Campaigns without a segment id are simply dequeued.
+- **`polls_overdue` gauge**: members of the poll queue (polls or clean-ups) due more than
+  `overdue_after` (default one hour) ago and not claimed by anyone. Claimed and retrying members
+  are scored in the future, so a non-zero value means polling is not keeping up, or stopped.
+- On the final poll `delivery_outcomes_total` counts each message by status (pending included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from consumer.clock import Clock, pause, to_millis
+from consumer.codec import SchemaRegistry
+from consumer.errors import PermanentError, TextLocalApiError, TransientError
+from consumer.events import CampaignRef, DeliveryMetricsEvent
+from consumer.logs import log_event
+from consumer.metrics import Metrics
+from consumer.outbox import metrics_entry
+from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S
+from consumer.store import CampaignSnapshot, CampaignStore, Transition, redis_errors
+from consumer.textlocal_types import BatchStatus
+from consumer.workflow import (
+    CampaignState,
+    PollSlot,
+    due_poll,
+    poll_count,
+    poll_slot,
+    retry_delay,
+)
+
+log = logging.getLogger("consumer.poller")
+
+POLLABLE_STATES = (CampaignState.SENT, CampaignState.POLLING)
+DELIVERY_STATUSES = ("delivered", "undelivered", "pending", "invalid", "expired", "unknown")
+
+
+class BatchStatusSource(Protocol):
+    """What the poller needs of the TextLocal client."""
+
+    async def status_batch(self, batch_id: int) -> BatchStatus: ...
+
+
+class SegmentDeleter(Protocol):
+    """Deletes a campaign's segment group, one already gone being fine (CampaignSteps does)."""
+
+    async def delete_segment(self, group_id: int | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class PollerSettings:
+    # Must equal the executor's StepSettings.poll_interval, which places the first poll.
+    poll_interval: timedelta = timedelta(days=1)
+    default_window_days: int = 7
+    segment_retention: timedelta = timedelta(0)
+    concurrency: int = 4
+    lease_ttl: timedelta = timedelta(seconds=60)
+    idle_wait_s: float = 1.0
+    overdue_after: timedelta = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class PollWindow:
+    """A sent campaign's batch and polling window, as the executor recorded them."""
+
+    batch_id: int
+    sent_at: datetime
+    ends_at: datetime
+
+    @property
+    def length(self) -> timedelta:
+        return self.ends_at - self.sent_at
+
+
+class LeaseLost(Exception):
+    """The poll lease expired and another replica may hold the campaign: record nothing."""
+
+
+class Poller:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        store: CampaignStore,
+        client: BatchStatusSource,
+        segments: SegmentDeleter,
+        registry: SchemaRegistry,
+        settings: PollerSettings,
+        clock: Clock,
+        metrics: Metrics,
+        owner: str,
+    ) -> None:
+        self._store = store
+        self._keys = store.keys
+        self._client = client
+        self._segments = segments
+        self._registry = registry
+        self._settings = settings
+        self._clock = clock
+        self._metrics = metrics
+        self._owner = owner
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._polls_recorded = 0
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def run(self, stopping: asyncio.Event, drain_timeout_s: float = 25.0) -> None:
+        """Claim and make due polls until `stopping`; then drain and hand the rest back."""
+        try:
+            while not stopping.is_set():
+                try:
+                    claimed = await self.claim_and_start()
+                    await self.update_overdue()
+                except TransientError as exc:
+                    log_event(log, "poller.loop_error", logging.WARNING, error=str(exc))
+                    claimed = 0
+                self._metrics.loop_last_iteration.labels("poller").set(
+                    self._clock.now().timestamp()
+                )
+                if not claimed:
+                    await pause(stopping, self._settings.idle_wait_s)
+        finally:
+            await self.drain(drain_timeout_s)
+
+    async def run_due(self) -> int:
+        """Make every poll due now (claimed among any other replicas); returns how many slots
+        this poller recorded (with or without an event). For tests, the benchmark, one-shots."""
+        recorded_before = self._polls_recorded
+        while True:
+            await self.claim_and_start()
+            if not self._running:
+                break
+            await asyncio.wait(list(self._running.values()), return_when=asyncio.FIRST_COMPLETED)
+        await self.update_overdue()
+        return self._polls_recorded - recorded_before
+
+    async def claim_and_start(self) -> int:
+        """Claim as many due polls as there are free slots and start them."""
+        free = self._settings.concurrency - len(self._running)
+        if free <= 0:
+            return 0
+        keys = await self._store.claim_due(
+            self._keys.poll_queue,
+            self._keys.poll_lease_prefix,
+            self._clock.now(),
+            free,
+            self._owner,
+            self._lease_ttl_ms,
+        )
+        for key in keys:
+            task = asyncio.create_task(self.poll(key), name=f"poll {key}")
+            self._running[key] = task
+            task.add_done_callback(self._forget)
+        self._metrics.leases_held.labels("poll").set(len(self._running))
+        return len(keys)
+
+    async def update_overdue(self) -> None:
+        """Set the `polls_overdue` gauge (see the module docstring)."""
+        horizon = to_millis(self._clock.now() - self._settings.overdue_after)
+        with redis_errors("ZCOUNT polls"):
+            overdue = await self._store.redis.zcount(self._keys.poll_queue, "-inf", horizon)
+        self._metrics.polls_overdue.set(int(overdue))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Let running polls finish for up to `timeout_s`; hand the rest back at once."""
+        if not self._running:
+            return
+        log_event(log, "poller.draining", polls=len(self._running), timeout_s=timeout_s)
+        _, still_running = await asyncio.wait(list(self._running.values()), timeout=timeout_s)
+        for task in still_running:
+            task.cancel()
+        if still_running:
+            await asyncio.wait(still_running)
+            log_event(log, "poller.handed_back", logging.WARNING, polls=len(still_running))
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        for key, running in list(self._running.items()):
+            if running is task:
+                del self._running[key]
+        self._metrics.leases_held.labels("poll").set(len(self._running))
+
+    # --- one claimed campaign ----------------------------------------------------------------
+
+    async def poll(self, key: str) -> None:
+        """Work on one campaign whose poll lease this replica holds."""
+        lease_key = self._keys.poll_lease(key)
+        renewal = asyncio.create_task(self._keep_lease(lease_key))
+        try:
+            await self._handle(key, lease_key)
+        except LeaseLost as exc:
+            self._metrics.polls.labels("lease_lost").inc()
+            log_event(log, "poll.lease_lost", logging.WARNING, campaign=key, why=str(exc))
+        except TransientError as exc:
+            # Redis could not record the retry either: the lease runs out and the claim's
+            # requeue time makes the poll due again.
+            log_event(log, "poll.not_recorded", logging.WARNING, campaign=key, error=str(exc))
+        except asyncio.CancelledError:
+            # Stopping: hand the poll back at once rather than after the lease expires. XX: a
+            # campaign this task already removed from the queue stays removed.
+            with contextlib.suppress(TransientError), redis_errors("ZADD XX polls"):
+                await self._store.redis.zadd(
+                    self._keys.poll_queue, {key: to_millis(self._clock.now())}, xx=True
+                )
+            raise
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+            with contextlib.suppress(TransientError):
+                await self._store.release_lease(lease_key, self._owner)
+
+    async def _handle(self, key: str, lease_key: str) -> None:
+        snapshot = await self._store.load(key)
+        if snapshot is None:
+            await self._store.unschedule(self._keys.poll_queue, key)
+            return
+        if snapshot.state == CampaignState.DONE and snapshot.text("segment_cleanup") == "1":
+            await self._clean_up(snapshot, lease_key)
+            return
+        window = self._window(snapshot)
+        if snapshot.state not in POLLABLE_STATES or window is None:
+            if window is None and snapshot.state in POLLABLE_STATES:
+                log_event(log, "poll.no_batch", logging.ERROR, campaign=key)
+            await self._skip(snapshot, lease_key)
+            return
+        polls_done = snapshot.int_field("polls_done")
+        slot = due_poll(
+            window.sent_at,
+            self._settings.poll_interval,
+            window.length,
+            polls_done,
+            self._clock.now(),
+        )
+        if slot is None:
+            await self._not_due_yet(snapshot, lease_key, window, polls_done)
+            return
+        try:
+            status = await self._client.status_batch(window.batch_id)
+        except TransientError as exc:
+            await self._retry_later(snapshot, lease_key, exc, poll_number=slot.number)
+            return
+        except (TextLocalApiError, PermanentError) as exc:
+            await self._record_failed_poll(snapshot, lease_key, window, slot, exc)
+        else:
+            await self._record_poll(snapshot, lease_key, window, slot, status)
+        if slot.is_final and self._settings.segment_retention <= timedelta(0):
+            fresh = await self._store.load(key)
+            if fresh is not None and fresh.text("segment_cleanup") == "1":
+                await self._clean_up(fresh, lease_key)
+
+    def _window(self, snapshot: CampaignSnapshot) -> PollWindow | None:
+        """The window as the executor recorded it at the send (None without a batch id)."""
+        batch_id = snapshot.optional_int("batch_id")
+        sent_at = snapshot.optional_time("sent_at")
+        if batch_id is None or sent_at is None:
+            return None
+        ends_at = snapshot.optional_time("window_ends_at")
+        if ends_at is None:
+            days = snapshot.header.metrics_window_days if snapshot.header else None
+            ends_at = sent_at + timedelta(days=days or self._settings.default_window_days)
+        return PollWindow(batch_id, sent_at, ends_at)
+
+    # --- recording ---------------------------------------------------------------------------
+
+    async def _record_poll(
+        self,
+        snapshot: CampaignSnapshot,
+        lease_key: str,
+        window: PollWindow,
+        slot: PollSlot,
+        status: BatchStatus,
+    ) -> None:
+        event = DeliveryMetricsEvent(
+            ref=snapshot.header.ref if snapshot.header else CampaignRef.from_key(snapshot.key),
+            batch_id=window.batch_id,
+            poll_number=slot.number,
+            polled_at=self._clock.now(),
+            sent_at=window.sent_at,
+            window_ends_at=window.ends_at,
+            is_final=slot.is_final,
+            num_messages=status.num_messages,
+            delivered=status.delivered,
+            undelivered=status.undelivered,
+            pending=status.pending,
+            invalid=status.invalid,
+            expired=status.expired,
+            unknown=status.unknown,
+            metadata=snapshot.header.metadata if snapshot.header else {},
+        )
+        transition = self._advance(snapshot, lease_key, window, slot).emit(
+            self._keys.outbox, metrics_entry(self._registry, event)
+        )
+        await self._apply(snapshot.key, transition)
+        self._polls_recorded += 1
+        self._metrics.polls.labels("ok").inc()
+        if slot.is_final:
+            for name in DELIVERY_STATUSES:
+                self._metrics.delivery_outcomes.labels(name).inc(getattr(status, name))
+        log_event(
+            log,
+            "poll.done",
+            campaign=snapshot.key,
+            batch_id=window.batch_id,
+            poll_number=slot.number,
+            is_final=slot.is_final,
+            num_messages=status.num_messages,
+            delivered=status.delivered,
+            pending=status.pending,
+        )
+
+    async def _record_failed_poll(
+        self,
+        snapshot: CampaignSnapshot,
+        lease_key: str,
+        window: PollWindow,
+        slot: PollSlot,
+        error: Exception,
+    ) -> None:
+        """A permanent error: the slot is consumed without an event (module docstring)."""
+        code = f"TEXTLOCAL_{error.code}" if isinstance(error, TextLocalApiError) else "FAILED"
+        transition = self._advance(snapshot, lease_key, window, slot).set(
+            poll_error=f"{code}: {error}"
+        )
+        await self._apply(snapshot.key, transition)
+        self._polls_recorded += 1
+        self._metrics.polls.labels("failed").inc()
+        log_event(
+            log,
+            "poll.failed",
+            logging.ERROR,
+            campaign=snapshot.key,
+            poll_number=slot.number,
+            is_final=slot.is_final,
+            error=str(error),
+        )
+
+    def _advance(
+        self, snapshot: CampaignSnapshot, lease_key: str, window: PollWindow, slot: PollSlot
+    ) -> Transition:
+        """The fenced transition recording `slot` as made: next slot queued, or window closed."""
+        key = snapshot.key
+        now = self._clock.now()
+        transition = (
+            self._fenced(key, lease_key, *POLLABLE_STATES)
+            .set(polls_done=slot.number, last_polled_at=to_millis(now))
+            .delete_fields("poll_failures")
+        )
+        if not slot.is_final:
+            following = poll_slot(
+                window.sent_at, self._settings.poll_interval, window.length, slot.number + 1
+            )
+            return transition.set_state(CampaignState.POLLING).enqueue(
+                self._keys.poll_queue, key, following.due_at
+            )
+        transition.set_state(CampaignState.DONE).set(ended_at=to_millis(now))
+        if snapshot.optional_int("group_id") is None:
+            return transition.dequeue(self._keys.poll_queue, key).expire(
+                self._keys.campaign(key), FINISHED_CAMPAIGN_RETENTION_S
+            )
+        return transition.set(segment_cleanup="1").enqueue(
+            self._keys.poll_queue, key, now + self._settings.segment_retention
+        )
+
+    async def _retry_later(
+        self,
+        snapshot: CampaignSnapshot,
+        lease_key: str,
+        error: Exception,
+        *,
+        poll_number: int | None = None,
+    ) -> None:
+        """Keep the slot (or the clean-up) and try again after a backoff."""
+        failures = snapshot.int_field("poll_failures") + 1
+        delay = retry_delay(failures)
+        transition = (
+            self._fenced(snapshot.key, lease_key, snapshot.state)
+            .set(poll_failures=failures)
+            .enqueue(self._keys.poll_queue, snapshot.key, self._clock.now() + delay)
+        )
+        await self._apply(snapshot.key, transition)
+        if poll_number is not None:
+            self._metrics.polls.labels("retry").inc()
+        log_event(
+            log,
+            "poll.retry" if poll_number is not None else "poll.segment_delete_retry",
+            logging.WARNING,
+            campaign=snapshot.key,
+            poll_number=poll_number,
+            error=str(error),
+            failures=failures,
+            retry_in_s=delay.total_seconds(),
+        )
+
+    async def _not_due_yet(
+        self, snapshot: CampaignSnapshot, lease_key: str, window: PollWindow, polls_done: int
+    ) -> None:
+        """Claimed before its next slot: put it back at the slot's due time."""
+        if polls_done >= poll_count(self._settings.poll_interval, window.length):
+            # Every slot made but still SENT/POLLING: nothing left to poll.
+            log_event(log, "poll.window_exhausted", logging.ERROR, campaign=snapshot.key)
+            await self._skip(snapshot, lease_key)
+            return
+        following = poll_slot(
+            window.sent_at, self._settings.poll_interval, window.length, polls_done + 1
+        )
+        with redis_errors("ZADD XX polls"):
+            await self._store.redis.zadd(
+                self._keys.poll_queue, {snapshot.key: to_millis(following.due_at)}, xx=True
+            )
+
+    async def _skip(self, snapshot: CampaignSnapshot, lease_key: str) -> None:
+        """Not pollable (cancelled, failed, over): leave the queue without a TextLocal call."""
+        transition = self._fenced(snapshot.key, lease_key, snapshot.state).dequeue(
+            self._keys.poll_queue, snapshot.key
+        )
+        await self._apply(snapshot.key, transition)
+        self._metrics.polls.labels("skipped").inc()
+        log_event(log, "poll.skipped", campaign=snapshot.key, state=snapshot.state.value)
+
+    async def _clean_up(self, snapshot: CampaignSnapshot, lease_key: str) -> None:
+        """Delete the segment group of a campaign whose window closed, then forget it."""
+        key = snapshot.key
+        group_id = snapshot.optional_int("group_id")
+        error: str | None = None
+        try:
+            await self._segments.delete_segment(group_id)
+        except TransientError as exc:
+            await self._retry_later(snapshot, lease_key, exc)
+            return
+        except (TextLocalApiError, PermanentError) as exc:
+            # Retrying will not help: report it and forget the segment.
+            error = str(exc)
+            log_event(
+                log,
+                "poll.segment_not_deleted",
+                logging.ERROR,
+                campaign=key,
+                group_id=group_id,
+                error=error,
+            )
+        transition = (
+            self._fenced(key, lease_key, CampaignState.DONE)
+            .delete_fields("segment_cleanup", "poll_failures")
+            .set(segment_error=error)
+            .dequeue(self._keys.poll_queue, key)
+            .expire(self._keys.campaign(key), FINISHED_CAMPAIGN_RETENTION_S)
+        )
+        await self._apply(key, transition)
+        log_event(log, "poll.segment_cleaned_up", campaign=key, group_id=group_id)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _fenced(self, key: str, lease_key: str, *states: CampaignState) -> Transition:
+        return self._store.transition(key).expect(*states).fenced(lease_key, self._owner)
+
+    async def _apply(self, key: str, transition: Transition) -> None:
+        result = await self._store.apply(transition, self._clock.now())
+        if not result.ok:
+            raise LeaseLost(f"{key}: {result.reason}")
+
+    async def _keep_lease(self, lease_key: str) -> None:
+        """Renew the poll lease while the poll runs; once lost, the fenced record will fail."""
+        interval_s = self._settings.lease_ttl.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                held = await self._store.renew_lease(lease_key, self._owner, self._lease_ttl_ms)
+            except TransientError:
+                continue  # try again; the lease outlives two missed renewals
+            if not held:
+                return
+
+    @property
+    def _lease_ttl_ms(self) -> int:
+        return int(self._settings.lease_ttl.total_seconds() * 1000)
