@@ -53,6 +53,8 @@ class KafkaObserver(Protocol):
 
     def assignment_changed(self, assigned: int) -> None: ...
 
+    def partition_revoked(self, topic: str, partition: int) -> None: ...
+
 
 @dataclass(frozen=True)
 class TopicSpec:
@@ -180,6 +182,8 @@ class KafkaEventSource:
         log.info("kafka.partitions_revoked", extra={"count": len(self._assigned)})
         if self._observer is not None:
             self._observer.assignment_changed(len(self._assigned))
+            for revoked in partitions:
+                self._observer.partition_revoked(revoked.topic, revoked.partition)
 
     def _on_stats(self, stats_json: str) -> None:
         if self._observer is None:

@@ -8,6 +8,8 @@ passed in, so tests read a fresh one with `get_sample_value`.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "textlocal_consumer"
@@ -104,10 +106,10 @@ class Metrics:
         self.daily_job_last_success = gauge(
             "daily_job_last_success_timestamp_seconds",
             "When each daily job last finished successfully (Unix time).",
-            ("job",),
+            ("daily_job",),
         )
         self.daily_job_runs = counter(
-            "daily_job_runs_total", "Daily job runs, by job and outcome.", ("job", "outcome")
+            "daily_job_runs_total", "Daily job runs, by job and outcome.", ("daily_job", "outcome")
         )
         self.outbox_pending = gauge(
             "outbox_pending_events", "Output events recorded in Redis, not yet published."
@@ -134,3 +136,8 @@ class Metrics:
 
     def assignment_changed(self, assigned: int) -> None:
         self.partitions_assigned.set(assigned)
+
+    def partition_revoked(self, topic: str, partition: int) -> None:
+        # Another replica reports this partition's lag now; a stale value here would mislead.
+        with contextlib.suppress(KeyError):
+            self.consumer_lag.remove(topic, str(partition))
