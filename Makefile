@@ -48,5 +48,13 @@ fmt: venv  ## format and autofix
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+run: stack-up  ## the demo: sandbox + daemon + a sample campaign on the local stack (Ctrl-C stops)
+	$(PY) deploy/local/demo.py $(ARGS)
+
+bench: stack-up  ## benchmarks: 1M-recipient campaign, 10,000 daily polls, the sandbox
+	$(PY) bench/bench_campaign.py
+	$(PY) bench/bench_polls.py
+	$(PY) bench/bench_sandbox.py
+
 clean: stack-down  ## stop the stack and remove caches (keeps Maven's jar cache)
 	rm -rf .cache/stack .mypy_cache .ruff_cache .pytest_cache
