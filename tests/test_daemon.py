@@ -68,17 +68,15 @@ class Stack:
         self, ref: CampaignRef, customer_ids: list[str], batches: int, **header: Any
     ) -> list[InputEvent]:
         size = -(-len(customer_ids) // batches)
-        events: list[InputEvent] = [
-            scheduled(
-                ref,
-                recipient_count=len(customer_ids),
-                batch_count=batches,
-                template_id=self.template_id,
-                template_name="OPT_Promo",
-                promo_codes=("WEEKEND20",),
-                **header,
-            )
-        ]
+        fields: dict[str, Any] = {
+            "recipient_count": len(customer_ids),
+            "batch_count": batches,
+            "template_id": self.template_id,
+            "template_name": "OPT_Promo",
+            "promo_codes": ("WEEKEND20",),
+            **header,
+        }
+        events: list[InputEvent] = [scheduled(ref, **fields)]
         for index in range(batches):
             events.append(recipients(ref, index, customer_ids[index * size : (index + 1) * size]))
         return events

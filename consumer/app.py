@@ -1,0 +1,426 @@
+"""The daemon: builds every part from the settings, runs the chosen roles, stops gracefully.
+
+    roles          tasks
+    intake         Intake.run                       (Kafka input → Redis)
+    executor       Executor.run                     (campaign steps against TextLocal)
+    poller         Poller.run                       (daily delivery polls)
+    daily          DailyJobs.run                    (template import, contact index refresh)
+    (always)       OutboxPublisher.run, campaign-state gauge, HTTP /metrics /healthz /readyz
+
+SIGTERM or SIGINT sets the stop event: intake stops taking records and commits what it handled,
+the executor and poller finish their steps within the drain time and hand the rest back, the
+outbox publishes what is recorded, then every client closes. Exit status 0 on a clean stop.
+A role that crashes stops the whole process with status 1 (Kubernetes restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from consumer.catalog import TemplateCatalog, templates_topic_spec
+from consumer.clock import Clock, SystemClock, pause
+from consumer.codec import SchemaRegistry
+from consumer.config import Settings
+from consumer.contact_index import ContactIndex
+from consumer.daily_jobs import DailyJobs, DailyJobSettings
+from consumer.errors import ConsumerError, TransientError
+from consumer.executor import Executor, ExecutorSettings
+from consumer.fault_points import FaultPoints, NoFaultPoints
+from consumer.health import HealthState, health_app
+from consumer.intake import Intake, IntakeSettings
+from consumer.kafka_io import KafkaEventSource, KafkaPublisher, TopicSpec, ensure_topics
+from consumer.keys import RedisKeys
+from consumer.logs import SCRUBBER, log_event
+from consumer.metrics import Metrics
+from consumer.outbox import OutboxPublisher
+from consumer.poller import Poller, PollerSettings
+from consumer.steps import CampaignSteps, StepSettings
+from consumer.store import CampaignStore, as_text, redis_errors
+from consumer.templates import TemplateCopy
+from consumer.textlocal import TextLocalClient
+from consumer.workflow import CampaignState
+
+log = logging.getLogger("consumer.app")
+
+CAMPAIGN_GAUGE_EVERY_S = 30.0
+
+
+@dataclass
+class Parts:
+    """Everything the roles share, built once."""
+
+    settings: Settings
+    clock: Clock
+    metrics: Metrics
+    registry: SchemaRegistry
+    redis: aioredis.Redis
+    store: CampaignStore
+    client: TextLocalClient
+    publisher: KafkaPublisher
+    index: ContactIndex
+    templates: TemplateCopy
+    steps: CampaignSteps
+    owner: str
+    closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for close in reversed(self.closers):
+            try:
+                await close()
+            except Exception as exc:  # noqa: BLE001 - closing must go on whatever failed
+                log_event(log, "daemon.close_failed", logging.WARNING, error=repr(exc))
+
+
+async def build_parts(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    faults: FaultPoints | None = None,
+    metrics_registry: CollectorRegistry | None = None,
+) -> Parts:
+    """Connect to Redis, Kafka and TextLocal; refuses a Redis without persistence."""
+    clock = clock or SystemClock()
+    SCRUBBER.add_secrets(settings.secrets())
+    metrics = Metrics(metrics_registry or CollectorRegistry())
+    registry = SchemaRegistry.from_directory()
+    redis: aioredis.Redis = aioredis.Redis.from_url(
+        settings.redis.url,
+        decode_responses=False,
+        socket_timeout=15,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+    closers: list[Callable[[], Awaitable[object]]] = [redis.aclose]
+    try:
+        store = CampaignStore(redis, RedisKeys(prefix=settings.redis.key_prefix), registry)
+        if not await store.check_persistence(allow_without=settings.redis.allow_no_persistence):
+            log_event(log, "daemon.redis_without_persistence", logging.WARNING)
+        kafka_config = settings.kafka.client_config()
+        if settings.kafka.create_topics:
+            await asyncio.to_thread(ensure_topics, kafka_config, topic_specs(settings))
+        publisher = KafkaPublisher(kafka_config)
+        closers.append(publisher.close)
+        client = TextLocalClient(settings.textlocal, settings.credentials, observer=metrics)
+        await client.open()
+        closers.append(client.close)
+    except BaseException:
+        for close in reversed(closers):
+            with contextlib.suppress(Exception):
+                await close()
+        raise
+    index = ContactIndex(redis, store.keys)
+    templates = TemplateCopy(redis, store.keys, client)
+    workflow = settings.workflow
+    steps = CampaignSteps(
+        store,
+        index,
+        client,
+        templates,
+        registry,
+        settings.contact_groups,
+        StepSettings(
+            contact_load_concurrency=workflow.contact_load_concurrency,
+            poll_interval=workflow.poll_interval,
+            default_window_days=workflow.metrics_window_days,
+            send_reconcile_grace=workflow.send_reconcile_grace,
+        ),
+        clock,
+        metrics,
+        faults or NoFaultPoints(),
+    )
+    return Parts(
+        settings=settings,
+        clock=clock,
+        metrics=metrics,
+        registry=registry,
+        redis=redis,
+        store=store,
+        client=client,
+        publisher=publisher,
+        index=index,
+        templates=templates,
+        steps=steps,
+        owner=settings.instance_id,
+        closers=closers,
+    )
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    kafka = settings.kafka
+    partitions = kafka.topic_partitions
+    return [
+        TopicSpec(kafka.input_topic, partitions, {}),
+        TopicSpec(kafka.status_topic, partitions, {}),
+        TopicSpec(kafka.metrics_topic, partitions, {}),
+        TopicSpec(kafka.dlq_topic, partitions, {}),
+        templates_topic_spec(kafka.templates_topic, partitions),
+    ]
+
+
+class Daemon:
+    """Runs the configured roles over shared parts until stopped."""
+
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+        self.stopping = asyncio.Event()
+        self._source: KafkaEventSource | None = None
+
+    async def run(self, *, install_signal_handlers: bool = True) -> int:
+        parts = self.parts
+        settings = parts.settings
+        if install_signal_handlers:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._stop_on_signal, signum)
+        roles = self._roles()
+        health = HealthState(
+            parts.clock,
+            parts.metrics.registry,
+            tuple(name for name in ("intake", "executor", "poller", "outbox") if name in roles),
+            started_at=parts.clock.now(),
+        )
+        executor = roles.get("executor")
+        if isinstance(executor, _ExecutorRole):
+            health.work_probes["campaign"] = executor.executor.oldest_running_since
+        runner = await self._serve_http(health)
+        log_event(
+            log,
+            "daemon.started",
+            roles=sorted(settings.roles),
+            instance=parts.owner,
+            http_port=settings.http_port,
+        )
+        tasks = {
+            asyncio.create_task(role.run(self.stopping), name=name): name
+            for name, role in roles.items()
+        }
+        tasks[asyncio.create_task(self._refresh_campaign_gauge(), name="gauge")] = "gauge"
+        exit_code = 0
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                exit_code = 1
+                log_event(
+                    log,
+                    "daemon.role_crashed",
+                    logging.ERROR,
+                    role=tasks[task],
+                    error=repr(task.exception()),
+                )
+        self.stopping.set()
+        await self._finish(tasks)
+        await runner.cleanup()
+        await parts.close()
+        log_event(log, "daemon.stopped", exit_code=exit_code)
+        return exit_code
+
+    def _stop_on_signal(self, signum: int) -> None:
+        log_event(log, "daemon.stopping", signal=signal.Signals(signum).name)
+        self.stopping.set()
+
+    async def _finish(self, tasks: Mapping[asyncio.Task[None], str]) -> None:
+        """Wait for the roles to drain (they bound themselves); the outbox goes last."""
+        drain_s = self.parts.settings.workflow.drain_timeout_s
+        roles = [t for t, name in tasks.items() if name not in ("outbox", "gauge")]
+        if roles:
+            await asyncio.wait(roles, timeout=drain_s + 5)
+        for task in roles:
+            task.cancel()
+        others = [t for t, name in tasks.items() if name in ("outbox", "gauge")]
+        if others:
+            await asyncio.wait(others, timeout=10)
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _roles(self) -> dict[str, _Role]:
+        parts = self.parts
+        settings = parts.settings
+        workflow = settings.workflow
+        roles: dict[str, _Role] = {
+            "outbox": OutboxPublisher(
+                parts.store,
+                parts.publisher,
+                settings.kafka.output_topics(),
+                parts.metrics,
+                parts.clock,
+                parts.owner,
+            )
+        }
+        if "intake" in settings.roles:
+            self._source = KafkaEventSource(
+                {**settings.kafka.client_config(), "group.id": settings.kafka.group_id},
+                [settings.kafka.input_topic],
+                parts.metrics,
+            )
+            parts.closers.append(self._source.close)
+            roles["intake"] = Intake(
+                self._source,
+                parts.publisher,
+                parts.store,
+                parts.registry,
+                settings.contact_groups,
+                IntakeSettings(
+                    dlq_topic=settings.kafka.dlq_topic,
+                    consumer_group=settings.kafka.group_id,
+                    collect_timeout=workflow.collect_timeout,
+                    limits=workflow.intake_limits,
+                ),
+                parts.clock,
+                parts.metrics,
+            )
+        if "executor" in settings.roles:
+            roles["executor"] = _ExecutorRole(
+                Executor(
+                    parts.store,
+                    parts.steps,
+                    parts.registry,
+                    ExecutorSettings(
+                        concurrency=workflow.executor_concurrency,
+                        lease_ttl=workflow.lease_ttl,
+                        max_send_delay=workflow.max_send_delay,
+                        collect_timeout=workflow.collect_timeout,
+                    ),
+                    parts.clock,
+                    parts.metrics,
+                    parts.owner,
+                ),
+                workflow.drain_timeout_s,
+            )
+        if "poller" in settings.roles:
+            roles["poller"] = _PollerRole(
+                Poller(
+                    parts.store,
+                    parts.client,
+                    parts.steps,
+                    parts.registry,
+                    PollerSettings(
+                        poll_interval=workflow.poll_interval,
+                        default_window_days=workflow.metrics_window_days,
+                        segment_retention=workflow.segment_retention,
+                        lease_ttl=workflow.lease_ttl,
+                    ),
+                    parts.clock,
+                    parts.metrics,
+                    parts.owner,
+                ),
+                workflow.drain_timeout_s,
+            )
+        if "daily" in settings.roles:
+            roles["daily"] = daily_jobs(parts)
+        return roles
+
+    async def _serve_http(self, health: HealthState) -> web.AppRunner:
+        parts = self.parts
+
+        async def redis_ready() -> str | None:
+            return None if await parts.store.ping() else "Redis does not answer"
+
+        async def kafka_ready() -> str | None:
+            if self._source is None or self._source.has_joined_group:
+                return None
+            return "not yet a member of the consumer group"
+
+        app = health_app(
+            health, {"redis": redis_ready, "kafka": kafka_ready}, parts.metrics.registry
+        )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, parts.settings.http_host, parts.settings.http_port)
+        await site.start()
+        return runner
+
+    async def _refresh_campaign_gauge(self) -> None:
+        """Campaigns by state, from Redis (the same figure on every replica: aggregate by max)."""
+        parts = self.parts
+        while not self.stopping.is_set():
+            try:
+                counts = await count_campaigns_by_state(parts.store)
+            except TransientError as exc:
+                log_event(log, "daemon.gauge_failed", logging.WARNING, error=str(exc))
+            else:
+                for state in CampaignState:
+                    parts.metrics.campaigns.labels(state.value).set(counts.get(state.value, 0))
+            await pause(self.stopping, CAMPAIGN_GAUGE_EVERY_S)
+
+
+def daily_jobs(parts: Parts) -> DailyJobs:
+    settings = parts.settings
+    catalog = TemplateCatalog(
+        parts.store,
+        parts.templates,
+        parts.client,
+        parts.registry,
+        settings.contact_groups,
+        parts.clock,
+    )
+    return DailyJobs(
+        parts.store,
+        catalog,
+        parts.index,
+        parts.client,
+        settings.contact_groups,
+        DailyJobSettings(run_at=settings.workflow.daily_jobs_at),
+        parts.clock,
+        parts.metrics,
+        parts.owner,
+    )
+
+
+async def count_campaigns_by_state(store: CampaignStore) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    keys = store.keys
+    with redis_errors("count campaigns"):
+        members = await store.redis.zrange(keys.campaigns_index, 0, -1)
+        for start in range(0, len(members), 1000):
+            async with store.redis.pipeline(transaction=False) as pipe:
+                for member in members[start : start + 1000]:
+                    pipe.hget(keys.campaign(as_text(member)), "state")
+                states = await pipe.execute()
+            for state in states:
+                if state is not None:
+                    name = as_text(state)
+                    counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+class _Role(Protocol):
+    async def run(self, stopping: asyncio.Event) -> None: ...
+
+
+class _ExecutorRole:
+    def __init__(self, executor: Executor, drain_timeout_s: float) -> None:
+        self.executor = executor
+        self._drain_timeout_s = drain_timeout_s
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.executor.run(stopping, self._drain_timeout_s)
+
+
+class _PollerRole:
+    def __init__(self, poller: Poller, drain_timeout_s: float) -> None:
+        self.poller = poller
+        self._drain_timeout_s = drain_timeout_s
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await self.poller.run(stopping, self._drain_timeout_s)
+
+
+async def run_daemon(settings: Settings, faults: FaultPoints | None = None) -> int:
+    """Build the parts and run until a signal; the exit status for the CLI."""
+    try:
+        parts = await build_parts(settings, faults=faults)
+    except ConsumerError as exc:
+        log_event(log, "daemon.start_failed", logging.ERROR, error=str(exc))
+        return 2
+    return await Daemon(parts).run()
