@@ -52,7 +52,7 @@ from typing import Protocol
 
 from consumer.clock import Clock, pause, to_millis
 from consumer.codec import SchemaRegistry
-from consumer.errors import PermanentError, TextLocalApiError, TransientError
+from consumer.errors import ConsumerError, PermanentError, TextLocalApiError, TransientError
 from consumer.events import CampaignRef, DeliveryMetricsEvent
 from consumer.logs import log_event
 from consumer.metrics import Metrics
@@ -236,6 +236,11 @@ class Poller:
             # Redis could not record the retry either: the lease runs out and the claim's
             # requeue time makes the poll due again.
             log_event(log, "poll.not_recorded", logging.WARNING, campaign=key, error=str(exc))
+        except ConsumerError as exc:
+            # E.g. a stored header that no longer decodes: reported; tried again after the
+            # lease, and visible in the overdue gauge if it never succeeds.
+            self._metrics.polls.labels("error").inc()
+            log_event(log, "poll.error", logging.ERROR, campaign=key, error=str(exc))
         except asyncio.CancelledError:
             # Stopping: hand the poll back at once rather than after the lease expires. XX: a
             # campaign this task already removed from the queue stays removed.

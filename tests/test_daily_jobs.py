@@ -160,12 +160,12 @@ async def test_a_fresh_deployment_runs_both_jobs_at_start(rig: JobsRig) -> None:
     for job in (TEMPLATES_JOB, CONTACTS_JOB):
         assert (
             metrics.registry.get_sample_value(
-                "textlocal_consumer_daily_job_runs_total", {"job": job, "outcome": "ok"}
+                "textlocal_consumer_daily_job_runs_total", {"daily_job": job, "outcome": "ok"}
             )
             == 1
         )
         gauge = metrics.registry.get_sample_value(
-            "textlocal_consumer_daily_job_last_success_timestamp_seconds", {"job": job}
+            "textlocal_consumer_daily_job_last_success_timestamp_seconds", {"daily_job": job}
         )
         assert gauge is not None
         assert gauge >= utc(5, 14).timestamp()
@@ -199,7 +199,7 @@ async def test_two_replicas_at_the_scheduled_time_run_each_job_once(rig: JobsRig
     for job in (TEMPLATES_JOB, CONTACTS_JOB):
         runs = [
             m.registry.get_sample_value(
-                "textlocal_consumer_daily_job_runs_total", {"job": job, "outcome": "ok"}
+                "textlocal_consumer_daily_job_runs_total", {"daily_job": job, "outcome": "ok"}
             )
             or 0
             for m in (first_metrics, second_metrics)
@@ -227,7 +227,8 @@ async def test_a_failed_run_backs_off_then_runs_again(rig: JobsRig) -> None:
     assert await rig.calls("get_templates") == 6
     assert (
         metrics.registry.get_sample_value(
-            "textlocal_consumer_daily_job_runs_total", {"job": TEMPLATES_JOB, "outcome": "failed"}
+            "textlocal_consumer_daily_job_runs_total",
+            {"daily_job": TEMPLATES_JOB, "outcome": "failed"},
         )
         == 1
     )
