@@ -35,6 +35,7 @@ from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled
 from consumer.fault_points import fault_points_from_env
 from consumer.kafka_io import KafkaPublisher
 from consumer.logs import configure_logging
+from consumer.outbox import OutboxPublisher
 from consumer.progress import ProgressLine
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
@@ -57,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
     commands.add_parser("check", help="validate settings and reach Redis, Kafka and TextLocal")
     commands.add_parser("settings", help="list every setting with its variable and default")
-    sync = commands.add_parser("sync-contacts", help="rebuild the contact index now")
-    sync.add_argument("--group", type=int, help="only this contact group id")
+    commands.add_parser("sync-contacts", help="rebuild the contact index of every group now")
     commands.add_parser("import-templates", help="import and publish TextLocal's templates now")
     listing = commands.add_parser("campaigns", help="recent campaigns and their states")
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
@@ -124,38 +124,43 @@ async def _check(settings: Settings, _args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _sync_contacts(settings: Settings, args: argparse.Namespace) -> int:
-    parts = await build_parts(settings)
-    try:
-        groups = [g for g in settings.contact_groups if args.group in (None, g.group_id)]
-        if not groups:
-            raise ConfigError("--group", f"{args.group} is not a configured contact group")
-        for group in groups:
-            progress = ProgressLine(f"group {group.group_id} contacts")
-            build = await parts.index.rebuild(parts.client, group, parts.clock.now(), progress)
-            progress.done(
-                f"{build.contacts} customers indexed; {build.without_customer_id} without a "
-                f"customer id; {build.repeated_customer_ids} repeated ids"
-            )
-    finally:
-        await parts.close()
-    return EXIT_OK
+async def _sync_contacts(settings: Settings, _args: argparse.Namespace) -> int:
+    return await _run_daily_job(settings, "contacts")
 
 
 async def _import_templates(settings: Settings, _args: argparse.Namespace) -> int:
+    return await _run_daily_job(settings, "templates")
+
+
+async def _run_daily_job(settings: Settings, job: str) -> int:
+    """Run a daily job now, through its lock (never beside a scheduled run), showing progress."""
     parts = await build_parts(settings)
+    lines: dict[str, ProgressLine] = {}
+
+    def show(stage: str, done: int, total: int) -> None:
+        lines.setdefault(stage, ProgressLine(stage))(done, total)
+
     try:
-        jobs = daily_jobs(parts)
-        line = ProgressLine("templates")
-        outcome = await jobs.run_job(
-            "templates", force=True, progress=lambda _job, done, total: line(done, total)
-        )
-        line.done(f"{outcome.reason} {dict(outcome.summary)}")
-        if not outcome.ok:
-            print(f"import-templates: {outcome.reason}: {outcome.detail}", file=sys.stderr)
-            return EXIT_FAILED
+        outcome = await daily_jobs(parts).run_job(job, force=True, progress=show)
+        published = await OutboxPublisher(
+            parts.store,
+            parts.publisher,
+            settings.kafka.output_topics(),
+            parts.metrics,
+            parts.clock,
+            parts.owner,
+        ).publish_once()
     finally:
         await parts.close()
+    summary = ", ".join(f"{name} {value}" for name, value in outcome.summary.items())
+    print(f"{job}: {outcome.reason} in {outcome.duration_s:.1f}s ({summary})")
+    if published is None:
+        print("events: the running daemon publishes them")
+    else:
+        print(f"events: {published} published")
+    if not outcome.ok:
+        print(f"{job}: {outcome.detail}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -128,6 +128,16 @@ class OutboxPublisher:
             total += len(entries)
             self._metrics.outbox_pending.set(await self._store.outbox_length())
 
+    async def publish_once(self) -> int | None:
+        """Publish what is pending now (one-shot commands); None when a daemon holds the lease
+        and will publish it itself."""
+        if not await self._hold_lease():
+            return None
+        try:
+            return await self.publish_pending()
+        finally:
+            await self.release()
+
     async def release(self) -> None:
         if self._holding:
             await self._store.release_lease(self._store.keys.outbox_lease, self._owner)

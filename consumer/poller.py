@@ -91,7 +91,7 @@ class SegmentDeleter(Protocol):
 class PollerSettings:
     # Must equal the executor's StepSettings.poll_interval, which places the first poll.
     poll_interval: timedelta = timedelta(days=1)
-    default_window_days: int = 7
+    default_window_days: float = 7.0
     segment_retention: timedelta = timedelta(0)
     concurrency: int = 4
     lease_ttl: timedelta = timedelta(seconds=60)

@@ -567,9 +567,13 @@ class CampaignSteps:
                 "CANCEL_TOO_LATE", "the campaign was already sent; it cannot be cancelled"
             ),
         )
+        # A poll may move SENT to POLLING meanwhile; the refusal holds in either state.
+        transition = self._store.transition(run.key).expect(
+            CampaignState.SENT, CampaignState.POLLING
+        )
         await self._apply(
             run,
-            self._fenced(run, run.snapshot.state)
+            transition.fenced(run.lease_key, run.token)
             .delete_fields("cancel_requested")
             .dequeue(self._keys.work_queue, run.key)
             .emit(self._keys.outbox, status_entry(self._registry, status)),

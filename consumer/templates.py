@@ -6,6 +6,7 @@ The daily catalog job (and a miss, at most once a minute) refreshes the copy wit
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 
@@ -28,19 +29,28 @@ class TemplateCopy:
         self._keys = keys
         self._client = client
         self._last_refresh_s = float("-inf")
+        self._refreshing = asyncio.Lock()
 
     async def lookup(self, template_id: int) -> Template | None:
         template = await self._stored(template_id)
-        if template is None and monotonic_s() - self._last_refresh_s > REFRESH_ON_MISS_INTERVAL_S:
-            await self.refresh()
+        if template is not None:
+            return template
+        # One refresh at a time: a lookup that waited here sees the copy the other one wrote.
+        async with self._refreshing:
             template = await self._stored(template_id)
+            if (
+                template is None
+                and monotonic_s() - self._last_refresh_s > REFRESH_ON_MISS_INTERVAL_S
+            ):
+                await self.refresh()
+                template = await self._stored(template_id)
         return template
 
     async def refresh(self) -> list[Template]:
         """Replace the copy with TextLocal's current templates (atomically)."""
         templates = await self._client.get_templates()
-        self._last_refresh_s = monotonic_s()
         await self.replace(templates)
+        self._last_refresh_s = monotonic_s()
         return templates
 
     async def replace(self, templates: Sequence[Template]) -> None:
