@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from tests.daemon import stack  # noqa: F401  - the daemon-process world fixture
 from tests.fixtures_sandbox import sandbox  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,14 +10,22 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+import redis.asyncio as aioredis
 
+from consumer.events import CampaignRef, InputEvent
+from consumer.keys import RedisKeys
 from consumer.sandbox import SandboxHandle
+from consumer.store import CampaignStore
+from consumer.workflow import CampaignState
+from tests.helpers import REGISTRY, consume, eventually, produce, recipients, scheduled
 
 CONSOLE_SCRIPT = str(Path(sys.executable).parent / "textlocal-consumer")
 
@@ -172,3 +180,150 @@ class DaemonProcess:
             except json.JSONDecodeError:
                 continue
         return found
+
+
+# --- a whole daemon world per test -----------------------------------------------------------
+
+PROMO_BODY = "Shop & Co: 20% off with [%PROMO_CODE%] this weekend only!"
+MASTER_CONTACTS = 30_000
+FIRST_NUMBER = 447_700_000_000
+# Contacts whose numbers TextLocal would refuse: resolved as invalid numbers, never sent to.
+INVALID_CONTACTS = [
+    {"number": 4477000001, "custom1": "INV-1", "first_name": "Ten"},
+    {"number": 44770000000123, "custom1": "INV-2", "first_name": "Fourteen"},
+    {"number": 12345, "custom1": "INV-3", "first_name": "Short"},
+]
+
+
+@dataclass
+class Stack:
+    """One test's daemon world: topics, Redis prefix, a seeded sandbox, and daemon processes."""
+
+    bootstrap: str
+    topics: DaemonTopics
+    store: CampaignStore
+    sandbox: SandboxHandle
+    template_id: int
+    env: dict[str, str]
+    tmp_path: Path
+    daemons: list[DaemonProcess]
+
+    def daemon(self, name: str = "daemon", **extra: str) -> DaemonProcess:
+        env = {**self.env, **extra}
+        if "TEXTLOCAL_CONSUMER_HTTP_PORT" not in extra:
+            env["TEXTLOCAL_CONSUMER_HTTP_PORT"] = str(free_port())
+        process = DaemonProcess(env, self.tmp_path / f"{name}.log")
+        self.daemons.append(process)
+        return process
+
+    def publish(self, *events: InputEvent | tuple[bytes, bytes]) -> None:
+        produce(self.bootstrap, self.topics.input, list(events))
+
+    def campaign(
+        self, ref: CampaignRef, customer_ids: list[str], batches: int, **header: Any
+    ) -> list[InputEvent]:
+        size = -(-len(customer_ids) // batches)
+        fields: dict[str, Any] = {
+            "recipient_count": len(customer_ids),
+            "batch_count": batches,
+            "template_id": self.template_id,
+            "template_name": "OPT_Promo",
+            "promo_codes": ("WEEKEND20",),
+            **header,
+        }
+        events: list[InputEvent] = [scheduled(ref, **fields)]
+        for index in range(batches):
+            events.append(recipients(ref, index, customer_ids[index * size : (index + 1) * size]))
+        return events
+
+    async def state(self, ref: CampaignRef) -> CampaignState | None:
+        snapshot = await self.store.load(ref.key)
+        return None if snapshot is None else snapshot.state
+
+    async def wait_for_state(
+        self, ref: CampaignRef, *states: CampaignState, timeout_s: float = 90.0
+    ) -> None:
+        async def reached() -> bool:
+            return await self.state(ref) in states
+
+        reached.__name__ = f"{ref.key} reaches {[s.value for s in states]}"
+        await eventually(reached, timeout_s=timeout_s, interval_s=0.2)
+
+    def statuses(self, expected: int) -> list[dict[str, Any]]:
+        """Status events on the status topic (decoded), waiting for at least `expected`."""
+        records = consume(self.bootstrap, self.topics.status, expected=expected, timeout_s=30)
+        return [REGISTRY.decode(r.value()).fields for r in records]
+
+
+@pytest.fixture
+async def stack(
+    request: pytest.FixtureRequest,
+    kafka_bootstrap: str,
+    new_topic: Callable[..., str],
+    redis_url: str,
+    redis_client: aioredis.Redis,
+    key_prefix: str,
+    sandbox: SandboxHandle,
+    tmp_path: Path,
+) -> AsyncIterator[Stack]:
+    # A test module may set INPUT_PARTITIONS (the replica tests want 6).
+    partitions = getattr(request.module, "INPUT_PARTITIONS", 3)
+    topics = DaemonTopics(
+        input=new_topic("input", partitions=partitions),
+        status=new_topic("status", partitions=3),
+        metrics=new_topic("metrics", partitions=3),
+        templates=new_topic("templates", config={"cleanup.policy": "compact"}),
+        dlq=new_topic("dlq"),
+    )
+    group_id = await sandbox.admin.generate_contacts(
+        "Optimove customers", MASTER_CONTACTS, first_number=FIRST_NUMBER
+    )
+    await sandbox.admin.seed_contacts(group_id, None, INVALID_CONTACTS)
+    (template_id,) = await sandbox.admin.seed_templates(
+        [{"title": "OPT_Promo", "body": PROMO_BODY}]
+    )
+    env = daemon_environment(
+        kafka_bootstrap=kafka_bootstrap,
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        topics=topics,
+        sandbox=sandbox,
+        group_id=group_id,
+        http_port=free_port(),
+    )
+    store = CampaignStore(redis_client, RedisKeys(prefix=key_prefix), REGISTRY)
+    world = Stack(kafka_bootstrap, topics, store, sandbox, template_id, env, tmp_path, [])
+    yield world
+    for daemon in world.daemons:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait(10)
+
+
+def customer_ids(first: int, count: int) -> list[str]:
+    return [f"C{i:07d}" for i in range(first, first + count)]
+
+
+async def assert_one_message_per_recipient(stack: Stack, expected_numbers: int) -> None:
+    messages = await stack.sandbox.admin.messages()
+    per_number = Counter(m.number for m in messages)
+    assert len(per_number) == expected_numbers
+    assert max(per_number.values()) == 1, "a recipient got more than one SMS"
+
+
+def assert_statuses_consistent(statuses: list[dict[str, Any]], ref: CampaignRef) -> list[str]:
+    """Each status appears with one event id only (re-emissions are exact duplicates)."""
+    ids_by_status: dict[str, set[str]] = defaultdict(set)
+    order = []
+    for fields in statuses:
+        if (fields["tenant_id"], fields["campaign_id"], fields["channel_id"]) != (
+            ref.tenant_id,
+            ref.campaign_id,
+            ref.channel_id,
+        ):
+            continue
+        ids_by_status[fields["status"]].add(fields["event_id"])
+        if fields["status"] not in order:
+            order.append(fields["status"])
+    assert all(len(ids) == 1 for ids in ids_by_status.values()), ids_by_status
+    return order
