@@ -36,6 +36,7 @@ from consumer.codec import SchemaRegistry
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled
 from consumer.keys import RedisKeys
 from consumer.sandbox import SandboxAdminClient
+from consumer.store import as_text
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -89,8 +90,12 @@ async def floor_run(sandbox_url: str, master_group: int, matched: int, message: 
     chunks = []
     for start in range(0, matched, 1500):
         contacts = [
-            {"number": str(447_000_000_000 + i), "first_name": "", "last_name": "",
-             "custom1": f"C{i + 1:07d}"}
+            {
+                "number": str(447_000_000_000 + i),
+                "first_name": "",
+                "last_name": "",
+                "custom1": f"C{i + 1:07d}",
+            }
             for i in range(start, min(start + 1500, matched))
         ]
         chunks.append(json.dumps(contacts))
@@ -129,16 +134,29 @@ def publish_campaign(bootstrap: str, topic: str, template_id: int) -> tuple[Camp
     batches = [ids[i : i + BATCH] for i in range(0, len(ids), BATCH)]
     now = datetime.now(UTC)
     header = CampaignScheduled(
-        event_id=str(uuid.uuid4()), occurred_at=now, ref=ref, template_id=template_id,
-        template_name="OPT_Bench", scheduled_at=now, message_type="SMS",
-        recipient_count=len(ids), batch_count=len(batches), promo_codes=("BENCH",),
+        event_id=str(uuid.uuid4()),
+        occurred_at=now,
+        ref=ref,
+        template_id=template_id,
+        template_name="OPT_Bench",
+        scheduled_at=now,
+        message_type="SMS",
+        recipient_count=len(ids),
+        batch_count=len(batches),
+        promo_codes=("BENCH",),
     )
     encoded = [registry.encode("CampaignScheduled", header.to_fields())]
     for index, batch in enumerate(batches):
         event = CampaignRecipients(str(uuid.uuid4()), now, ref, index, tuple(batch))
         encoded.append(registry.encode("CampaignRecipients", event.to_fields()))
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                         "message.max.bytes": 10_000_000, "linger.ms": 5})
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "message.max.bytes": 10_000_000,
+            "linger.ms": 5,
+        }
+    )
     started = time.monotonic()
     for value in encoded:
         producer.produce(topic, key=ref.key.encode(), value=value)
@@ -152,9 +170,19 @@ async def main() -> int:
     sandbox_port, http_port = free_port(), free_port()
     sandbox_url = f"http://127.0.0.1:{sandbox_port}/"
     sandbox = subprocess.Popen(
-        [str(BIN / "python"), "-m", "consumer.sandbox", "--port", str(sandbox_port),
-         "--api-key", API_KEY, "--balance", str(RECIPIENTS * 10)],
-        stdout=open(WORK / "sandbox.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        [
+            str(BIN / "python"),
+            "-m",
+            "consumer.sandbox",
+            "--port",
+            str(sandbox_port),
+            "--api-key",
+            API_KEY,
+            "--balance",
+            str(RECIPIENTS * 10),
+        ],
+        stdout=open(WORK / "sandbox.log", "wb"),
+        stderr=subprocess.STDOUT,
     )
     daemon: subprocess.Popen[bytes] | None = None
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
@@ -194,8 +222,10 @@ async def main() -> int:
             "TEXTLOCAL_CONSUMER_LOG_FORMAT": "json",
         }
         daemon = subprocess.Popen(
-            [str(BIN / "textlocal-consumer"), "run"], env=env,
-            stdout=open(WORK / "daemon.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+            [str(BIN / "textlocal-consumer"), "run"],
+            env=env,
+            stdout=open(WORK / "daemon.log", "wb"),
+            stderr=subprocess.STDOUT,
         )
         await wait_http(f"http://127.0.0.1:{http_port}/readyz", 120)
         redis = aioredis.Redis.from_url(stack["REDIS_URL"])
@@ -214,18 +244,22 @@ async def main() -> int:
             publish_campaign, stack["KAFKA_BOOTSTRAP_SERVERS"], topic, template_id
         )
         print(f"published {RECIPIENTS:,} recipients in {RECIPIENTS // BATCH} batches", flush=True)
-        state = b""
-        while state != b"SENT":
-            state = await redis.hget(keys.campaign(ref.key), "state") or b""
-            if state in (b"FAILED", b"REJECTED"):
-                raise SystemExit(f"campaign ended {state.decode()}; see {WORK}/daemon.log")
+        state = ""
+        while state != "SENT":
+            state = as_text(await redis.hget(keys.campaign(ref.key), "state") or b"")
+            if state in ("FAILED", "REJECTED"):
+                raise SystemExit(f"campaign ended {state}; see {WORK}/daemon.log")
             await asyncio.sleep(0.05)
         wall = time.monotonic() - started
         rss = peak_rss_mb(daemon.pid)
         calls = await admin.call_counts()
         campaign_calls = {k: v for k, v in calls.items() if v}
-        minimum = {"create_group": 1, "create_contacts_bulk": math.ceil(matched / 1500),
-                   "balance": 1, "send": 1}
+        minimum = {
+            "create_group": 1,
+            "create_contacts_bulk": math.ceil(matched / 1500),
+            "balance": 1,
+            "send": 1,
+        }
 
         floor_after = await floor_run(sandbox_url, group_id, matched, message)
         floor = (floor_before + floor_after) / 2
@@ -235,10 +269,13 @@ async def main() -> int:
         print()
         print(f"recipients {RECIPIENTS:,} (matched {matched:,}, unmatched {UNMATCHED:,})")
         print(f"TextLocal calls made : {campaign_calls}")
-        print(f"TextLocal calls floor: {minimum}  -> {'EQUAL' if campaign_calls == minimum else 'DIFFERENT'}")
+        verdict = "EQUAL" if campaign_calls == minimum else "DIFFERENT"
+        print(f"TextLocal calls floor: {minimum}  -> {verdict}")
         print(f"daemon peak RSS      : {rss:.0f} MB (target <= 300 MB)")
         print(f"wall time to SENT    : {wall:.1f}s")
-        print(f"floor (plain aiohttp): {floor:.1f}s (runs: {floor_before:.1f}s, {floor_after:.1f}s)")
+        print(
+            f"floor (plain aiohttp): {floor:.1f}s (runs: {floor_before:.1f}s, {floor_after:.1f}s)"
+        )
         print(f"ratio                : {wall / floor:.2f}x (target <= 1.5x)")
         return 0
     finally:

@@ -4,31 +4,40 @@ Built from TextLocal's `get_contacts` (pages of 1,000, a few in flight) into a n
 then switched to with one atomic SET of the "current version" pointer, so readers never see a
 half-built index. The previous version lingers for an hour, so a campaign resolving against it
 when the switch happens finishes on a consistent index.
+
+Each entry is stored ready for use: the number already normalised (empty when TextLocal holds an
+invalid one) and the contact's fields already as a JSON fragment for `create_contacts_bulk`. A
+campaign of a million customers is then resolved in pages that Redis joins (SSCAN + HMGET in one
+Lua call, one string back), and Python only splits strings and glues fragments: about a
+microsecond a customer instead of the dozen that decoding, validating and re-encoding took.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from json.encoder import encode_basestring
 
 import redis.asyncio as aioredis
 
 from consumer.clock import to_millis
 from consumer.keys import RedisKeys
 from consumer.logs import log_event
-from consumer.store import as_bytes, as_text, redis_errors
+from consumer.store import as_text, redis_errors
 from consumer.textlocal import TextLocalClient
 from consumer.textlocal_types import Contact
-from consumer.workflow import ContactGroup
+from consumer.workflow import MAX_CONTACTS_PER_BULK_CALL, ContactGroup, normalise_number
 
 log = logging.getLogger("consumer.contacts")
 
 PAGE_SIZE = 1000
 PAGES_IN_FLIGHT = 4
+SCAN_PAGE = 10_000
 OLD_VERSION_GRACE_S = 3600
 _SEPARATOR = "\x1f"  # unit separator: cannot appear in TextLocal's fields
 
@@ -37,17 +46,56 @@ Progress = Callable[[int, int], None]  # (contacts indexed so far, contacts in t
 
 @dataclass(frozen=True)
 class IndexedContact:
-    number: str
+    """A master-group contact as the index keeps it."""
+
+    number: str  # normalised international digits, or "" when TextLocal's number is invalid
     first_name: str
     last_name: str
 
     def pack(self) -> str:
-        return _SEPARATOR.join((self.number, self.first_name, self.last_name))
+        """`number <US> "number":…,"first_name":…,"last_name":…` (a JSON object's inside)."""
+        fragment = json.dumps(
+            {"number": self.number, "first_name": self.first_name, "last_name": self.last_name},
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )[1:-1]
+        return f"{self.number}{_SEPARATOR}{fragment}"
 
     @classmethod
-    def unpack(cls, packed: bytes) -> IndexedContact:
-        number, first_name, last_name = packed.decode().split(_SEPARATOR)
-        return cls(number, first_name, last_name)
+    def unpack(cls, packed: str) -> IndexedContact:
+        number, fragment = packed.split(_SEPARATOR, 1)
+        fields = json.loads("{" + fragment + "}")
+        return cls(number, fields["first_name"], fields["last_name"])
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What resolving a campaign's customers against the index found."""
+
+    matched: int  # distinct valid numbers, written in chunks
+    unmatched: int  # customer ids the index does not know
+    invalid_numbers: int  # known customers whose number TextLocal would refuse
+    repeated_numbers: int  # customers sharing a number with an earlier one (sent once)
+    chunks: int
+
+
+# One Lua call per page: SSCAN the campaign's customer ids and look each up in the index; the
+# answer is the next cursor and one string "id RS entry RS id RS entry ..." (entry "" = unknown).
+_RESOLVE_PAGE = r"""
+local page = redis.call('SSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local ids = page[2]
+local out = {}
+for first = 1, #ids, 4000 do
+  local last = math.min(first + 3999, #ids)
+  local entries = redis.call('HMGET', KEYS[2], unpack(ids, first, last))
+  for i = first, last do
+    out[#out + 1] = ids[i]
+    out[#out + 1] = entries[i - first + 1] or ''
+  end
+end
+return {page[1], table.concat(out, '\30')}
+"""
+_RECORD = "\x1e"
 
 
 @dataclass(frozen=True)
@@ -67,6 +115,7 @@ class ContactIndex:
     def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._redis = redis
         self._keys = keys
+        self._resolve_page = redis.register_script(_RESOLVE_PAGE)
 
     async def current_version(self, group_id: int) -> str | None:
         with redis_errors("GET contact index version"):
@@ -83,7 +132,75 @@ class ContactIndex:
             packed = await self._redis.hmget(
                 self._keys.contacts_version(group_id, version), list(customer_ids)
             )
-        return [None if p is None else IndexedContact.unpack(as_bytes(p)) for p in packed]
+        return [None if p is None else IndexedContact.unpack(as_text(p)) for p in packed]
+
+    async def resolve(
+        self,
+        recipients_key: str,
+        group: ContactGroup,
+        version: str,
+        write_chunk: Callable[[int, str, int], Awaitable[None]],
+        check: Callable[[], None] = lambda: None,
+    ) -> Resolution:
+        """Resolve a campaign's customer ids into `create_contacts_bulk` payloads.
+
+        Streams the recipient set in pages (memory stays flat however big the campaign);
+        `write_chunk(index, json, count)` receives each payload of ≤1,500 contacts, whose
+        `group.customer_id_field` holds the customer id. Only numbers are remembered (as ints),
+        to send once to a number reached through two customer ids. `check` runs between pages
+        (the caller's lease check). The set must not shrink meanwhile: SSCAN then returns each
+        member exactly once (members only ever repeat when a set is resized down).
+        """
+        index_key = self._keys.contacts_version(group.group_id, version)
+        id_field = f',"{group.customer_id_field}":'
+        numbers_seen: set[int] = set()
+        chunk: list[str] = []
+        chunks = matched = unmatched = invalid = repeated = 0
+
+        async def fetch(cursor: str) -> tuple[str, list[str]]:
+            with redis_errors("resolve page"):
+                next_cursor, joined = await self._resolve_page(
+                    keys=[recipients_key, index_key], args=[cursor, SCAN_PAGE]
+                )
+            return as_text(next_cursor), as_text(joined).split(_RECORD) if joined else []
+
+        cursor, fields = await fetch("0")
+        following: asyncio.Future[tuple[str, list[str]]] | None = None
+        try:
+            while True:
+                # Redis looks the next page up while this one is turned into chunks.
+                following = asyncio.ensure_future(fetch(cursor)) if cursor != "0" else None
+                for position in range(0, len(fields), 2):
+                    entry = fields[position + 1]
+                    if not entry:
+                        unmatched += 1
+                        continue
+                    number, fragment = entry.split(_SEPARATOR, 1)
+                    if not number:
+                        invalid += 1
+                        continue
+                    as_int = int(number)
+                    if as_int in numbers_seen:
+                        repeated += 1
+                        continue
+                    numbers_seen.add(as_int)
+                    matched += 1
+                    chunk.append("{" + fragment + id_field + _json_string(fields[position]) + "}")
+                    if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
+                        await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
+                        chunks, chunk = chunks + 1, []
+                check()
+                if following is None:
+                    break
+                cursor, fields = await following
+        except BaseException:
+            if following is not None:
+                following.cancel()
+            raise
+        if chunk:
+            await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
+            chunks += 1
+        return Resolution(matched, unmatched, invalid, repeated, chunks)
 
     async def size(self, group_id: int) -> int:
         version = await self.current_version(group_id)
@@ -155,8 +272,9 @@ class ContactIndex:
             if not customer_id:
                 counts.without_customer_id += 1
                 continue
+            number = normalise_number(contact.number) or ""
             mapping[customer_id] = IndexedContact(
-                contact.number, contact.first_name, contact.last_name
+                number, contact.first_name, contact.last_name
             ).pack()
         if mapping:
             with redis_errors("HSET contact index"):
@@ -186,3 +304,8 @@ class _Counts:
 def _report(progress: Progress | None, done: int, total: int) -> None:
     if progress is not None:
         progress(done, total)
+
+
+def _json_string(text: str) -> str:
+    """`text` as a JSON string literal (json's own C encoder)."""
+    return str(encode_basestring(text))

@@ -12,7 +12,6 @@ rest back (lease released, campaign due at once for the next owner).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -27,16 +26,11 @@ from consumer.events import (
     StatusCode,
     StatusError,
 )
+from consumer.leased_work import Lease, LeasedWorkers, LeaseLost
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import status_entry
-from consumer.steps import (
-    FINISHED_CAMPAIGN_RETENTION_S,
-    CampaignRun,
-    CampaignSteps,
-    LeaseLost,
-    RetryAt,
-)
+from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S, CampaignRun, CampaignSteps, RetryAt
 from consumer.store import CampaignStore
 from consumer.workflow import CampaignState, Step, next_step, retry_delay
 
@@ -75,18 +69,23 @@ class Executor:
         self._settings = settings
         self._clock = clock
         self._metrics = metrics
-        self._owner = owner
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._started: dict[str, datetime] = {}
+        self._workers = LeasedWorkers(
+            store,
+            queue=store.keys.work_queue,
+            lease_prefix=store.keys.campaign_lease_prefix,
+            handle=self.execute,
+            kind="campaign",
+            concurrency=settings.concurrency,
+            lease_ttl=settings.lease_ttl,
+            clock=clock,
+            metrics=metrics,
+            owner=owner,
+        )
         self._last_sweep_s = float("-inf")
-
-    @property
-    def running(self) -> int:
-        return len(self._running)
 
     def oldest_running_since(self) -> datetime | None:
         """When the longest-running campaign in hand was claimed (for the liveness check)."""
-        return min(self._started.values(), default=None)
+        return self._workers.oldest_running_since()
 
     async def run(self, stopping: asyncio.Event, drain_timeout_s: float = 25.0) -> None:
         """Claim and execute due campaigns until `stopping`; then drain and hand back."""
@@ -108,85 +107,41 @@ class Executor:
 
     async def claim_and_start(self) -> int:
         """Claim as many due campaigns as there are free slots and start working on them."""
-        free = self._settings.concurrency - len(self._running)
-        if free <= 0:
-            return 0
-        keys = await self._store.claim_due(
-            self._keys.work_queue,
-            self._keys.campaign_lease_prefix,
-            self._clock.now(),
-            free,
-            self._owner,
-            self._lease_ttl_ms,
-        )
-        for key in keys:
-            task = asyncio.create_task(self.execute(key), name=f"campaign {key}")
-            self._running[key] = task
-            self._started[key] = self._clock.now()
-            task.add_done_callback(self._forget)
-        self._metrics.leases_held.labels("campaign").set(len(self._running))
-        return len(keys)
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        for key, running in list(self._running.items()):
-            if running is task:
-                del self._running[key]
-                self._started.pop(key, None)
+        return await self._workers.claim_and_start()
 
     async def run_until_idle(self, timeout_s: float = 60.0) -> None:
         """Claim and execute until nothing is due (for tests and one-shot runs)."""
         async with asyncio.timeout(timeout_s):
             while True:
                 await self.sweep_collecting()
-                await self.claim_and_start()
-                if not self._running:
+                await self._workers.claim_and_start()
+                if not self._workers.running:
                     return
-                await asyncio.wait(list(self._running.values()))
+                await self._workers.wait_for_one()
 
     async def drain(self, timeout_s: float) -> None:
         """Let running campaigns finish their step for up to `timeout_s`; hand the rest back."""
-        if not self._running:
-            return
-        log_event(log, "executor.draining", campaigns=len(self._running), timeout_s=timeout_s)
-        _, still_running = await asyncio.wait(list(self._running.values()), timeout=timeout_s)
-        for task in still_running:
-            task.cancel()
-        if still_running:
-            await asyncio.wait(still_running)
-            log_event(log, "executor.handed_back", logging.WARNING, campaigns=len(still_running))
+        if self._workers.running:
+            log_event(log, "executor.draining", campaigns=self._workers.running)
+            handed_back = await self._workers.drain(timeout_s)
+            if handed_back:
+                log_event(log, "executor.handed_back", logging.WARNING, campaigns=handed_back)
 
     # --- one campaign ----------------------------------------------------------------------
 
-    async def execute(self, key: str) -> None:
+    async def execute(self, key: str, lease: Lease) -> None:
         """Work on one campaign whose lease this replica holds, step after step."""
-        lease_key = self._keys.campaign_lease(key)
         snapshot = await self._store.load(key)
         if snapshot is None or snapshot.header is None:
             await self._store.unschedule(self._keys.work_queue, key)
-            await self._store.release_lease(lease_key, self._owner)
             return
-        run = CampaignRun(snapshot, lease_key, self._owner)
-        renewal = asyncio.create_task(self._keep_lease(run))
-        try:
-            await self._drive(run)
-        except asyncio.CancelledError:
-            # Stopping: hand the campaign back at once rather than after the lease expires.
-            with contextlib.suppress(TransientError):
-                await self._store.reschedule(self._keys.work_queue, key, self._clock.now())
-            raise
-        finally:
-            renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
-            with contextlib.suppress(TransientError):
-                await self._store.release_lease(lease_key, self._owner)
+        await self._drive(CampaignRun(snapshot, lease))
 
     async def _drive(self, run: CampaignRun) -> None:
         for _ in range(MAX_STEPS_PER_CLAIM):
             snapshot = run.snapshot
             step = next_step(
                 snapshot.state,
-                resolved=snapshot.text("resolved") == "1",
                 cancel_requested=snapshot.cancel_requested,
                 scheduled_at=run.header.scheduled_at,
                 now=self._clock.now(),
@@ -226,9 +181,7 @@ class Executor:
 
     async def _run_step(self, step: Step, run: CampaignRun) -> None:
         steps = self._steps
-        if step == Step.RESOLVE:
-            await steps.resolve(run)
-        elif step == Step.CREATE_SEGMENT:
+        if step == Step.CREATE_SEGMENT:
             await steps.create_segment(run)
         elif step == Step.LOAD_CONTACTS:
             await steps.load_contacts(run)
@@ -279,18 +232,6 @@ class Executor:
             log_event(
                 log, "executor.fail_not_recorded", logging.ERROR, campaign=run.key, error=str(exc)
             )
-
-    async def _keep_lease(self, run: CampaignRun) -> None:
-        interval_s = self._settings.lease_ttl.total_seconds() / 3
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                held = await self._store.renew_lease(run.lease_key, run.token, self._lease_ttl_ms)
-            except TransientError:
-                continue  # try again; the lease outlives two missed renewals
-            if not held:
-                run.lease_lost.set()
-                return
 
     # --- collecting deadline ---------------------------------------------------------------
 
@@ -351,7 +292,3 @@ class Executor:
                     reason=error.code,
                     detail=error.message,
                 )
-
-    @property
-    def _lease_ttl_ms(self) -> int:
-        return int(self._settings.lease_ttl.total_seconds() * 1000)

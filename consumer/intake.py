@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
@@ -109,6 +110,7 @@ class Intake:
         self._settings = settings
         self._clock = clock
         self._metrics = metrics
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-decode")
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set; then commit what was handled."""
@@ -116,21 +118,43 @@ class Intake:
         try:
             while not stopping.is_set():
                 records = await self._source.poll(self._settings.poll_batch, 0.5)
-                for record in records:
-                    if not await self._handle_until_done(record, stopping):
-                        return  # stopping mid-retry: the record stays uncommitted, read again
-                    await self._source.store_offset(record)
+                if not await self._handle_in_order(records, stopping):
+                    return  # stopping mid-retry: the record stays uncommitted, read again
                 self._metrics.loop_last_iteration.labels("intake").set(
                     self._clock.now().timestamp()
                 )
         finally:
             await self._source.commit()
 
-    async def _handle_until_done(self, record: InboundRecord, stopping: asyncio.Event) -> bool:
+    async def _handle_in_order(
+        self, records: Sequence[InboundRecord], stopping: asyncio.Event
+    ) -> bool:
+        """Handle records one after the other, storing each offset once its record is handled.
+
+        The next record is decoded on a worker thread while Redis records the current one
+        (decoding a batch of 10,000 customers and recording it take about the same time).
+        """
+        loop = asyncio.get_running_loop()
+        following = (
+            loop.run_in_executor(self._decoder, self.decode, records[0]) if records else None
+        )
+        for position, record in enumerate(records):
+            assert following is not None
+            current = await following
+            if position + 1 < len(records):
+                following = loop.run_in_executor(self._decoder, self.decode, records[position + 1])
+            if not await self._handle_until_done(record, current, stopping):
+                return False
+            await self._source.store_offset(record)
+        return True
+
+    async def _handle_until_done(
+        self, record: InboundRecord, decoded: InputEvent | CodecError, stopping: asyncio.Event
+    ) -> bool:
         attempt = 0
         while True:
             try:
-                await self.handle(record)
+                await self.apply(record, decoded)
                 return True
             except TransientError as exc:
                 delay = _RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)]
@@ -148,16 +172,27 @@ class Intake:
                     return False
 
     async def handle(self, record: InboundRecord) -> str:
-        """Handle one record durably; returns what happened (for logs and tests)."""
+        """Decode and handle one record durably; returns what happened (for logs and tests)."""
+        return await self.apply(record, self.decode(record))
+
+    def decode(self, record: InboundRecord) -> InputEvent | CodecError:
+        """The record's event, or the reason it cannot be decoded (pure CPU, no I/O)."""
         try:
             if record.value is None:
                 raise CodecError("record has no value (null)")
             decoded = self._registry.decode(record.value, expected=INPUT_EVENT_NAMES)
         except CodecError as exc:
-            await self._dead_letter(record, exc)
+            return exc
+        return parse_input_event(decoded.name, decoded.fields)
+
+    async def apply(self, record: InboundRecord, decoded: InputEvent | CodecError) -> str:
+        """Record a decoded event in Redis, or dead-letter an undecodable record."""
+        if isinstance(decoded, CodecError):
+            await self._dead_letter(record, decoded)
             return "dead-lettered"
-        event = parse_input_event(decoded.name, decoded.fields)
-        self._metrics.events_consumed.labels(decoded.name).inc()
+        event = decoded
+        kind = type(event).__name__
+        self._metrics.events_consumed.labels(kind).inc()
         if isinstance(event, CampaignScheduled):
             outcome = await self._on_scheduled(event)
         elif isinstance(event, CampaignRecipients):
@@ -165,11 +200,11 @@ class Intake:
         else:
             outcome = await self._on_cancelled(event)
         if outcome.startswith("duplicate"):
-            self._metrics.events_duplicate.labels(decoded.name).inc()
+            self._metrics.events_duplicate.labels(kind).inc()
         log_event(
             log,
             "intake.event",
-            type=decoded.name,
+            type=kind,
             campaign=event.ref.key,
             event_id=event.event_id,
             outcome=outcome,
@@ -211,8 +246,7 @@ class Intake:
         return f"{outcome.result}:{outcome.state}"
 
     async def _on_recipients(self, event: CampaignRecipients) -> str:
-        if await self._store.event_seen(event.event_id):
-            return "duplicate-event"
+        # Duplicates are recognised inside record_batch's single Redis call.
         problem = validate_recipients(event)
         if problem is not None:
             return await self._reject(event, problem)

@@ -44,7 +44,6 @@ Decisions where the design is silent:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -54,6 +53,7 @@ from consumer.clock import Clock, pause, to_millis
 from consumer.codec import SchemaRegistry
 from consumer.errors import ConsumerError, PermanentError, TextLocalApiError, TransientError
 from consumer.events import CampaignRef, DeliveryMetricsEvent
+from consumer.leased_work import Lease, LeasedWorkers, LeaseLost
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import metrics_entry
@@ -112,10 +112,6 @@ class PollWindow:
         return self.ends_at - self.sent_at
 
 
-class LeaseLost(Exception):
-    """The poll lease expired and another replica may hold the campaign: record nothing."""
-
-
 class Poller:
     """See the module docstring."""
 
@@ -139,12 +135,23 @@ class Poller:
         self._clock = clock
         self._metrics = metrics
         self._owner = owner
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._workers = LeasedWorkers(
+            store,
+            queue=store.keys.poll_queue,
+            lease_prefix=store.keys.poll_lease_prefix,
+            handle=self.poll,
+            kind="poll",
+            concurrency=settings.concurrency,
+            lease_ttl=settings.lease_ttl,
+            clock=clock,
+            metrics=metrics,
+            owner=owner,
+        )
         self._polls_recorded = 0
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return self._workers.running
 
     async def run(self, stopping: asyncio.Event, drain_timeout_s: float = 25.0) -> None:
         """Claim and make due polls until `stopping`; then drain and hand the rest back."""
@@ -169,32 +176,16 @@ class Poller:
         this poller recorded (with or without an event). For tests, the benchmark, one-shots."""
         recorded_before = self._polls_recorded
         while True:
-            await self.claim_and_start()
-            if not self._running:
+            await self._workers.claim_and_start()
+            if not self._workers.running:
                 break
-            await asyncio.wait(list(self._running.values()), return_when=asyncio.FIRST_COMPLETED)
+            await self._workers.wait_for_one()
         await self.update_overdue()
         return self._polls_recorded - recorded_before
 
     async def claim_and_start(self) -> int:
         """Claim as many due polls as there are free slots and start them."""
-        free = self._settings.concurrency - len(self._running)
-        if free <= 0:
-            return 0
-        keys = await self._store.claim_due(
-            self._keys.poll_queue,
-            self._keys.poll_lease_prefix,
-            self._clock.now(),
-            free,
-            self._owner,
-            self._lease_ttl_ms,
-        )
-        for key in keys:
-            task = asyncio.create_task(self.poll(key), name=f"poll {key}")
-            self._running[key] = task
-            task.add_done_callback(self._forget)
-        self._metrics.leases_held.labels("poll").set(len(self._running))
-        return len(keys)
+        return await self._workers.claim_and_start()
 
     async def update_overdue(self) -> None:
         """Set the `polls_overdue` gauge (see the module docstring)."""
@@ -205,30 +196,18 @@ class Poller:
 
     async def drain(self, timeout_s: float) -> None:
         """Let running polls finish for up to `timeout_s`; hand the rest back at once."""
-        if not self._running:
-            return
-        log_event(log, "poller.draining", polls=len(self._running), timeout_s=timeout_s)
-        _, still_running = await asyncio.wait(list(self._running.values()), timeout=timeout_s)
-        for task in still_running:
-            task.cancel()
-        if still_running:
-            await asyncio.wait(still_running)
-            log_event(log, "poller.handed_back", logging.WARNING, polls=len(still_running))
-
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        for key, running in list(self._running.items()):
-            if running is task:
-                del self._running[key]
-        self._metrics.leases_held.labels("poll").set(len(self._running))
+        if self._workers.running:
+            log_event(log, "poller.draining", polls=self._workers.running, timeout_s=timeout_s)
+            handed_back = await self._workers.drain(timeout_s)
+            if handed_back:
+                log_event(log, "poller.handed_back", logging.WARNING, polls=handed_back)
 
     # --- one claimed campaign ----------------------------------------------------------------
 
-    async def poll(self, key: str) -> None:
+    async def poll(self, key: str, lease: Lease) -> None:
         """Work on one campaign whose poll lease this replica holds."""
-        lease_key = self._keys.poll_lease(key)
-        renewal = asyncio.create_task(self._keep_lease(lease_key))
         try:
-            await self._handle(key, lease_key)
+            await self._handle(key, lease.key)
         except LeaseLost as exc:
             self._metrics.polls.labels("lease_lost").inc()
             log_event(log, "poll.lease_lost", logging.WARNING, campaign=key, why=str(exc))
@@ -241,20 +220,6 @@ class Poller:
             # lease, and visible in the overdue gauge if it never succeeds.
             self._metrics.polls.labels("error").inc()
             log_event(log, "poll.error", logging.ERROR, campaign=key, error=str(exc))
-        except asyncio.CancelledError:
-            # Stopping: hand the poll back at once rather than after the lease expires. XX: a
-            # campaign this task already removed from the queue stays removed.
-            with contextlib.suppress(TransientError), redis_errors("ZADD XX polls"):
-                await self._store.redis.zadd(
-                    self._keys.poll_queue, {key: to_millis(self._clock.now())}, xx=True
-                )
-            raise
-        finally:
-            renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
-            with contextlib.suppress(TransientError):
-                await self._store.release_lease(lease_key, self._owner)
 
     async def _handle(self, key: str, lease_key: str) -> None:
         snapshot = await self._store.load(key)
@@ -504,19 +469,3 @@ class Poller:
         result = await self._store.apply(transition, self._clock.now())
         if not result.ok:
             raise LeaseLost(f"{key}: {result.reason}")
-
-    async def _keep_lease(self, lease_key: str) -> None:
-        """Renew the poll lease while the poll runs; once lost, the fenced record will fail."""
-        interval_s = self._settings.lease_ttl.total_seconds() / 3
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                held = await self._store.renew_lease(lease_key, self._owner, self._lease_ttl_ms)
-            except TransientError:
-                continue  # try again; the lease outlives two missed renewals
-            if not held:
-                return
-
-    @property
-    def _lease_ttl_ms(self) -> int:
-        return int(self._settings.lease_ttl.total_seconds() * 1000)

@@ -14,15 +14,15 @@ outlasts any request still in flight.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from consumer.clock import Clock, to_millis
 from consumer.codec import SchemaRegistry
-from consumer.contact_index import ContactIndex
+from consumer.contact_index import ContactIndex, Resolution
 from consumer.errors import (
     TextLocalApiError,
     TextLocalOutcomeUnknown,
@@ -36,19 +36,19 @@ from consumer.events import (
     StatusError,
 )
 from consumer.fault_points import FaultPoints
+from consumer.leased_work import Lease, LeaseLost
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import status_entry
 from consumer.store import CampaignSnapshot, CampaignStore, Transition, as_text, redis_errors
 from consumer.templates import TemplateCopy
-from consumer.textlocal import MAX_CONTACTS_PER_BULK_CALL, TextLocalClient
-from consumer.textlocal_types import NewContact
+from consumer.textlocal import TextLocalClient
 from consumer.workflow import (
+    MAX_CONTACTS_PER_BULK_CALL,
     CampaignState,
     ContactGroup,
     contact_group_for,
     message_cost,
-    normalise_number,
     poll_slot,
     render_message,
     segment_group_name,
@@ -62,10 +62,6 @@ GROUP_EXISTS = 14
 INVALID_GROUP = 10
 FINISHED_CAMPAIGN_RETENTION_S = 30 * 24 * 3600
 _SCAN_PAGE = 10_000
-
-
-class LeaseLost(Exception):
-    """This replica no longer holds the campaign: stop working on it at once."""
 
 
 @dataclass(frozen=True)
@@ -93,22 +89,19 @@ class FoundSend:
 class CampaignRun:
     """One campaign held under this replica's lease, with its latest snapshot."""
 
-    def __init__(self, snapshot: CampaignSnapshot, lease_key: str, token: str) -> None:
+    def __init__(self, snapshot: CampaignSnapshot, lease: Lease) -> None:
         if snapshot.header is None:
             raise ValueError(f"campaign {snapshot.key} has no header")
         self.snapshot = snapshot
         self.header: CampaignScheduled = snapshot.header
-        self.lease_key = lease_key
-        self.token = token
-        self.lease_lost = asyncio.Event()
+        self.lease = lease
 
     @property
     def key(self) -> str:
         return self.snapshot.key
 
     def check_lease(self) -> None:
-        if self.lease_lost.is_set():
-            raise LeaseLost(self.key)
+        self.lease.check()
 
 
 class CampaignSteps:
@@ -139,110 +132,6 @@ class CampaignSteps:
         self._metrics = metrics
         self._faults = faults
 
-    # --- resolve -------------------------------------------------------------------------------
-
-    async def resolve(self, run: CampaignRun) -> None:
-        """Look every customer up in the contact index; write ≤1,500-contact chunks to Redis.
-
-        Streams the recipient set (SSCAN), so memory stays flat however big the campaign. Only
-        numbers are remembered (as ints) to drop a number reached through two customer ids.
-        """
-        group = self._group(run)
-        version = await self._index.current_version(group.group_id)
-        if version is None:
-            raise TransientError(f"the contact index of group {group.group_id} is not built yet")
-        redis = self._store.redis
-        recipients = self._keys.recipients(run.key)
-        numbers_seen: set[int] = set()
-        chunk: list[dict[str, str]] = []
-        chunks = matched = unmatched = invalid = repeated_numbers = 0
-        cursor = 0
-        while True:
-            with redis_errors("SSCAN recipients"):
-                cursor, members = await redis.sscan(recipients, cursor, count=_SCAN_PAGE)
-            customer_ids = [as_text(member) for member in members]
-            contacts = await self._index.lookup(group.group_id, version, customer_ids)
-            pending_writes: dict[str, str] = {}
-            for customer_id, contact in zip(customer_ids, contacts, strict=True):
-                if contact is None:
-                    unmatched += 1
-                    continue
-                number = normalise_number(contact.number)
-                if number is None:
-                    invalid += 1
-                    continue
-                if int(number) in numbers_seen:
-                    repeated_numbers += 1
-                    continue
-                numbers_seen.add(int(number))
-                matched += 1
-                chunk.append(
-                    {
-                        "number": number,
-                        "first_name": contact.first_name,
-                        "last_name": contact.last_name,
-                        group.customer_id_field: customer_id,
-                    }
-                )
-                if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
-                    pending_writes[self._keys.chunk(run.key, chunks)] = json.dumps(chunk)
-                    chunks, chunk = chunks + 1, []
-            if cursor == 0 and chunk:
-                pending_writes[self._keys.chunk(run.key, chunks)] = json.dumps(chunk)
-                chunks, chunk = chunks + 1, []
-            if pending_writes:
-                with redis_errors("MSET chunks"):
-                    await redis.mset(pending_writes)
-            run.check_lease()
-            if cursor == 0:
-                break
-        with redis_errors("SCARD recipients"):
-            distinct_customers = int(await redis.scard(recipients))
-        requested = run.snapshot.int_field("requested")
-        counts = RecipientCounts(
-            requested=requested,
-            matched=matched,
-            unmatched=unmatched,
-            invalid_numbers=invalid,
-            duplicates=requested - distinct_customers + repeated_numbers,
-        )
-        self._metrics.unmatched_customers.labels("unmatched").inc(unmatched)
-        self._metrics.unmatched_customers.labels("invalid_number").inc(invalid)
-        log_event(
-            log,
-            "campaign.resolved",
-            campaign=run.key,
-            requested=requested,
-            matched=matched,
-            unmatched=unmatched,
-            invalid_numbers=invalid,
-            duplicates=counts.duplicates,
-            chunks=chunks,
-        )
-        if matched == 0:
-            await self.fail(
-                run,
-                StatusError(
-                    "NO_RECIPIENTS",
-                    f"none of the {distinct_customers} customers has a valid number in contact "
-                    f"group {group.group_id}",
-                ),
-                counts=counts,
-            )
-            return
-        await self._apply(
-            run,
-            self._fenced(run, CampaignState.READY).set(
-                resolved="1",
-                matched=matched,
-                unmatched=unmatched,
-                invalid_numbers=invalid,
-                duplicates=counts.duplicates,
-                chunks=chunks,
-                contact_group_id=group.group_id,
-            ),
-        )
-
     # --- segment -------------------------------------------------------------------------------
 
     async def create_segment(self, run: CampaignRun) -> None:
@@ -259,13 +148,11 @@ class CampaignSteps:
             # The group may exist now: the next attempt adopts it (create → "exists" → adopt).
             raise TransientError(f"create_group for {run.key}: outcome unknown") from None
         self._faults.reached("segment.created")
-        status = self._status(run, StatusCode.SEGMENT_CREATED, textlocal_group_id=group_id)
         await self._apply(
             run,
             self._fenced(run, CampaignState.READY)
             .set_state(CampaignState.SEGMENT_CREATED)
-            .set(group_id=group_id, group_name=name)
-            .emit(self._keys.outbox, status_entry(self._registry, status)),
+            .set(group_id=group_id, group_name=name),
             CampaignState.SEGMENT_CREATED,
         )
         log_event(log, "campaign.segment_created", campaign=run.key, group_id=group_id)
@@ -277,42 +164,158 @@ class CampaignSteps:
         raise TransientError(f"TextLocal says group {name!r} exists but does not list it")
 
     async def load_contacts(self, run: CampaignRun) -> None:
-        """Load every chunk not yet loaded, a few in flight, recording each one as it lands."""
-        group_id = run.snapshot.int_field("group_id")
+        """Fill the segment: resolve the customers into chunks and load them as they come.
+
+        Resolution and loading overlap: a chunk goes to `create_contacts_bulk` (a few in flight)
+        as soon as it is written, and each chunk is recorded when TextLocal accepted it. Once the
+        resolution is recorded (`resolved`, with its counts), a restart loads only the chunks not
+        yet recorded. A resolution interrupted before that is redone from scratch (its chunks
+        may come out in another order): contacts loaded twice into a group are still one contact.
+        """
+        if run.snapshot.text("resolved") != "1":
+            await self._discard_chunks(run.key)
+            await self._resolve_and_load(run)
+            if run.snapshot.state != CampaignState.SEGMENT_CREATED:
+                return  # failed: nobody to send to
+        else:
+            await self._load_recorded_chunks(run)
+        event = self._status(
+            run,
+            StatusCode.SEGMENT_CREATED,
+            textlocal_group_id=run.snapshot.optional_int("group_id"),
+        )
+        await self._apply(
+            run,
+            self._fenced(run, CampaignState.SEGMENT_CREATED)
+            .set_state(CampaignState.CONTACTS_LOADED)
+            .emit(self._keys.outbox, status_entry(self._registry, event)),
+            CampaignState.CONTACTS_LOADED,
+        )
+        log_event(
+            log,
+            "campaign.contacts_loaded",
+            campaign=run.key,
+            group_id=run.snapshot.optional_int("group_id"),
+            chunks=run.snapshot.int_field("chunks"),
+        )
+
+    async def _resolve_and_load(self, run: CampaignRun) -> None:
+        group = self._group(run)
+        version = await self._index.current_version(group.group_id)
+        if version is None:
+            raise TransientError(f"the contact index of group {group.group_id} is not built yet")
+        redis = self._store.redis
+        ready: asyncio.Queue[tuple[int, str, int] | None] = asyncio.Queue(
+            maxsize=2 * self._settings.contact_load_concurrency
+        )
+
+        async def write_chunk(index: int, payload: str, count: int) -> None:
+            with redis_errors("SET chunk"):
+                await redis.set(self._keys.chunk(run.key, index), payload)
+            await ready.put((index, payload, count))
+
+        async def loader() -> None:
+            while (item := await ready.get()) is not None:
+                await self._load_chunk(run, *item)
+
+        async with _first_error_raised(), asyncio.TaskGroup() as tasks:
+            loaders = [
+                tasks.create_task(loader()) for _ in range(self._settings.contact_load_concurrency)
+            ]
+            found = await self._index.resolve(
+                self._keys.recipients(run.key), group, version, write_chunk, run.check_lease
+            )
+            for _ in loaders:
+                await ready.put(None)
+        await self._record_resolution(run, found)
+
+    async def _record_resolution(self, run: CampaignRun, found: Resolution) -> None:
+        with redis_errors("SCARD recipients"):
+            distinct_customers = int(await self._store.redis.scard(self._keys.recipients(run.key)))
+        requested = run.snapshot.int_field("requested")
+        counts = RecipientCounts(
+            requested=requested,
+            matched=found.matched,
+            unmatched=found.unmatched,
+            invalid_numbers=found.invalid_numbers,
+            duplicates=requested - distinct_customers + found.repeated_numbers,
+        )
+        self._metrics.unmatched_customers.labels("unmatched").inc(found.unmatched)
+        self._metrics.unmatched_customers.labels("invalid_number").inc(found.invalid_numbers)
+        log_event(log, "campaign.resolved", campaign=run.key, chunks=found.chunks, **vars(counts))
+        if found.matched == 0:
+            await self.fail(
+                run,
+                StatusError(
+                    "NO_RECIPIENTS",
+                    f"none of the {distinct_customers} customers has a valid number in contact "
+                    f"group {self._group(run).group_id}",
+                ),
+                counts=counts,
+            )
+            return
+        await self._apply(
+            run,
+            self._fenced(run, CampaignState.SEGMENT_CREATED).set(
+                resolved="1",
+                matched=counts.matched,
+                unmatched=counts.unmatched,
+                invalid_numbers=counts.invalid_numbers,
+                duplicates=counts.duplicates,
+                chunks=found.chunks,
+                contact_group_id=self._group(run).group_id,
+            ),
+        )
+
+    async def _load_recorded_chunks(self, run: CampaignRun) -> None:
+        """After a restart: load the resolved chunks TextLocal has not accepted yet."""
         chunks = run.snapshot.int_field("chunks")
-        loaded_key = self._keys.chunks_loaded(run.key)
+        matched = run.snapshot.int_field("matched")
         with redis_errors("SMEMBERS chunks loaded"):
-            loaded = {int(as_text(m)) for m in await self._store.redis.smembers(loaded_key)}
-        pending = [index for index in range(chunks) if index not in loaded]
+            loaded = {
+                int(as_text(m))
+                for m in await self._store.redis.smembers(self._keys.chunks_loaded(run.key))
+            }
         in_flight = asyncio.Semaphore(self._settings.contact_load_concurrency)
 
         async def load(index: int) -> None:
             async with in_flight:
-                run.check_lease()
                 with redis_errors("GET chunk"):
                     payload = await self._store.redis.get(self._keys.chunk(run.key, index))
                 if payload is None:
                     raise TransientError(f"chunk {index} of {run.key} is missing")
-                contacts = [NewContact(**entry) for entry in json.loads(payload)]
-                await self._client.create_contacts_bulk(group_id, contacts)
-                with redis_errors("SADD chunk loaded"):
-                    await self._store.redis.sadd(loaded_key, index)
-                self._metrics.contacts_loaded.inc(len(contacts))
-                self._faults.reached("contacts.chunk_loaded")
+                # Every chunk holds 1,500 contacts but the last, which holds the rest.
+                count = min(
+                    MAX_CONTACTS_PER_BULK_CALL, matched - index * MAX_CONTACTS_PER_BULK_CALL
+                )
+                await self._load_chunk(run, index, as_text(payload), count)
 
-        async with asyncio.TaskGroup() as tasks:
-            for index in pending:
-                tasks.create_task(load(index))
-        await self._apply(
-            run,
-            self._fenced(run, CampaignState.SEGMENT_CREATED).set_state(
-                CampaignState.CONTACTS_LOADED
-            ),
-            CampaignState.CONTACTS_LOADED,
-        )
-        log_event(
-            log, "campaign.contacts_loaded", campaign=run.key, group_id=group_id, chunks=chunks
-        )
+        async with _first_error_raised(), asyncio.TaskGroup() as tasks:
+            for index in range(chunks):
+                if index not in loaded:
+                    tasks.create_task(load(index))
+
+    async def _load_chunk(self, run: CampaignRun, index: int, payload: str, count: int) -> None:
+        run.check_lease()
+        group_id = run.snapshot.int_field("group_id")
+        await self._client.create_contacts_bulk_json(group_id, payload, count)
+        with redis_errors("SADD chunk loaded"):
+            await self._store.redis.sadd(self._keys.chunks_loaded(run.key), index)
+        self._metrics.contacts_loaded.inc(count)
+        self._faults.reached("contacts.chunk_loaded")
+
+    async def _discard_chunks(self, key: str) -> None:
+        """Chunks of an interrupted resolution, and the record of which were loaded."""
+        await self._store.delete_keys(self._keys.chunks_loaded(key), *await self._chunk_keys(key))
+
+    async def _chunk_keys(self, key: str) -> list[str]:
+        with redis_errors("SCAN chunks"):
+            return [
+                as_text(k)
+                async for k in self._store.redis.scan_iter(
+                    match=self._keys.chunk_pattern(key), count=1000
+                )
+            ]
 
     # --- send ----------------------------------------------------------------------------------
 
@@ -573,7 +576,7 @@ class CampaignSteps:
         )
         await self._apply(
             run,
-            transition.fenced(run.lease_key, run.token)
+            transition.fenced(run.lease.key, run.lease.token)
             .delete_fields("cancel_requested")
             .dequeue(self._keys.work_queue, run.key)
             .emit(self._keys.outbox, status_entry(self._registry, status)),
@@ -647,17 +650,11 @@ class CampaignSteps:
 
     async def discard_working_data(self, key: str) -> None:
         """Drop the recipient set and contact chunks once they cannot be needed again."""
-        redis = self._store.redis
-        with redis_errors("SCAN chunks"):
-            chunk_keys = [
-                as_text(k)
-                async for k in redis.scan_iter(match=self._keys.chunk_pattern(key), count=1000)
-            ]
         await self._store.delete_keys(
             self._keys.recipients(key),
             self._keys.batches(key),
             self._keys.chunks_loaded(key),
-            *chunk_keys,
+            *await self._chunk_keys(key),
         )
 
     # --- helpers -------------------------------------------------------------------------------
@@ -669,7 +666,7 @@ class CampaignSteps:
         return group
 
     def _fenced(self, run: CampaignRun, state: CampaignState) -> Transition:
-        return self._store.transition(run.key).expect(state).fenced(run.lease_key, run.token)
+        return self._store.transition(run.key).expect(state).fenced(run.lease.key, run.lease.token)
 
     async def _apply(
         self, run: CampaignRun, transition: Transition, new_state: CampaignState | None = None
@@ -721,6 +718,18 @@ class RetryAt(TransientError):
     def __init__(self, when: datetime, reason: str) -> None:
         super().__init__(reason)
         self.when = when
+
+
+@contextlib.asynccontextmanager
+async def _first_error_raised() -> AsyncIterator[None]:
+    """Task groups raise an ExceptionGroup; the executor handles the error that caused it."""
+    try:
+        yield
+    except ExceptionGroup as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group
 
 
 def counts_of(snapshot: CampaignSnapshot) -> RecipientCounts:

@@ -27,6 +27,8 @@ from consumer.events import CampaignRecipients, CampaignScheduled
 from consumer.keys import RedisKeys
 from consumer.workflow import CampaignState
 
+# Separates customer ids passed to Redis as one string (intake refuses ids containing it).
+ID_SEPARATOR = "\x1e"
 # How long an input event id is remembered for de-duplication (redelivery horizon).
 EVENT_DEDUPE_TTL_S = 30 * 24 * 3600
 
@@ -174,7 +176,7 @@ class ApplyResult:
     reason: str = ""  # "conflict:<state>" or "lease-lost" when not ok
 
 
-_APPLY = """
+_APPLY = r"""
 local hash = KEYS[1]
 if KEYS[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'lease-lost' end
 local state = redis.call('HGET', hash, 'state')
@@ -228,11 +230,11 @@ return 'ok'
 
 # Recording a recipients batch: idempotent by event id and by batch index; the campaign turns
 # READY when the header is in and every batch has arrived.
-_RECORD_BATCH = """
+_RECORD_BATCH = r"""
 local campaign, batches, recipients, seen, work, collecting, index =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local key, batch_index, now, deadline, ttl, with_promo =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local key, batch_index, now, deadline, ttl, with_promo, customers, joined =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
 if redis.call('EXISTS', seen) == 1 then return {'duplicate-event', ''} end
 local state = redis.call('HGET', campaign, 'state')
 if state and state ~= 'COLLECTING' then
@@ -245,10 +247,21 @@ if redis.call('SISMEMBER', batches, batch_index) == 1 then
 end
 local count = tonumber(redis.call('HGET', campaign, 'batch_count') or '-1')
 if count > 0 and tonumber(batch_index) >= count then return {'bad-index', state or ''} end
-for i = 7, #ARGV, 5000 do
-  redis.call('SADD', recipients, unpack(ARGV, i, math.min(i + 4999, #ARGV)))
+-- The customer ids come as one string separated by RS (\30): one argument instead of 10,000.
+local ids, start = {}, 1
+while customers > 0 do
+  local stop = string.find(joined, '\30', start, true)
+  if not stop then
+    ids[#ids + 1] = string.sub(joined, start)
+    break
+  end
+  ids[#ids + 1] = string.sub(joined, start, stop - 1)
+  start = stop + 1
 end
-redis.call('HINCRBY', campaign, 'requested', #ARGV - 6)
+for i = 1, #ids, 5000 do
+  redis.call('SADD', recipients, unpack(ids, i, math.min(i + 4999, #ids)))
+end
+redis.call('HINCRBY', campaign, 'requested', customers)
 redis.call('HINCRBY', campaign, 'with_promo', with_promo)
 redis.call('SADD', batches, batch_index)
 redis.call('HSET', campaign, 'updated_at', now)
@@ -269,7 +282,7 @@ return {'recorded', state}
 """
 
 # Recording a campaign header (CampaignScheduled), with its ACCEPTED status event.
-_RECORD_HEADER = """
+_RECORD_HEADER = r"""
 local campaign, batches, seen, work, collecting, outbox, index =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local key, header, batch_count, now, deadline, ttl =
@@ -309,7 +322,7 @@ return {'recorded', state}
 # Claim up to N due members of a queue, each under its own lease (SET NX PX). A claimed member
 # is pushed back by the lease time, so members held by others never crowd the due range, and a
 # crashed holder's work falls due again when its lease runs out.
-_CLAIM_DUE = """
+_CLAIM_DUE = r"""
 local members =
   redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]) * 4)
 local claimed = {}
@@ -324,14 +337,14 @@ end
 return claimed
 """
 
-_RENEW_LEASE = """
+_RENEW_LEASE = r"""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
 """
 
-_RELEASE_LEASE = """
+_RELEASE_LEASE = r"""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -428,7 +441,8 @@ class CampaignStore:
                     to_millis(collect_deadline),
                     EVENT_DEDUPE_TTL_S,
                     event.customers_with_promo_code,
-                    *event.customer_ids,
+                    len(event.customer_ids),
+                    ID_SEPARATOR.join(event.customer_ids),
                 ],
             )
         return _outcome(result)

@@ -162,7 +162,17 @@ def validate_recipients(event: CampaignRecipients) -> StatusError | None:
             f"batch {event.batch_index} holds {len(event.customer_ids)} customers; "
             f"at most {MAX_CUSTOMERS_PER_BATCH} are allowed",
         )
+    odd = _CONTROL_CHARACTER.search("".join(event.customer_ids))
+    if odd is not None:
+        return StatusError(
+            "INVALID_FIELD",
+            f"batch {event.batch_index} has a customer_id with control character "
+            f"U+{ord(odd.group()):04X}",
+        )
     return None
+
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def batch_index_problem(batch_indexes: Sequence[int], batch_count: int) -> StatusError | None:
@@ -314,9 +324,8 @@ def segment_group_name(group: ContactGroup, ref: CampaignRef) -> str:
 
 
 class Step(StrEnum):
-    RESOLVE = "resolve"  # customer ids → contacts, in chunks for loading
     CREATE_SEGMENT = "create_segment"
-    LOAD_CONTACTS = "load_contacts"
+    LOAD_CONTACTS = "load_contacts"  # resolve customer ids into contacts and load them
     SEND = "send"
     RECONCILE_SEND = "reconcile_send"  # a send may have happened: look before sending again
     CANCEL = "cancel"
@@ -327,7 +336,6 @@ class Step(StrEnum):
 def next_step(
     state: CampaignState,
     *,
-    resolved: bool,
     cancel_requested: bool,
     scheduled_at: datetime,
     now: datetime,
@@ -342,7 +350,7 @@ def next_step(
     if late and state.before_send and state != CampaignState.COLLECTING:
         return Step.MISS_SEND_WINDOW
     steps = {
-        CampaignState.READY: Step.CREATE_SEGMENT if resolved else Step.RESOLVE,
+        CampaignState.READY: Step.CREATE_SEGMENT,
         CampaignState.SEGMENT_CREATED: Step.LOAD_CONTACTS,
         CampaignState.CONTACTS_LOADED: Step.SEND,
         CampaignState.SEND_PENDING: Step.RECONCILE_SEND,

@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer.executor import Executor, ExecutorSettings
+from consumer.leased_work import Lease
 from consumer.sandbox import FaultRule, SandboxHandle
 from consumer.steps import CampaignRun
 from consumer.workflow import CampaignState
@@ -129,8 +130,7 @@ async def test_cancel_before_the_send_deletes_the_segment(rig: WorkflowRig) -> N
     # Take the campaign up to CONTACTS_LOADED by hand, then cancel.
     lease = rig.store.keys.campaign_lease(ref.key)
     assert await rig.store.acquire_lease(lease, "test-replica", 10_000)
-    run = CampaignRun(run_snapshot, lease, "test-replica")
-    await rig.steps.resolve(run)
+    run = CampaignRun(run_snapshot, Lease(lease, "test-replica"))
     await rig.steps.create_segment(run)
     await rig.steps.load_contacts(run)
     await rig.store.release_lease(lease, "test-replica")
@@ -207,13 +207,15 @@ async def test_missing_promo_code_rejects_the_campaign(rig: WorkflowRig) -> None
 
 
 async def test_no_matching_customer_fails_the_campaign(rig: WorkflowRig) -> None:
-    """A campaign whose customers are all unknown fails with NO_RECIPIENTS, creating nothing."""
+    """A campaign whose customers are all unknown fails with NO_RECIPIENTS; its segment goes."""
     ref = new_ref()
     await rig.submit(ref, ["X1", "X2"])
     await rig.executor.run_until_idle()
     assert await rig.state(ref) == CampaignState.FAILED
     assert (await rig.statuses(ref))[-1]["error"]["code"] == "NO_RECIPIENTS"  # type: ignore[index]
-    assert (await rig.sandbox.admin.call_counts()).get("create_group", 0) == 0
+    assert (await rig.sandbox.admin.call_counts()).get("send", 0) == 0
+    names = [name for name, _ in (await rig.sandbox.admin.groups()).values()]
+    assert not [name for name in names if name.startswith("OPT_seg-")]
 
 
 async def test_incomplete_batches_fail_after_the_collect_timeout(rig: WorkflowRig) -> None:

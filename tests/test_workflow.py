@@ -201,35 +201,25 @@ def test_a_window_shorter_than_a_whole_number_of_intervals_ends_on_time() -> Non
 
 
 @pytest.mark.parametrize(
-    ("state", "resolved", "cancel", "now", "step"),
+    ("state", "cancel", "now", "step"),
     [
-        (CampaignState.READY, False, False, NOW, Step.RESOLVE),
-        (CampaignState.READY, True, False, NOW, Step.CREATE_SEGMENT),
-        (CampaignState.SEGMENT_CREATED, True, False, NOW, Step.LOAD_CONTACTS),
-        (CampaignState.CONTACTS_LOADED, True, False, NOW, Step.SEND),
-        (CampaignState.SEND_PENDING, True, False, NOW, Step.RECONCILE_SEND),
-        (CampaignState.SEND_PENDING, True, False, NOW + timedelta(days=1), Step.RECONCILE_SEND),
-        (CampaignState.READY, False, True, NOW, Step.CANCEL),
-        (CampaignState.SENT, True, True, NOW, Step.CANCEL),
-        (CampaignState.SENT, True, False, NOW, Step.NONE),
-        (CampaignState.DONE, True, True, NOW, Step.NONE),
-        (
-            CampaignState.CONTACTS_LOADED,
-            True,
-            False,
-            NOW + timedelta(hours=2),
-            Step.MISS_SEND_WINDOW,
-        ),
+        (CampaignState.READY, False, NOW, Step.CREATE_SEGMENT),
+        (CampaignState.SEGMENT_CREATED, False, NOW, Step.LOAD_CONTACTS),
+        (CampaignState.CONTACTS_LOADED, False, NOW, Step.SEND),
+        (CampaignState.SEND_PENDING, False, NOW, Step.RECONCILE_SEND),
+        (CampaignState.SEND_PENDING, False, NOW + timedelta(days=1), Step.RECONCILE_SEND),
+        (CampaignState.READY, True, NOW, Step.CANCEL),
+        (CampaignState.SENT, True, NOW, Step.CANCEL),
+        (CampaignState.SENT, False, NOW, Step.NONE),
+        (CampaignState.DONE, True, NOW, Step.NONE),
+        (CampaignState.CONTACTS_LOADED, False, NOW + timedelta(hours=2), Step.MISS_SEND_WINDOW),
     ],
 )
-def test_next_step(
-    state: CampaignState, resolved: bool, cancel: bool, now: datetime, step: Step
-) -> None:
+def test_next_step(state: CampaignState, cancel: bool, now: datetime, step: Step) -> None:
     """The executor's next step follows the state, cancellation first, a missed window next."""
     assert (
         next_step(
             state,
-            resolved=resolved,
             cancel_requested=cancel,
             scheduled_at=NOW,
             now=now,
