@@ -1,8 +1,10 @@
 """Several daemon processes together: each campaign sent once, each delivery poll recorded once.
 
-Three replicas share a 6-partition input topic and one Redis. Polls run every 3 s over a 12 s
-window (4 polls), so a campaign's whole life fits in the test. One replica is SIGKILLed in the
-middle; the others take over its partitions (Kafka) and its leases (Redis).
+Three replicas share a 6-partition input topic and one Redis. Polls run every 8 s over a 32 s
+window (4 polls), so a campaign's whole life fits in the test; leases last 2 s, so a killed
+replica's polls are taken over well within an interval, as a day's interval and a minute's
+lease relate in production (a poll later than a whole interval would be merged into the next).
+One replica is SIGKILLed in the middle; the others take over its partitions and its leases.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ CAMPAIGNS = 30
 RECIPIENTS = 20
 POLLS = 4
 FAST_POLLS = {
-    "TEXTLOCAL_CONSUMER_WORKFLOW_POLL_INTERVAL_S": "3",
-    "TEXTLOCAL_CONSUMER_WORKFLOW_METRICS_WINDOW_DAYS": str(POLLS * 3 / 86400),
+    "TEXTLOCAL_CONSUMER_WORKFLOW_POLL_INTERVAL_S": "8",
+    "TEXTLOCAL_CONSUMER_WORKFLOW_METRICS_WINDOW_DAYS": str(POLLS * 8 / 86400),
+    "TEXTLOCAL_CONSUMER_WORKFLOW_LEASE_TTL_S": "2",
 }
 
 
