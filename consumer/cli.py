@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, help="YAML settings file (default: $TEXTLOCAL_CONSUMER_CONFIG_FILE)"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run = commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    run.add_argument(
+        "--roles",
+        help="comma-separated roles to run here: intake, executor, poller, daily "
+        "(default: $TEXTLOCAL_CONSUMER_ROLES, else all)",
+    )
     commands.add_parser("check", help="validate settings and reach Redis, Kafka and TextLocal")
     commands.add_parser("settings", help="list every setting with its variable and default")
     commands.add_parser("sync-contacts", help="rebuild the contact index of every group now")
@@ -88,8 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "settings":
         print(describe_settings())
         return EXIT_OK
+    environ = dict(os.environ)
+    if getattr(args, "roles", None):
+        environ["TEXTLOCAL_CONSUMER_ROLES"] = args.roles
     try:
-        settings = load_settings(os.environ, args.config)
+        settings = load_settings(environ, args.config)
     except ConfigError as exc:
         print(f"textlocal-consumer: bad setting: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS

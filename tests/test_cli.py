@@ -40,6 +40,18 @@ async def test_help_and_settings_need_no_services() -> None:
     assert "TEXTLOCAL_CONSUMER_KAFKA_BOOTSTRAP_SERVERS" in table.stdout
 
 
+async def test_unknown_role_is_refused() -> None:
+    """`run --roles` accepts only the daemon's roles, and says which ones exist."""
+    env = {
+        "TEXTLOCAL_CONSUMER_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+        "TEXTLOCAL_CONSUMER_TEXTLOCAL_API_KEY": "abcd",
+        "TEXTLOCAL_CONSUMER_CONTACT_GROUPS": '[{"id": 5}]',
+    }
+    result = await cli(env, "run", "--roles", "intake,mailer")
+    assert result.returncode == 2
+    assert "ROLES (roles): must be a comma-separated subset of intake, executor" in result.stderr
+
+
 async def test_bad_settings_exit_2_naming_the_setting() -> None:
     """A missing required setting stops the command with status 2 and the variable's name."""
     result = await cli({"TEXTLOCAL_CONSUMER_TEXTLOCAL_API_KEY": "abcd"}, "run")
