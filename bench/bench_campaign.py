@@ -64,6 +64,20 @@ def stack_env() -> dict[str, str]:
     return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
 
 
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Leave Redis as the bench found it (a million-entry contact index per run adds up)."""
+    redis = aioredis.Redis.from_url(redis_url)
+    batch = []
+    async for key in redis.scan_iter(match=f"{prefix}*", count=5000):
+        batch.append(key)
+        if len(batch) == 5000:
+            await redis.unlink(*batch)
+            batch = []
+    if batch:
+        await redis.unlink(*batch)
+    await redis.aclose()
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -279,6 +293,7 @@ async def main() -> int:
         print(f"ratio                : {wall / floor:.2f}x (target <= 1.5x)")
         return 0
     finally:
+        await delete_prefix(stack["REDIS_URL"], prefix)
         for process in (daemon, sandbox):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from operator import itemgetter
 from typing import Any
 
 INPUT_EVENT_NAMES = frozenset({"CampaignScheduled", "CampaignRecipients", "CampaignCancelled"})
@@ -125,13 +126,14 @@ class CampaignRecipients:
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> CampaignRecipients:
         customers = fields["customers"]
+        # itemgetter keeps these loops in C: batches hold up to 10,000 customers.
         return cls(
             event_id=fields["event_id"],
             occurred_at=fields["occurred_at"],
             ref=CampaignRef.from_fields(fields),
             batch_index=fields["batch_index"],
-            customer_ids=tuple(customer["customer_id"] for customer in customers),
-            customers_with_promo_code=sum(1 for c in customers if c.get("promo_code")),
+            customer_ids=tuple(map(itemgetter("customer_id"), customers)),
+            customers_with_promo_code=sum(map(bool, map(itemgetter("promo_code"), customers))),
         )
 
     def to_fields(self) -> dict[str, Any]:

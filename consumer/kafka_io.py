@@ -112,7 +112,7 @@ class KafkaEventSource:
 
     async def poll(self, max_records: int, timeout_s: float) -> list[InboundRecord]:
         """Up to `max_records` records, waiting at most `timeout_s` for the first one."""
-        messages = await self._call(lambda: self._consumer.consume(max_records, timeout_s))
+        messages = await self._call(lambda: self._consume(max_records, timeout_s))
         records = []
         for message in messages:
             error = message.error()
@@ -135,6 +135,16 @@ class KafkaEventSource:
                 )
             )
         return records
+
+    def _consume(self, max_records: int, timeout_s: float) -> list[Any]:
+        # librdkafka's batch consume waits until the batch is full or the timeout passes, so a
+        # lone event would wait the whole timeout: take what is queued, else wait for one.
+        messages = self._consumer.consume(max_records, 0)
+        if not messages:
+            messages = self._consumer.consume(1, timeout_s)
+            if messages and max_records > 1:
+                messages += self._consumer.consume(max_records - 1, 0)
+        return list(messages)
 
     async def store_offset(self, record: InboundRecord) -> None:
         """Mark a record handled: its offset (+1) will be committed."""
