@@ -7,9 +7,10 @@ when the switch happens finishes on a consistent index.
 
 Each entry is stored ready for use: the number already normalised (empty when TextLocal holds an
 invalid one) and the contact's fields already as a JSON fragment for `create_contacts_bulk`. A
-campaign of a million customers is then resolved in pages that Redis joins (SSCAN + HMGET in one
-Lua call, one string back), and Python only splits strings and glues fragments: about a
-microsecond a customer instead of the dozen that decoding, validating and re-encoding took.
+campaign of a million customers is then resolved batch by batch in Redis (split, de-duplicate and
+look up in one Lua call, one string back), and Python only splits strings and glues fragments:
+about a microsecond a customer instead of the dozen that decoding, validating and re-encoding
+took.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ log = logging.getLogger("consumer.contacts")
 
 PAGE_SIZE = 1000
 PAGES_IN_FLIGHT = 4
-SCAN_PAGE = 10_000
 OLD_VERSION_GRACE_S = 3600
 _SEPARATOR = "\x1f"  # unit separator: cannot appear in TextLocal's fields
 
@@ -73,17 +73,24 @@ class Resolution:
     """What resolving a campaign's customers against the index found."""
 
     matched: int  # distinct valid numbers, written in chunks
-    unmatched: int  # customer ids the index does not know
+    unmatched: int  # customer ids the index does not know (each occurrence)
     invalid_numbers: int  # known customers whose number TextLocal would refuse
-    repeated_numbers: int  # customers sharing a number with an earlier one (sent once)
+    duplicates: int  # a number already taken: a repeated customer id, or a shared number
     chunks: int
 
 
-# One Lua call per page: SSCAN the campaign's customer ids and look each up in the index; the
-# answer is the next cursor and one string "id RS entry RS id RS entry ..." (entry "" = unknown).
-_RESOLVE_PAGE = r"""
-local page = redis.call('SSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
-local ids = page[2]
+# One Lua call per recipients batch: split the batch's joined ids and look each up in the index;
+# the answer is one string "id RS entry RS id RS entry ..." (entry "" when the index has no id).
+_RESOLVE_BATCH = r"""
+local joined = redis.call('HGET', KEYS[1], ARGV[1])
+if not joined then return '' end
+local ids, start = {}, 1
+while true do
+  local stop = string.find(joined, '\30', start, true)
+  ids[#ids + 1] = string.sub(joined, start, (stop or 0) - 1)
+  if not stop then break end
+  start = stop + 1
+end
 local out = {}
 for first = 1, #ids, 4000 do
   local last = math.min(first + 3999, #ids)
@@ -93,7 +100,7 @@ for first = 1, #ids, 4000 do
     out[#out + 1] = entries[i - first + 1] or ''
   end
 end
-return {page[1], table.concat(out, '\30')}
+return table.concat(out, '\30')
 """
 _RECORD = "\x1e"
 
@@ -115,7 +122,7 @@ class ContactIndex:
     def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._redis = redis
         self._keys = keys
-        self._resolve_page = redis.register_script(_RESOLVE_PAGE)
+        self._resolve_batch = redis.register_script(_RESOLVE_BATCH)
 
     async def current_version(self, group_id: int) -> str | None:
         with redis_errors("GET contact index version"):
@@ -137,6 +144,7 @@ class ContactIndex:
     async def resolve(
         self,
         recipients_key: str,
+        batch_count: int,
         group: ContactGroup,
         version: str,
         write_chunk: Callable[[int, str, int], Awaitable[None]],
@@ -144,12 +152,14 @@ class ContactIndex:
     ) -> Resolution:
         """Resolve a campaign's customer ids into `create_contacts_bulk` payloads.
 
-        Streams the recipient set in pages (memory stays flat however big the campaign);
-        `write_chunk(index, json, count)` receives each payload of ≤1,500 contacts, whose
-        `group.customer_id_field` holds the customer id. Only numbers are remembered (as ints),
-        to send once to a number reached through two customer ids. `check` runs between pages
-        (the caller's lease check). The set must not shrink meanwhile: SSCAN then returns each
-        member exactly once (members only ever repeat when a set is resized down).
+        Goes through the recipient batches in index order (memory stays flat however big the
+        campaign); `write_chunk(index, json, count)` receives each payload of ≤1,500 contacts,
+        whose `group.customer_id_field` holds the customer id. A number is taken once: a customer
+        id repeated, or two customers sharing a number, count as duplicates. `check` runs
+        between batches (the caller's lease check).
+
+        Deterministic: the same batches and index version always give the same chunks, in the
+        same order, so a resumed resolution can skip the chunks TextLocal already accepted.
         """
         index_key = self._keys.contacts_version(group.group_id, version)
         id_field = f',"{group.customer_id_field}":'
@@ -157,19 +167,18 @@ class ContactIndex:
         chunk: list[str] = []
         chunks = matched = unmatched = invalid = repeated = 0
 
-        async def fetch(cursor: str) -> tuple[str, list[str]]:
-            with redis_errors("resolve page"):
-                next_cursor, joined = await self._resolve_page(
-                    keys=[recipients_key, index_key], args=[cursor, SCAN_PAGE]
-                )
-            return as_text(next_cursor), as_text(joined).split(_RECORD) if joined else []
+        async def fetch(batch: int) -> list[str]:
+            with redis_errors("resolve batch"):
+                joined = await self._resolve_batch(keys=[recipients_key, index_key], args=[batch])
+            return as_text(joined).split(_RECORD) if joined else []
 
-        cursor, fields = await fetch("0")
-        following: asyncio.Future[tuple[str, list[str]]] | None = None
+        following: asyncio.Future[list[str]] | None = None
         try:
-            while True:
-                # Redis looks the next page up while this one is turned into chunks.
-                following = asyncio.ensure_future(fetch(cursor)) if cursor != "0" else None
+            fields = await fetch(0) if batch_count else []
+            for batch in range(batch_count):
+                # Redis looks the next batch up while this one is turned into chunks.
+                last = batch + 1 == batch_count
+                following = None if last else asyncio.ensure_future(fetch(batch + 1))
                 for position in range(0, len(fields), 2):
                     entry = fields[position + 1]
                     if not entry:
@@ -190,9 +199,8 @@ class ContactIndex:
                         await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
                         chunks, chunk = chunks + 1, []
                 check()
-                if following is None:
-                    break
-                cursor, fields = await following
+                if following is not None:
+                    fields = await following
         except BaseException:
             if following is not None:
                 following.cancel()
@@ -201,6 +209,10 @@ class ContactIndex:
             await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
             chunks += 1
         return Resolution(matched, unmatched, invalid, repeated, chunks)
+
+    async def has_version(self, group_id: int, version: str) -> bool:
+        with redis_errors("EXISTS contact index version"):
+            return bool(await self._redis.exists(self._keys.contacts_version(group_id, version)))
 
     async def size(self, group_id: int) -> int:
         version = await self.current_version(group_id)

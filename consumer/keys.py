@@ -25,18 +25,11 @@ class RedisKeys:
         return f"{self.prefix}campaign:{key}:batches"
 
     def recipients(self, key: str) -> str:
-        """Set of targeted customer ids."""
+        """Hash: batch index → that batch's customer ids, joined by `store.ID_SEPARATOR`."""
         return f"{self.prefix}campaign:{key}:recipients"
 
-    def chunk(self, key: str, index: int) -> str:
-        """String: one create_contacts_bulk payload (≤1,500 resolved contacts), JSON."""
-        return f"{self.prefix}campaign:{key}:chunk:{index}"
-
-    def chunk_pattern(self, key: str) -> str:
-        return f"{self.prefix}campaign:{key}:chunk:*"
-
     def chunks_loaded(self, key: str) -> str:
-        """Set of chunk indexes TextLocal has accepted."""
+        """Set of chunk indexes TextLocal has accepted (chunks: see contact_index.resolve)."""
         return f"{self.prefix}campaign:{key}:chunks-loaded"
 
     def campaign_lease(self, key: str) -> str:

@@ -44,7 +44,6 @@ from consumer.store import CampaignSnapshot, CampaignStore, Transition, as_text,
 from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient
 from consumer.workflow import (
-    MAX_CONTACTS_PER_BULK_CALL,
     CampaignState,
     ContactGroup,
     contact_group_for,
@@ -164,55 +163,24 @@ class CampaignSteps:
         raise TransientError(f"TextLocal says group {name!r} exists but does not list it")
 
     async def load_contacts(self, run: CampaignRun) -> None:
-        """Fill the segment: resolve the customers into chunks and load them as they come.
+        """Fill the segment: resolve the customers into chunks and load each as it comes.
 
         Resolution and loading overlap: a chunk goes to `create_contacts_bulk` (a few in flight)
-        as soon as it is written, and each chunk is recorded when TextLocal accepted it. Once the
-        resolution is recorded (`resolved`, with its counts), a restart loads only the chunks not
-        yet recorded. A resolution interrupted before that is redone from scratch (its chunks
-        may come out in another order): contacts loaded twice into a group are still one contact.
+        as soon as it is resolved, and is recorded when TextLocal accepted it. Resolution is
+        deterministic for the recorded contact-index version, so after a restart it runs again
+        and only the chunks not yet recorded are loaded. Should that version be gone by then
+        (the index was rebuilt over an hour ago), everything is loaded again from the new one:
+        contacts added twice to a group are still one contact each.
         """
-        if run.snapshot.text("resolved") != "1":
-            await self._discard_chunks(run.key)
-            await self._resolve_and_load(run)
-            if run.snapshot.state != CampaignState.SEGMENT_CREATED:
-                return  # failed: nobody to send to
-        else:
-            await self._load_recorded_chunks(run)
-        event = self._status(
-            run,
-            StatusCode.SEGMENT_CREATED,
-            textlocal_group_id=run.snapshot.optional_int("group_id"),
-        )
-        await self._apply(
-            run,
-            self._fenced(run, CampaignState.SEGMENT_CREATED)
-            .set_state(CampaignState.CONTACTS_LOADED)
-            .emit(self._keys.outbox, status_entry(self._registry, event)),
-            CampaignState.CONTACTS_LOADED,
-        )
-        log_event(
-            log,
-            "campaign.contacts_loaded",
-            campaign=run.key,
-            group_id=run.snapshot.optional_int("group_id"),
-            chunks=run.snapshot.int_field("chunks"),
-        )
-
-    async def _resolve_and_load(self, run: CampaignRun) -> None:
-        group = self._group(run)
-        version = await self._index.current_version(group.group_id)
-        if version is None:
-            raise TransientError(f"the contact index of group {group.group_id} is not built yet")
-        redis = self._store.redis
+        version = await self._index_version(run)
+        loaded = await self._loaded_chunks(run.key)
         ready: asyncio.Queue[tuple[int, str, int] | None] = asyncio.Queue(
             maxsize=2 * self._settings.contact_load_concurrency
         )
 
         async def write_chunk(index: int, payload: str, count: int) -> None:
-            with redis_errors("SET chunk"):
-                await redis.set(self._keys.chunk(run.key, index), payload)
-            await ready.put((index, payload, count))
+            if index not in loaded:
+                await ready.put((index, payload, count))
 
         async def loader() -> None:
             while (item := await ready.get()) is not None:
@@ -223,77 +191,63 @@ class CampaignSteps:
                 tasks.create_task(loader()) for _ in range(self._settings.contact_load_concurrency)
             ]
             found = await self._index.resolve(
-                self._keys.recipients(run.key), group, version, write_chunk, run.check_lease
+                self._keys.recipients(run.key),
+                run.header.batch_count,
+                self._group(run),
+                version,
+                write_chunk,
+                run.check_lease,
             )
             for _ in loaders:
                 await ready.put(None)
-        await self._record_resolution(run, found)
-
-    async def _record_resolution(self, run: CampaignRun, found: Resolution) -> None:
-        with redis_errors("SCARD recipients"):
-            distinct_customers = int(await self._store.redis.scard(self._keys.recipients(run.key)))
-        requested = run.snapshot.int_field("requested")
-        counts = RecipientCounts(
-            requested=requested,
-            matched=found.matched,
-            unmatched=found.unmatched,
-            invalid_numbers=found.invalid_numbers,
-            duplicates=requested - distinct_customers + found.repeated_numbers,
-        )
-        self._metrics.unmatched_customers.labels("unmatched").inc(found.unmatched)
-        self._metrics.unmatched_customers.labels("invalid_number").inc(found.invalid_numbers)
-        log_event(log, "campaign.resolved", campaign=run.key, chunks=found.chunks, **vars(counts))
+        counts = self._counts(run, found)
         if found.matched == 0:
-            await self.fail(
-                run,
-                StatusError(
-                    "NO_RECIPIENTS",
-                    f"none of the {distinct_customers} customers has a valid number in contact "
-                    f"group {self._group(run).group_id}",
-                ),
-                counts=counts,
-            )
+            await self.fail(run, self._nobody(run, counts), counts=counts)
             return
+        event = self._status(
+            run,
+            StatusCode.SEGMENT_CREATED,
+            counts=counts,
+            textlocal_group_id=run.snapshot.optional_int("group_id"),
+        )
         await self._apply(
             run,
-            self._fenced(run, CampaignState.SEGMENT_CREATED).set(
-                resolved="1",
-                matched=counts.matched,
-                unmatched=counts.unmatched,
-                invalid_numbers=counts.invalid_numbers,
-                duplicates=counts.duplicates,
-                chunks=found.chunks,
-                contact_group_id=self._group(run).group_id,
-            ),
+            self._fenced(run, CampaignState.SEGMENT_CREATED)
+            .set_state(CampaignState.CONTACTS_LOADED)
+            .set(chunks=found.chunks, **vars(counts))
+            .emit(self._keys.outbox, status_entry(self._registry, event)),
+            CampaignState.CONTACTS_LOADED,
+        )
+        self._metrics.unmatched_customers.labels("unmatched").inc(counts.unmatched)
+        self._metrics.unmatched_customers.labels("invalid_number").inc(counts.invalid_numbers)
+        log_event(
+            log,
+            "campaign.contacts_loaded",
+            campaign=run.key,
+            group_id=run.snapshot.optional_int("group_id"),
+            chunks=found.chunks,
+            **vars(counts),
         )
 
-    async def _load_recorded_chunks(self, run: CampaignRun) -> None:
-        """After a restart: load the resolved chunks TextLocal has not accepted yet."""
-        chunks = run.snapshot.int_field("chunks")
-        matched = run.snapshot.int_field("matched")
+    async def _index_version(self, run: CampaignRun) -> str:
+        """The contact-index version this campaign resolves against, recorded at first use."""
+        group_id = self._group(run).group_id
+        recorded = run.snapshot.text("index_version")
+        if recorded and await self._index.has_version(group_id, recorded):
+            return recorded
+        version = await self._index.current_version(group_id)
+        if version is None:
+            raise TransientError(f"the contact index of group {group_id} is not built yet")
+        transition = self._fenced(run, CampaignState.SEGMENT_CREATED).set(index_version=version)
+        if recorded:  # its chunks were cut from an index that is gone: load everything again
+            transition.delete_key(self._keys.chunks_loaded(run.key))
+        await self._apply(run, transition)
+        return version
+
+    async def _loaded_chunks(self, key: str) -> set[int]:
         with redis_errors("SMEMBERS chunks loaded"):
-            loaded = {
-                int(as_text(m))
-                for m in await self._store.redis.smembers(self._keys.chunks_loaded(run.key))
-            }
-        in_flight = asyncio.Semaphore(self._settings.contact_load_concurrency)
-
-        async def load(index: int) -> None:
-            async with in_flight:
-                with redis_errors("GET chunk"):
-                    payload = await self._store.redis.get(self._keys.chunk(run.key, index))
-                if payload is None:
-                    raise TransientError(f"chunk {index} of {run.key} is missing")
-                # Every chunk holds 1,500 contacts but the last, which holds the rest.
-                count = min(
-                    MAX_CONTACTS_PER_BULK_CALL, matched - index * MAX_CONTACTS_PER_BULK_CALL
-                )
-                await self._load_chunk(run, index, as_text(payload), count)
-
-        async with _first_error_raised(), asyncio.TaskGroup() as tasks:
-            for index in range(chunks):
-                if index not in loaded:
-                    tasks.create_task(load(index))
+            members = await self._store.redis.smembers(self._keys.chunks_loaded(key))
+        return {int(as_text(member)) for member in members}
 
     async def _load_chunk(self, run: CampaignRun, index: int, payload: str, count: int) -> None:
         run.check_lease()
@@ -304,18 +258,21 @@ class CampaignSteps:
         self._metrics.contacts_loaded.inc(count)
         self._faults.reached("contacts.chunk_loaded")
 
-    async def _discard_chunks(self, key: str) -> None:
-        """Chunks of an interrupted resolution, and the record of which were loaded."""
-        await self._store.delete_keys(self._keys.chunks_loaded(key), *await self._chunk_keys(key))
+    def _counts(self, run: CampaignRun, found: Resolution) -> RecipientCounts:
+        return RecipientCounts(
+            requested=run.snapshot.int_field("requested"),
+            matched=found.matched,
+            unmatched=found.unmatched,
+            invalid_numbers=found.invalid_numbers,
+            duplicates=found.duplicates,
+        )
 
-    async def _chunk_keys(self, key: str) -> list[str]:
-        with redis_errors("SCAN chunks"):
-            return [
-                as_text(k)
-                async for k in self._store.redis.scan_iter(
-                    match=self._keys.chunk_pattern(key), count=1000
-                )
-            ]
+    def _nobody(self, run: CampaignRun, counts: RecipientCounts) -> StatusError:
+        return StatusError(
+            "NO_RECIPIENTS",
+            f"none of the {counts.requested} customers has a valid number in contact group "
+            f"{self._group(run).group_id}",
+        )
 
     # --- send ----------------------------------------------------------------------------------
 
@@ -649,12 +606,9 @@ class CampaignSteps:
         log_event(log, "campaign.segment_deleted", group_id=group_id)
 
     async def discard_working_data(self, key: str) -> None:
-        """Drop the recipient set and contact chunks once they cannot be needed again."""
+        """Drop the recipients and loading progress once they cannot be needed again."""
         await self._store.delete_keys(
-            self._keys.recipients(key),
-            self._keys.batches(key),
-            self._keys.chunks_loaded(key),
-            *await self._chunk_keys(key),
+            self._keys.recipients(key), self._keys.batches(key), self._keys.chunks_loaded(key)
         )
 
     # --- helpers -------------------------------------------------------------------------------

@@ -247,20 +247,9 @@ if redis.call('SISMEMBER', batches, batch_index) == 1 then
 end
 local count = tonumber(redis.call('HGET', campaign, 'batch_count') or '-1')
 if count > 0 and tonumber(batch_index) >= count then return {'bad-index', state or ''} end
--- The customer ids come as one string separated by RS (\30): one argument instead of 10,000.
-local ids, start = {}, 1
-while customers > 0 do
-  local stop = string.find(joined, '\30', start, true)
-  if not stop then
-    ids[#ids + 1] = string.sub(joined, start)
-    break
-  end
-  ids[#ids + 1] = string.sub(joined, start, stop - 1)
-  start = stop + 1
-end
-for i = 1, #ids, 5000 do
-  redis.call('SADD', recipients, unpack(ids, i, math.min(i + 4999, #ids)))
-end
+-- The batch's customer ids are kept as the one string they came in (joined by RS): storing is
+-- cheap here, on intake's path; the resolution splits and de-duplicates them, batch by batch.
+if customers > 0 then redis.call('HSET', recipients, batch_index, joined) end
 redis.call('HINCRBY', campaign, 'requested', customers)
 redis.call('HINCRBY', campaign, 'with_promo', with_promo)
 redis.call('SADD', batches, batch_index)
