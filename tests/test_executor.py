@@ -10,10 +10,11 @@ from datetime import timedelta
 import pytest
 import redis.asyncio as aioredis
 
+from consumer.errors import TransientError
 from consumer.executor import Executor, ExecutorSettings
 from consumer.leased_work import Lease
 from consumer.sandbox import FaultRule, SandboxHandle
-from consumer.steps import CampaignRun
+from consumer.steps import CampaignRun, StepSettings
 from consumer.workflow import CampaignState
 from tests.helpers import REGISTRY, new_ref
 from tests.rigs import WorkflowRig, customer_ids, workflow_rig
@@ -262,3 +263,42 @@ async def test_two_replicas_send_each_campaign_once(
         numbers = Counter(m.number for m in await sandbox.admin.messages())
         assert len(numbers) == 240
         assert set(numbers.values()) == {1}
+
+
+class FailAtSecondChunk:
+    """A fault point that fails the step once, right after the second chunk was recorded."""
+
+    def __init__(self) -> None:
+        self.chunks = 0
+
+    def reached(self, point: str) -> None:
+        if point == "contacts.chunk_loaded":
+            self.chunks += 1
+            if self.chunks == 2:
+                raise TransientError("test: interrupted after the second chunk")
+
+
+async def test_interrupted_loading_resumes_without_reloading(
+    sandbox: SandboxHandle, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """Loading stopped after two of three chunks resumes with the third only, then sends once."""
+    async with workflow_rig(
+        sandbox,
+        redis_client,
+        key_prefix,
+        contacts=3200,
+        faults=FailAtSecondChunk(),
+        step_settings=StepSettings(contact_load_concurrency=1),
+    ) as rig:
+        ref = new_ref()
+        await rig.submit(ref, customer_ids(1, 3200))
+        await rig.executor.run_until_idle()
+        assert await rig.state(ref) == CampaignState.SEGMENT_CREATED
+        assert (await sandbox.admin.call_counts())["create_contacts_bulk"] == 2
+        rig.clock.advance(timedelta(minutes=1))  # past the retry backoff
+        await rig.executor.run_until_idle()
+        snapshot = await rig.snapshot(ref)
+        assert snapshot.state == CampaignState.SENT
+        assert (await sandbox.admin.call_counts())["create_contacts_bulk"] == 3
+        assert await sandbox.admin.group_size(snapshot.int_field("group_id")) == 3200
+        assert len(await sandbox.admin.messages()) == 3200
