@@ -190,8 +190,8 @@ class Daemon:
             started_at=parts.clock.now(),
         )
         executor = roles.get("executor")
-        if isinstance(executor, _ExecutorRole):
-            health.work_probes["campaign"] = executor.executor.oldest_running_since
+        if isinstance(executor, _Draining) and isinstance(executor.runner, Executor):
+            health.work_probes["campaign"] = executor.runner.oldest_running_since
         runner = await self._serve_http(health)
         log_event(
             log,
@@ -280,7 +280,7 @@ class Daemon:
                 parts.metrics,
             )
         if "executor" in settings.roles:
-            roles["executor"] = _ExecutorRole(
+            roles["executor"] = _Draining(
                 Executor(
                     parts.store,
                     parts.steps,
@@ -298,7 +298,7 @@ class Daemon:
                 workflow.drain_timeout_s,
             )
         if "poller" in settings.roles:
-            roles["poller"] = _PollerRole(
+            roles["poller"] = _Draining(
                 Poller(
                     parts.store,
                     parts.client,
@@ -398,22 +398,19 @@ class _Role(Protocol):
     async def run(self, stopping: asyncio.Event) -> None: ...
 
 
-class _ExecutorRole:
-    def __init__(self, executor: Executor, drain_timeout_s: float) -> None:
-        self.executor = executor
-        self._drain_timeout_s = drain_timeout_s
+class _DrainingRunner(Protocol):
+    async def run(self, stopping: asyncio.Event, drain_timeout_s: float) -> None: ...
+
+
+@dataclass
+class _Draining:
+    """A role (executor, poller) that drains within the configured time when stopped."""
+
+    runner: _DrainingRunner
+    drain_timeout_s: float
 
     async def run(self, stopping: asyncio.Event) -> None:
-        await self.executor.run(stopping, self._drain_timeout_s)
-
-
-class _PollerRole:
-    def __init__(self, poller: Poller, drain_timeout_s: float) -> None:
-        self.poller = poller
-        self._drain_timeout_s = drain_timeout_s
-
-    async def run(self, stopping: asyncio.Event) -> None:
-        await self.poller.run(stopping, self._drain_timeout_s)
+        await self.runner.run(stopping, self.drain_timeout_s)
 
 
 async def run_daemon(settings: Settings, faults: FaultPoints | None = None) -> int:
