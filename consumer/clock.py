@@ -59,10 +59,6 @@ def to_millis(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def from_unix_s(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
-
-
 def monotonic_s() -> float:
     """Seconds on the monotonic clock, for durations and deadlines within one process."""
     return time.monotonic()

@@ -61,12 +61,6 @@ class IndexedContact:
         )[1:-1]
         return f"{self.number}{_SEPARATOR}{fragment}"
 
-    @classmethod
-    def unpack(cls, packed: str) -> IndexedContact:
-        number, fragment = packed.split(_SEPARATOR, 1)
-        fields = json.loads("{" + fragment + "}")
-        return cls(number, fields["first_name"], fields["last_name"])
-
 
 @dataclass(frozen=True)
 class Resolution:
@@ -128,18 +122,6 @@ class ContactIndex:
         with redis_errors("GET contact index version"):
             version = await self._redis.get(self._keys.contacts_current(group_id))
         return None if version is None else as_text(version)
-
-    async def lookup(
-        self, group_id: int, version: str, customer_ids: Sequence[str]
-    ) -> list[IndexedContact | None]:
-        """The contact of each customer id (None where the index has none), in order."""
-        if not customer_ids:
-            return []
-        with redis_errors("HMGET contact index"):
-            packed = await self._redis.hmget(
-                self._keys.contacts_version(group_id, version), list(customer_ids)
-            )
-        return [None if p is None else IndexedContact.unpack(as_text(p)) for p in packed]
 
     async def resolve(
         self,

@@ -92,10 +92,6 @@ class KafkaEventSource:
         self._consumer = Consumer(settings)
 
     @property
-    def assigned_partitions(self) -> frozenset[tuple[str, int]]:
-        return self._assigned
-
-    @property
     def has_joined_group(self) -> bool:
         """True once the group gave this consumer an assignment (possibly empty)."""
         return self._joined

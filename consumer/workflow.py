@@ -199,10 +199,6 @@ def sender_problem(sender: str) -> str | None:
     return f"sender {sender!r}: use 3–11 letters and digits, or a number of at most 13 digits"
 
 
-def metrics_window(event: CampaignScheduled, limits: IntakeLimits) -> timedelta:
-    return timedelta(days=event.metrics_window_days or limits.default_window_days)
-
-
 # --- recipients -------------------------------------------------------------------------------
 
 _NUMBER_SEPARATORS = re.compile(r"[\s\-().]")
@@ -290,10 +286,6 @@ def render_message(body: str, promo_codes: Sequence[str]) -> str | StatusError:
             f"the message needs {cost.parts} parts; TextLocal sends at most {MAX_MESSAGE_PARTS}",
         )
     return body
-
-
-def estimated_cost_credits(cost: MessageCost, recipients: int) -> int:
-    return cost.parts * recipients
 
 
 # --- names and references ---------------------------------------------------------------------
