@@ -7,8 +7,8 @@ when the switch happens finishes on a consistent index.
 
 Each entry is stored ready for use: the number already normalised (empty when TextLocal holds an
 invalid one) and the contact's fields already as a JSON fragment for `create_contacts_bulk`. A
-campaign of a million customers is then resolved batch by batch in Redis (split, de-duplicate and
-look up in one Lua call, one string back), and Python only splits strings and glues fragments:
+campaign of a million customers is then resolved batch by batch (Redis splits the batch and looks
+each id up in one Lua call, one string back), and Python only splits strings and glues fragments:
 about a microsecond a customer instead of the dozen that decoding, validating and re-encoding
 took.
 """

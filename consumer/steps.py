@@ -1,6 +1,6 @@
 """The executor's steps for one campaign, each idempotent and recorded before the next (DESIGN §4).
 
-    READY ─resolve─► READY(resolved) ─create segment─► SEGMENT_CREATED ─load contacts─►
+    READY ─create segment─► SEGMENT_CREATED ─resolve customers, loading each chunk as it is cut─►
     CONTACTS_LOADED ─(record SEND_PENDING, then send)─► SENT ─► polling (poller.py)
 
 Every record is a fenced transition: it applies only while this replica holds the campaign's
