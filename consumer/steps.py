@@ -60,6 +60,8 @@ log = logging.getLogger("consumer.executor")
 GROUP_EXISTS = 14
 INVALID_GROUP = 10
 FINISHED_CAMPAIGN_RETENTION_S = 30 * 24 * 3600
+# The campaign field counting transient step failures in a row (the executor's back-off).
+RETRY_COUNT_FIELD = "failures"
 _SCAN_PAGE = 10_000
 
 
@@ -134,14 +136,35 @@ class CampaignSteps:
     # --- segment -------------------------------------------------------------------------------
 
     async def create_segment(self, run: CampaignRun) -> None:
-        """Create the campaign's group (a deterministic name), or adopt it if it exists."""
+        """Create the campaign's group (a deterministic name), or adopt the one it created before.
+
+        The name is recorded before TextLocal is asked. "Already exists" is adopted only when an
+        earlier attempt of this campaign recorded that same name (its reply was lost, or the
+        process died before recording the id): then the group is provably this campaign's own.
+        A group of that name that this campaign never asked for is someone else's, and is never
+        sent to.
+        """
         group = self._group(run)
-        name = segment_group_name(group, run.header.ref)
+        name = segment_group_name(group, run.header.ref, run.header.event_id)
+        attempted_before = run.snapshot.text("group_name") == name
+        if not attempted_before:
+            await self._apply(run, self._fenced(run, CampaignState.READY).set(group_name=name))
         try:
             group_id = (await self._client.create_group(name)).id
         except TextLocalApiError as exc:
             if exc.code != GROUP_EXISTS:
                 raise
+            if not attempted_before:
+                await self.fail(
+                    run,
+                    StatusError(
+                        "SEGMENT_NAME_TAKEN",
+                        f"TextLocal already has a group named {name!r} that this campaign "
+                        "did not create; it is not used",
+                    ),
+                    delete_segment=False,
+                )
+                return
             group_id = await self._existing_group(name)
         except TextLocalOutcomeUnknown:
             # The group may exist now: the next attempt adopts it (create → "exists" → adopt).
@@ -620,7 +643,14 @@ class CampaignSteps:
         return group
 
     def _fenced(self, run: CampaignRun, state: CampaignState) -> Transition:
-        return self._store.transition(run.key).expect(state).fenced(run.lease.key, run.lease.token)
+        """A change of the campaign under its lease. Recording a step ends any run of transient
+        failures, so the back-off starts afresh at the next one."""
+        return (
+            self._store.transition(run.key)
+            .expect(state)
+            .fenced(run.lease.key, run.lease.token)
+            .delete_fields(RETRY_COUNT_FIELD)
+        )
 
     async def _apply(
         self, run: CampaignRun, transition: Transition, new_state: CampaignState | None = None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -30,6 +30,20 @@ MAX_MESSAGE_PARTS = 5
 MAX_VALIDITY_HOURS = 72
 MAX_METRICS_WINDOW_DAYS = 31
 PROMO_CODE_PLACEHOLDER = "[%PROMO_CODE%]"
+# TextLocal refuses a schedule_time further ahead than this (error 191; the sandbox's assumption,
+# TextLocal publishes no figure): a campaign that far out is refused at intake, not after its
+# segment was built.
+MAX_SCHEDULE_AHEAD = timedelta(days=365)
+# The largest campaign intake takes: far above any real one, and low enough that counts, costs
+# and the collect deadline stay meaningful.
+MAX_RECIPIENTS_PER_CAMPAIGN = 100_000_000
+# Identities and short fields echoed into keys, names and every output record.
+MAX_ID_CHARS = 128
+MAX_TEMPLATE_NAME_CHARS = 200
+MAX_PROMO_CODE_CHARS = 64
+MAX_PROMO_CODES = 1_000
+# How much of an input value an error message quotes.
+QUOTE_CHARS = 60
 
 
 class CampaignState(StrEnum):
@@ -86,6 +100,33 @@ class IntakeLimits:
     # A send time this far in the past is refused; closer, the campaign is sent at once.
     max_send_delay: timedelta = timedelta(hours=1)
     default_window_days: float = 7.0
+    # Metadata is echoed on every output event: bounded so no output record can outgrow Kafka's.
+    max_metadata_bytes: int = 16_384
+
+
+def quote(value: str) -> str:
+    """A value for an error message: repr'd, and cut short (inputs can be megabytes long)."""
+    if len(value) <= QUOTE_CHARS:
+        return repr(value)
+    return f"{value[:QUOTE_CHARS]!r}… ({len(value)} characters)"
+
+
+def metadata_bytes(metadata: Mapping[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+
+
+def identity_problem(event_id: str, campaign_id: str) -> str | None:
+    """Why an event's identity cannot be used at all (it would go into every key and record).
+
+    Such an event cannot even be answered with a REJECTED status: it is dead-lettered.
+    """
+    for name, value in (("event_id", event_id), ("campaign_id", campaign_id)):
+        if len(value) > MAX_ID_CHARS:
+            return f"{name} has {len(value)} characters; at most {MAX_ID_CHARS} are allowed"
+        odd = _CONTROL_CHARACTER.search(value)
+        if odd is not None:
+            return f"{name} has control character U+{ord(odd.group()):04X}"
+    return None
 
 
 # --- intake validation ----------------------------------------------------------------------
@@ -100,7 +141,10 @@ def contact_group_for(template_name: str, groups: Sequence[ContactGroup]) -> Con
 def validate_scheduled(
     event: CampaignScheduled, groups: Sequence[ContactGroup], now: datetime, limits: IntakeLimits
 ) -> StatusError | None:
-    """Why a campaign header cannot be accepted, or None when it can."""
+    """Why a campaign header cannot be accepted, or None when it can.
+
+    Every value the daemon later computes with is bounded here, so no step can fail on it.
+    """
     for name, value in (
         ("event_id", event.event_id),
         ("campaign_id", event.ref.campaign_id),
@@ -108,33 +152,43 @@ def validate_scheduled(
     ):
         if not value.strip():
             return StatusError("MISSING_FIELD", f"{name} is empty")
+    size = metadata_bytes(event.metadata)
+    if size > limits.max_metadata_bytes:
+        return StatusError(
+            "METADATA_TOO_LARGE",
+            f"metadata has {size} bytes; at most {limits.max_metadata_bytes} are allowed",
+        )
     if event.message_type != "SMS":
         return StatusError(
-            "MMS_NOT_SUPPORTED", f"message_type {event.message_type}: this connector sends SMS only"
+            "MMS_NOT_SUPPORTED",
+            f"message_type {quote(event.message_type)}: this connector sends SMS only",
+        )
+    if len(event.template_name) > MAX_TEMPLATE_NAME_CHARS:
+        return StatusError(
+            "INVALID_FIELD",
+            f"template_name has {len(event.template_name)} characters; "
+            f"at most {MAX_TEMPLATE_NAME_CHARS} are allowed",
         )
     if contact_group_for(event.template_name, groups) is None:
         prefixes = ", ".join(repr(g.template_prefix) for g in groups)
         return StatusError(
             "UNKNOWN_TEMPLATE_PREFIX",
-            f"template_name {event.template_name!r} starts with no configured prefix ({prefixes})",
+            f"template_name {quote(event.template_name)} starts with no configured prefix "
+            f"({prefixes})",
         )
-    if event.recipient_count <= 0 or event.batch_count <= 0:
-        return StatusError(
-            "EMPTY_TARGET",
-            f"recipient_count {event.recipient_count}, batch_count {event.batch_count}: "
-            "a campaign needs at least one recipient in at least one batch",
-        )
-    if event.recipient_count > event.batch_count * MAX_CUSTOMERS_PER_BATCH:
-        return StatusError(
-            "INVALID_FIELD",
-            f"recipient_count {event.recipient_count} cannot fit in {event.batch_count} "
-            f"batches of at most {MAX_CUSTOMERS_PER_BATCH}",
-        )
+    if problem := _count_problem(event):
+        return problem
     if event.scheduled_at < now - limits.max_send_delay:
         return StatusError(
             "SEND_TIME_PASSED",
             f"scheduled_at {event.scheduled_at.isoformat()} is more than "
             f"{limits.max_send_delay} in the past",
+        )
+    if event.scheduled_at > now + MAX_SCHEDULE_AHEAD:
+        return StatusError(
+            "SEND_TIME_TOO_FAR",
+            f"scheduled_at {event.scheduled_at.isoformat()} is more than "
+            f"{MAX_SCHEDULE_AHEAD.days} days ahead; TextLocal schedules no further",
         )
     window = event.metrics_window_days
     if window is not None and not 1 <= window <= MAX_METRICS_WINDOW_DAYS:
@@ -147,8 +201,49 @@ def validate_scheduled(
         return StatusError(
             "INVALID_FIELD", f"validity_hours {validity} is outside 1..{MAX_VALIDITY_HOURS}"
         )
-    if event.sender is not None and (problem := sender_problem(event.sender)):
-        return StatusError("INVALID_SENDER", problem)
+    if event.sender is not None and (problem_text := sender_problem(event.sender)):
+        return StatusError("INVALID_SENDER", problem_text)
+    if len(event.promo_codes) > MAX_PROMO_CODES:
+        return StatusError(
+            "INVALID_FIELD",
+            f"{len(event.promo_codes)} promo codes; at most {MAX_PROMO_CODES} are allowed",
+        )
+    for code in event.promo_codes:
+        if len(code) > MAX_PROMO_CODE_CHARS or _CONTROL_CHARACTER.search(code):
+            return StatusError(
+                "INVALID_FIELD",
+                f"promo code {quote(code)} is longer than {MAX_PROMO_CODE_CHARS} characters "
+                "or has control characters",
+            )
+    return None
+
+
+def _count_problem(event: CampaignScheduled) -> StatusError | None:
+    recipients, batches = event.recipient_count, event.batch_count
+    if recipients <= 0 or batches <= 0:
+        return StatusError(
+            "EMPTY_TARGET",
+            f"recipient_count {recipients}, batch_count {batches}: "
+            "a campaign needs at least one recipient in at least one batch",
+        )
+    if recipients > MAX_RECIPIENTS_PER_CAMPAIGN:
+        return StatusError(
+            "INVALID_FIELD",
+            f"recipient_count {recipients} is above the {MAX_RECIPIENTS_PER_CAMPAIGN} "
+            "a campaign may have",
+        )
+    if batches > recipients:
+        return StatusError(
+            "INVALID_FIELD",
+            f"batch_count {batches} is larger than recipient_count {recipients}: "
+            "every batch holds at least one customer",
+        )
+    if recipients > batches * MAX_CUSTOMERS_PER_BATCH:
+        return StatusError(
+            "INVALID_FIELD",
+            f"recipient_count {recipients} cannot fit in {batches} "
+            f"batches of at most {MAX_CUSTOMERS_PER_BATCH}",
+        )
     return None
 
 
@@ -161,6 +256,13 @@ def validate_recipients(event: CampaignRecipients) -> StatusError | None:
             "BATCH_TOO_LARGE",
             f"batch {event.batch_index} holds {len(event.customer_ids)} customers; "
             f"at most {MAX_CUSTOMERS_PER_BATCH} are allowed",
+        )
+    longest = max(map(len, event.customer_ids), default=0)
+    if longest > MAX_ID_CHARS:
+        return StatusError(
+            "INVALID_FIELD",
+            f"batch {event.batch_index} has a customer_id of {longest} characters; "
+            f"at most {MAX_ID_CHARS} are allowed",
         )
     odd = _CONTROL_CHARACTER.search("".join(event.customer_ids))
     if odd is not None:
@@ -196,7 +298,7 @@ def sender_problem(sender: str) -> str | None:
         _ALPHANUMERIC_SENDER.match(sender) and any(c.isalpha() for c in sender)
     ):
         return None
-    return f"sender {sender!r}: use 3–11 letters and digits, or a number of at most 13 digits"
+    return f"sender {quote(sender)}: use 3–11 letters and digits, or a number of at most 13 digits"
 
 
 # --- recipients -------------------------------------------------------------------------------
@@ -290,26 +392,46 @@ def render_message(body: str, promo_codes: Sequence[str]) -> str | StatusError:
 
 # --- names and references ---------------------------------------------------------------------
 
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.]")
 MAX_GROUP_NAME_CHARS = 40
+# Hex digits of SHA-256 carried in every name and reference: 80 bits, so two campaigns sharing one
+# by chance is out of reach (the birthday bound is about 10^12 campaigns).
+_DIGEST_HEX = 20
+MAX_REFERENCE_CHARS = 32
+
+
+def campaign_digest(*parts: str) -> str:
+    """A fixed-length digest of the parts, joined without ambiguity (length-prefixed)."""
+    joined = "".join(f"{len(part)}:{part}" for part in parts)
+    return hashlib.sha256(joined.encode()).hexdigest()[:_DIGEST_HEX]
 
 
 def short_reference(ref: CampaignRef) -> str:
-    """The campaign's reference at TextLocal (`custom`, receipts): readable, bounded, unique."""
-    readable = _UNSAFE_NAME_CHARS.sub("_", f"{ref.tenant_id}-{ref.campaign_id}-{ref.channel_id}")
-    if len(readable) <= 24:
-        return readable
-    digest = hashlib.sha256(ref.key.encode()).hexdigest()[:10]
-    return f"{readable[:13]}~{digest}"
+    """The campaign's reference at TextLocal (`custom`, receipts): bounded and injective.
+
+    It always carries the digest of the whole campaign key, so two campaigns whose ids differ
+    only in characters the readable part drops (or beyond its length) never share a reference.
+    """
+    readable = _UNSAFE_NAME_CHARS.sub("_", f"{ref.tenant_id}.{ref.campaign_id}")
+    room = MAX_REFERENCE_CHARS - _DIGEST_HEX - 1
+    return f"{readable[:room]}-{campaign_digest(ref.key)}"
 
 
-def segment_group_name(group: ContactGroup, ref: CampaignRef) -> str:
-    """Deterministic, so a restarted executor finds (adopts) the group it created before."""
-    name = f"{group.template_prefix}seg-{short_reference(ref)}"
-    if len(name) <= MAX_GROUP_NAME_CHARS:
-        return name
-    digest = hashlib.sha256(ref.key.encode()).hexdigest()[:16]
-    return f"seg-{digest}"
+def segment_group_name(group: ContactGroup, ref: CampaignRef, instance: str) -> str:
+    """The segment's name: deterministic, so a restarted executor finds the group it created.
+
+    `instance` is the id of the campaign's CampaignScheduled event: a campaign id that Optimove
+    runs again later (a new header) gets a new name, never the old run's group. The digest covers
+    key and instance, so distinct campaigns never share a name; the readable part is a courtesy
+    to people looking at TextLocal's group list.
+    """
+    digest = campaign_digest(ref.key, instance)
+    head = f"{group.template_prefix}seg-"
+    if len(head) + _DIGEST_HEX + 1 >= MAX_GROUP_NAME_CHARS:
+        return f"seg-{digest}"
+    readable = _UNSAFE_NAME_CHARS.sub("_", ref.campaign_id)
+    room = MAX_GROUP_NAME_CHARS - len(head) - _DIGEST_HEX - 1
+    return f"{head}{readable[:room]}-{digest}"
 
 
 # --- the executor's next step -----------------------------------------------------------------

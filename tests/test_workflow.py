@@ -16,6 +16,7 @@ from consumer.workflow import (
     IntakeLimits,
     Step,
     contact_group_for,
+    identity_problem,
     message_cost,
     next_step,
     normalise_number,
@@ -70,11 +71,39 @@ def test_valid_header_passes() -> None:
         ({"validity_hours": 73}, "INVALID_FIELD"),
         ({"sender": "A!"}, "INVALID_SENDER"),
         ({"event_id": " "}, "MISSING_FIELD"),
+        ({"scheduled_at": datetime(9999, 12, 31, 23, 59, tzinfo=UTC)}, "SEND_TIME_TOO_FAR"),
+        ({"scheduled_at": NOW + timedelta(days=400)}, "SEND_TIME_TOO_FAR"),
+        ({"recipient_count": 5, "batch_count": 10**9}, "INVALID_FIELD"),
+        ({"recipient_count": 10**9, "batch_count": 10**6}, "INVALID_FIELD"),
+        ({"metrics_window_days": -3}, "INVALID_FIELD"),
+        ({"metadata": {"blob": "m" * 16_385}}, "METADATA_TOO_LARGE"),
+        ({"template_name": "OPT_" + "t" * 300}, "INVALID_FIELD"),
+        ({"promo_codes": ("C" * 65,)}, "INVALID_FIELD"),
     ],
 )
 def test_invalid_headers_name_their_reason(changes: dict[str, object], code: str) -> None:
     """Each kind of invalid header is refused with its own reason code."""
     assert problem(**changes) == code
+
+
+def test_error_messages_quote_a_bounded_part_of_the_bad_value() -> None:
+    """A megabyte of template name gives a short message that still names the value."""
+    error = validate_scheduled(
+        replace(HEADER, template_name="XYZ_" + "x" * 150), GROUPS, NOW, IntakeLimits()
+    )
+    assert error is not None
+    assert error.code == "UNKNOWN_TEMPLATE_PREFIX"
+    assert "'XYZ_xx" in error.message
+    assert "(154 characters)" in error.message
+    assert len(error.message) < 200
+
+
+def test_identities_too_long_or_with_control_characters_are_unusable() -> None:
+    """Event and campaign ids that would go into every key are bounded and printable."""
+    assert identity_problem("e1", "2.38") is None
+    assert identity_problem("e" * 129, "2.38") is not None
+    assert identity_problem("e1", "c" * 129) is not None
+    assert identity_problem("e1", "a\nb") is not None
 
 
 def test_slightly_late_send_time_is_accepted() -> None:
@@ -175,13 +204,40 @@ def test_sender_rules() -> None:
 def test_segment_names_are_deterministic_and_bounded() -> None:
     """One campaign always maps to one group name, short enough for TextLocal."""
     ref = CampaignRef(42, "2.38", 505)
-    assert segment_group_name(GROUPS[0], ref) == "OPT_seg-42-2.38-505"
-    assert short_reference(ref) == "42-2.38-505"
-    long_ref = CampaignRef(42, "a-very-long-campaign-identifier-from-optimove" * 2, 505)
-    name = segment_group_name(GROUPS[0], long_ref)
+    name = segment_group_name(GROUPS[0], ref, "event-1")
+    assert name.startswith("OPT_seg-2.38-")
     assert len(name) <= 40
-    assert name == segment_group_name(GROUPS[0], long_ref)
-    assert segment_group_name(GROUPS[0], replace(long_ref, channel_id=506)) != name
+    assert name == segment_group_name(GROUPS[0], ref, "event-1")
+    assert short_reference(ref).startswith("42.2.38-")
+    assert len(short_reference(ref)) <= 32
+    long_ref = CampaignRef(42, "a-very-long-campaign-identifier-from-optimove" * 2, 505)
+    long_name = segment_group_name(GROUPS[0], long_ref, "event-1")
+    assert len(long_name) <= 40
+    assert long_name == segment_group_name(GROUPS[0], long_ref, "event-1")
+    assert segment_group_name(GROUPS[0], replace(long_ref, channel_id=506), "event-1") != long_name
+    long_prefix = replace(GROUPS[0], template_prefix="P" * 30)
+    assert len(segment_group_name(long_prefix, ref, "event-1")) <= 40
+
+
+def test_names_and_references_never_collide() -> None:
+    """Ids differing only in dropped characters, or in how '-' splits them, map apart."""
+    refs = [
+        CampaignRef(1, "col:1", 5),
+        CampaignRef(1, "col 1", 5),
+        CampaignRef(1, "col_1", 5),
+        CampaignRef(1, "Ä", 5),
+        CampaignRef(1, "Ö", 5),
+        CampaignRef(12, "3", 5),
+        CampaignRef(1, "23", 5),
+        CampaignRef(1, "x" * 60 + "a", 5),
+        CampaignRef(1, "x" * 60 + "b", 5),
+    ]
+    names = {segment_group_name(GROUPS[0], ref, "event-1") for ref in refs}
+    references = {short_reference(ref) for ref in refs}
+    assert len(names) == len(refs)
+    assert len(references) == len(refs)
+    # A campaign id run again (a new header event) gets a new group, never the old run's.
+    assert segment_group_name(GROUPS[0], refs[0], "event-2") not in names
 
 
 def test_a_week_of_daily_polls() -> None:
