@@ -26,7 +26,8 @@ from consumer.events import (
     StatusCode,
     StatusError,
 )
-from consumer.leased_work import Lease, LeasedWorkers, LeaseLost
+from consumer.give_up import InternalErrorEnding
+from consumer.leased_work import DEFAULT_MAX_FAILURES, Lease, LeasedWorkers, LeaseLost
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import status_entry
@@ -47,6 +48,7 @@ class ExecutorSettings:
     collect_timeout: timedelta = timedelta(hours=6)
     idle_wait_s: float = 0.25
     sweep_every_s: float = 5.0
+    max_handler_failures: int = DEFAULT_MAX_FAILURES
 
 
 class Executor:
@@ -74,6 +76,8 @@ class Executor:
             queue=store.keys.work_queue,
             lease_prefix=store.keys.campaign_lease_prefix,
             handle=self.execute,
+            give_up=InternalErrorEnding(store, registry, clock, metrics, role="executor"),
+            max_failures=settings.max_handler_failures,
             kind="campaign",
             concurrency=settings.concurrency,
             lease_ttl=settings.lease_ttl,
@@ -202,8 +206,8 @@ class Executor:
             )
 
     async def _retry_later(self, run: CampaignRun, step: Step, error: TransientError) -> None:
-        failures = await self._store.redis.hincrby(self._keys.campaign(run.key), "failures", 1)
-        delay = retry_delay(int(failures))
+        failures = await self._store.count_step_retry(run.key)
+        delay = retry_delay(failures)
         await self._store.reschedule(self._keys.work_queue, run.key, self._clock.now() + delay)
         log_event(
             log,

@@ -2,11 +2,19 @@
 
 The executor (campaigns in the work queue) and the poller (campaigns in the poll queue) both:
 
-- claim due members atomically, each under a lease (`CampaignStore.claim_due`: SET NX PX, and
-  the member pushed back by the lease time so a crashed holder's work falls due again);
+- claim due members atomically, each under a lease whose token is new at every claim
+  (`CampaignStore.claim_due`: SET NX PX, and the member pushed back by the lease time so a crashed
+  holder's work falls due again). A member this process already has in hand is never claimed, so
+  never started, a second time here; and a handler whose lease expired under it cannot pass the
+  fence of the next claim, whose token differs;
 - run a handler per claimed member, at most `concurrency` at once, renewing its lease every
-  third of its time to live (a renewal that finds the lease gone sets `Lease.lost`, and every
-  write the handler makes is fenced by the lease token anyway);
+  third of its time to live with the claim's own token (a renewal that finds the lease gone sets
+  `Lease.lost`, and every write the handler makes is fenced by that token anyway);
+- catch every handler failure here, in one place: transient ones (an outage) are logged and the
+  member falls due again after its lease; an unexpected error is logged with the member and the
+  error class, counted, and after `max_failures` in a row the role's `give_up` ends the member
+  (a campaign: FAILED INTERNAL_ERROR) instead of trying forever. No handler's exception is ever
+  left unretrieved;
 - on stop, let handlers finish for up to the drain time, then cancel them and hand their members
   back (due now, so another replica takes them at once instead of after the lease).
 """
@@ -16,17 +24,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import traceback
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from consumer.clock import Clock, to_millis
+from consumer.clock import Clock
 from consumer.errors import TransientError
 from consumer.logs import log_event
 from consumer.metrics import Metrics
-from consumer.store import CampaignStore, redis_errors
+from consumer.store import CampaignStore
 
 log = logging.getLogger("consumer.leases")
+
+DEFAULT_MAX_FAILURES = 5
 
 
 class LeaseLost(Exception):
@@ -35,7 +47,7 @@ class LeaseLost(Exception):
 
 @dataclass
 class Lease:
-    """A claimed member's lease: its Redis key, this replica's token, and whether it was lost."""
+    """A claimed member's lease: its Redis key, this claim's token, and whether it was lost."""
 
     key: str
     token: str
@@ -47,6 +59,8 @@ class Lease:
 
 
 Handler = Callable[[str, Lease], Awaitable[None]]
+# Ends a member whose handler failed `max_failures` times in a row (the last error given).
+GiveUp = Callable[[str, Lease, Exception], Awaitable[None]]
 
 
 class LeasedWorkers:
@@ -59,23 +73,27 @@ class LeasedWorkers:
         queue: str,
         lease_prefix: str,
         handle: Handler,
+        give_up: GiveUp,
         kind: str,
         concurrency: int,
         lease_ttl: timedelta,
         clock: Clock,
         metrics: Metrics,
         owner: str,
+        max_failures: int = DEFAULT_MAX_FAILURES,
     ) -> None:
         self._store = store
         self._queue = queue
         self._lease_prefix = lease_prefix
         self._handle = handle
+        self._give_up = give_up
         self._kind = kind
         self._concurrency = concurrency
         self._lease_ttl_ms = int(lease_ttl.total_seconds() * 1000)
         self._clock = clock
         self._metrics = metrics
         self._owner = owner
+        self._max_failures = max_failures
         self._running: dict[str, asyncio.Task[None]] = {}
         self._started: dict[str, datetime] = {}
 
@@ -92,21 +110,23 @@ class LeasedWorkers:
         free = self._concurrency - len(self._running)
         if free <= 0:
             return 0
-        members = await self._store.claim_due(
+        claims = await self._store.claim_due(
             self._queue,
             self._lease_prefix,
             self._clock.now(),
             free,
-            self._owner,
+            f"{self._owner}:{uuid.uuid4().hex[:12]}",
             self._lease_ttl_ms,
+            in_hand=list(self._running),
         )
-        for member in members:
-            task = asyncio.create_task(self._run(member), name=f"{self._kind} {member}")
+        for member, token in claims:
+            lease = Lease(key=self._lease_prefix + member, token=token)
+            task = asyncio.create_task(self._run(member, lease), name=f"{self._kind} {member}")
             self._running[member] = task
             self._started[member] = self._clock.now()
             task.add_done_callback(self._forget)
         self._metrics.leases_held.labels(self._kind).set(len(self._running))
-        return len(members)
+        return len(claims)
 
     async def wait_for_one(self) -> None:
         """Until any running handler finishes (returns at once when none runs)."""
@@ -124,25 +144,91 @@ class LeasedWorkers:
             await asyncio.wait(still_running)
         return len(still_running)
 
-    async def _run(self, member: str) -> None:
-        lease = Lease(key=self._lease_prefix + member, token=self._owner)
+    async def _run(self, member: str, lease: Lease) -> None:
         renewal = asyncio.create_task(self._keep(lease))
         try:
             await self._handle(member, lease)
         except asyncio.CancelledError:
-            # Stopping: due now for the next owner. XX: a member the handler already removed
-            # from the queue (its work finished) stays removed.
-            with contextlib.suppress(TransientError), redis_errors("ZADD XX"):
-                await self._store.redis.zadd(
-                    self._queue, {member: to_millis(self._clock.now())}, xx=True
-                )
+            with contextlib.suppress(TransientError):
+                await self._store.hand_back(self._queue, member, self._clock.now())
             raise
+        except LeaseLost as exc:
+            log_event(
+                log,
+                "work.lease_lost",
+                logging.WARNING,
+                role=self._kind,
+                member=member,
+                why=str(exc),
+            )
+        except TransientError as exc:
+            # An outage: the claim's requeue time makes the member due again after the lease.
+            log_event(
+                log,
+                "work.handler_interrupted",
+                logging.WARNING,
+                role=self._kind,
+                member=member,
+                error=str(exc),
+            )
+        except Exception as exc:  # noqa: BLE001 - every other failure is handled here, once
+            await self._failed(member, lease, exc)
+        else:
+            with contextlib.suppress(TransientError):
+                await self._store.clear_handler_failures(self._kind, member)
         finally:
             renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewal
             with contextlib.suppress(TransientError):
                 await self._store.release_lease(lease.key, lease.token)
+
+    async def _failed(self, member: str, lease: Lease, error: Exception) -> None:
+        self._metrics.handler_failures.labels(self._kind).inc()
+        try:
+            failures = await self._store.count_handler_failure(self._kind, member)
+        except TransientError:
+            failures = 0  # not counted: Redis is away, and the member waits for it anyway
+        log_event(
+            log,
+            "work.handler_failed",
+            logging.ERROR,
+            role=self._kind,
+            member=member,
+            error_class=type(error).__name__,
+            error=str(error)[:500],
+            failures=failures,
+            max_failures=self._max_failures,
+            traceback="".join(traceback.format_exception(error))[-4000:],
+        )
+        if failures < self._max_failures:
+            return
+        try:
+            lease.check()
+            await self._give_up(member, lease, error)
+            await self._store.clear_handler_failures(self._kind, member)
+        except (TransientError, LeaseLost) as exc:
+            log_event(
+                log,
+                "work.give_up_not_recorded",
+                logging.WARNING,
+                role=self._kind,
+                member=member,
+                error=str(exc),
+            )
+            return
+        except Exception as exc:  # noqa: BLE001 - giving up must not fail like the handler
+            log_event(
+                log,
+                "work.give_up_failed",
+                logging.ERROR,
+                role=self._kind,
+                member=member,
+                error_class=type(exc).__name__,
+                error=str(exc)[:500],
+            )
+            return
+        self._metrics.handler_gave_up.labels(self._kind).inc()
 
     async def _keep(self, lease: Lease) -> None:
         while True:

@@ -53,7 +53,8 @@ from consumer.clock import Clock, pause, to_millis
 from consumer.codec import SchemaRegistry
 from consumer.errors import ConsumerError, PermanentError, TextLocalApiError, TransientError
 from consumer.events import CampaignRef, DeliveryMetricsEvent
-from consumer.leased_work import Lease, LeasedWorkers, LeaseLost
+from consumer.give_up import InternalErrorEnding
+from consumer.leased_work import DEFAULT_MAX_FAILURES, Lease, LeasedWorkers, LeaseLost
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import metrics_entry
@@ -97,6 +98,7 @@ class PollerSettings:
     lease_ttl: timedelta = timedelta(seconds=60)
     idle_wait_s: float = 1.0
     overdue_after: timedelta = timedelta(hours=1)
+    max_handler_failures: int = DEFAULT_MAX_FAILURES
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ class Poller:
             queue=store.keys.poll_queue,
             lease_prefix=store.keys.poll_lease_prefix,
             handle=self.poll,
+            give_up=InternalErrorEnding(store, registry, clock, metrics, role="poller"),
+            max_failures=settings.max_handler_failures,
             kind="poll",
             concurrency=settings.concurrency,
             lease_ttl=settings.lease_ttl,
@@ -207,7 +211,7 @@ class Poller:
     async def poll(self, key: str, lease: Lease) -> None:
         """Work on one campaign whose poll lease this replica holds."""
         try:
-            await self._handle(key, lease.key)
+            await self._handle(key, lease)
         except LeaseLost as exc:
             self._metrics.polls.labels("lease_lost").inc()
             log_event(log, "poll.lease_lost", logging.WARNING, campaign=key, why=str(exc))
@@ -215,25 +219,25 @@ class Poller:
             # Redis could not record the retry either: the lease runs out and the claim's
             # requeue time makes the poll due again.
             log_event(log, "poll.not_recorded", logging.WARNING, campaign=key, error=str(exc))
-        except ConsumerError as exc:
-            # E.g. a stored header that no longer decodes: reported; tried again after the
-            # lease, and visible in the overdue gauge if it never succeeds.
+        except ConsumerError:
+            # E.g. a stored header that no longer decodes: counted here, and handed to the
+            # workers' one failure handler, which ends the campaign after repeated failures.
             self._metrics.polls.labels("error").inc()
-            log_event(log, "poll.error", logging.ERROR, campaign=key, error=str(exc))
+            raise
 
-    async def _handle(self, key: str, lease_key: str) -> None:
+    async def _handle(self, key: str, lease: Lease) -> None:
         snapshot = await self._store.load(key)
         if snapshot is None:
             await self._store.unschedule(self._keys.poll_queue, key)
             return
         if snapshot.state == CampaignState.DONE and snapshot.text("segment_cleanup") == "1":
-            await self._clean_up(snapshot, lease_key)
+            await self._clean_up(snapshot, lease)
             return
         window = self._window(snapshot)
         if snapshot.state not in POLLABLE_STATES or window is None:
             if window is None and snapshot.state in POLLABLE_STATES:
                 log_event(log, "poll.no_batch", logging.ERROR, campaign=key)
-            await self._skip(snapshot, lease_key)
+            await self._skip(snapshot, lease)
             return
         polls_done = snapshot.int_field("polls_done")
         slot = due_poll(
@@ -244,21 +248,21 @@ class Poller:
             self._clock.now(),
         )
         if slot is None:
-            await self._not_due_yet(snapshot, lease_key, window, polls_done)
+            await self._not_due_yet(snapshot, lease, window, polls_done)
             return
         try:
             status = await self._client.status_batch(window.batch_id)
         except TransientError as exc:
-            await self._retry_later(snapshot, lease_key, exc, poll_number=slot.number)
+            await self._retry_later(snapshot, lease, exc, poll_number=slot.number)
             return
         except (TextLocalApiError, PermanentError) as exc:
-            await self._record_failed_poll(snapshot, lease_key, window, slot, exc)
+            await self._record_failed_poll(snapshot, lease, window, slot, exc)
         else:
-            await self._record_poll(snapshot, lease_key, window, slot, status)
+            await self._record_poll(snapshot, lease, window, slot, status)
         if slot.is_final and self._settings.segment_retention <= timedelta(0):
             fresh = await self._store.load(key)
             if fresh is not None and fresh.text("segment_cleanup") == "1":
-                await self._clean_up(fresh, lease_key)
+                await self._clean_up(fresh, lease)
 
     def _window(self, snapshot: CampaignSnapshot) -> PollWindow | None:
         """The window as the executor recorded it at the send (None without a batch id)."""
@@ -277,7 +281,7 @@ class Poller:
     async def _record_poll(
         self,
         snapshot: CampaignSnapshot,
-        lease_key: str,
+        lease: Lease,
         window: PollWindow,
         slot: PollSlot,
         status: BatchStatus,
@@ -299,7 +303,7 @@ class Poller:
             unknown=status.unknown,
             metadata=snapshot.header.metadata if snapshot.header else {},
         )
-        transition = self._advance(snapshot, lease_key, window, slot).emit(
+        transition = self._advance(snapshot, lease, window, slot).emit(
             self._keys.outbox, metrics_entry(self._registry, event)
         )
         await self._apply(snapshot.key, transition)
@@ -323,16 +327,14 @@ class Poller:
     async def _record_failed_poll(
         self,
         snapshot: CampaignSnapshot,
-        lease_key: str,
+        lease: Lease,
         window: PollWindow,
         slot: PollSlot,
         error: Exception,
     ) -> None:
         """A permanent error: the slot is consumed without an event (module docstring)."""
         code = f"TEXTLOCAL_{error.code}" if isinstance(error, TextLocalApiError) else "FAILED"
-        transition = self._advance(snapshot, lease_key, window, slot).set(
-            poll_error=f"{code}: {error}"
-        )
+        transition = self._advance(snapshot, lease, window, slot).set(poll_error=f"{code}: {error}")
         await self._apply(snapshot.key, transition)
         self._polls_recorded += 1
         self._metrics.polls.labels("failed").inc()
@@ -347,13 +349,13 @@ class Poller:
         )
 
     def _advance(
-        self, snapshot: CampaignSnapshot, lease_key: str, window: PollWindow, slot: PollSlot
+        self, snapshot: CampaignSnapshot, lease: Lease, window: PollWindow, slot: PollSlot
     ) -> Transition:
         """The fenced transition recording `slot` as made: next slot queued, or window closed."""
         key = snapshot.key
         now = self._clock.now()
         transition = (
-            self._fenced(key, lease_key, *POLLABLE_STATES)
+            self._fenced(key, lease, *POLLABLE_STATES)
             .set(polls_done=slot.number, last_polled_at=to_millis(now))
             .delete_fields("poll_failures")
         )
@@ -376,7 +378,7 @@ class Poller:
     async def _retry_later(
         self,
         snapshot: CampaignSnapshot,
-        lease_key: str,
+        lease: Lease,
         error: Exception,
         *,
         poll_number: int | None = None,
@@ -385,7 +387,7 @@ class Poller:
         failures = snapshot.int_field("poll_failures") + 1
         delay = retry_delay(failures)
         transition = (
-            self._fenced(snapshot.key, lease_key, snapshot.state)
+            self._fenced(snapshot.key, lease, snapshot.state)
             .set(poll_failures=failures)
             .enqueue(self._keys.poll_queue, snapshot.key, self._clock.now() + delay)
         )
@@ -404,13 +406,13 @@ class Poller:
         )
 
     async def _not_due_yet(
-        self, snapshot: CampaignSnapshot, lease_key: str, window: PollWindow, polls_done: int
+        self, snapshot: CampaignSnapshot, lease: Lease, window: PollWindow, polls_done: int
     ) -> None:
         """Claimed before its next slot: put it back at the slot's due time."""
         if polls_done >= poll_count(self._settings.poll_interval, window.length):
             # Every slot made but still SENT/POLLING: nothing left to poll.
             log_event(log, "poll.window_exhausted", logging.ERROR, campaign=snapshot.key)
-            await self._skip(snapshot, lease_key)
+            await self._skip(snapshot, lease)
             return
         following = poll_slot(
             window.sent_at, self._settings.poll_interval, window.length, polls_done + 1
@@ -420,16 +422,16 @@ class Poller:
                 self._keys.poll_queue, {snapshot.key: to_millis(following.due_at)}, xx=True
             )
 
-    async def _skip(self, snapshot: CampaignSnapshot, lease_key: str) -> None:
+    async def _skip(self, snapshot: CampaignSnapshot, lease: Lease) -> None:
         """Not pollable (cancelled, failed, over): leave the queue without a TextLocal call."""
-        transition = self._fenced(snapshot.key, lease_key, snapshot.state).dequeue(
+        transition = self._fenced(snapshot.key, lease, snapshot.state).dequeue(
             self._keys.poll_queue, snapshot.key
         )
         await self._apply(snapshot.key, transition)
         self._metrics.polls.labels("skipped").inc()
         log_event(log, "poll.skipped", campaign=snapshot.key, state=snapshot.state.value)
 
-    async def _clean_up(self, snapshot: CampaignSnapshot, lease_key: str) -> None:
+    async def _clean_up(self, snapshot: CampaignSnapshot, lease: Lease) -> None:
         """Delete the segment group of a campaign whose window closed, then forget it."""
         key = snapshot.key
         group_id = snapshot.optional_int("group_id")
@@ -437,7 +439,7 @@ class Poller:
         try:
             await self._segments.delete_segment(group_id)
         except TransientError as exc:
-            await self._retry_later(snapshot, lease_key, exc)
+            await self._retry_later(snapshot, lease, exc)
             return
         except (TextLocalApiError, PermanentError) as exc:
             # Retrying will not help: report it and forget the segment.
@@ -451,7 +453,7 @@ class Poller:
                 error=error,
             )
         transition = (
-            self._fenced(key, lease_key, CampaignState.DONE)
+            self._fenced(key, lease, CampaignState.DONE)
             .delete_fields("segment_cleanup", "poll_failures")
             .set(segment_error=error)
             .dequeue(self._keys.poll_queue, key)
@@ -462,8 +464,8 @@ class Poller:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _fenced(self, key: str, lease_key: str, *states: CampaignState) -> Transition:
-        return self._store.transition(key).expect(*states).fenced(lease_key, self._owner)
+    def _fenced(self, key: str, lease: Lease, *states: CampaignState) -> Transition:
+        return self._store.transition(key).expect(*states).fenced(lease.key, lease.token)
 
     async def _apply(self, key: str, transition: Transition) -> None:
         result = await self._store.apply(transition, self._clock.now())

@@ -15,7 +15,7 @@ from consumer.executor import Executor, ExecutorSettings
 from consumer.leased_work import Lease
 from consumer.sandbox import FaultRule, SandboxHandle
 from consumer.steps import CampaignRun, StepSettings
-from consumer.workflow import CampaignState
+from consumer.workflow import CampaignState, segment_group_name
 from tests.helpers import REGISTRY, new_ref
 from tests.rigs import WorkflowRig, customer_ids, workflow_rig
 
@@ -302,3 +302,33 @@ async def test_interrupted_loading_resumes_without_reloading(
         assert (await sandbox.admin.call_counts())["create_contacts_bulk"] == 3
         assert await sandbox.admin.group_size(snapshot.int_field("group_id")) == 3200
         assert len(await sandbox.admin.messages()) == 3200
+
+
+async def test_a_recorded_step_resets_the_back_off(rig: WorkflowRig) -> None:
+    """Transient failures in a row grow the back-off; the next recorded step starts it afresh."""
+    ref = new_ref()
+    await rig.submit(ref, customer_ids(1, 20), batches=1)
+    assert await rig.store.count_step_retry(ref.key) == 1
+    assert await rig.store.count_step_retry(ref.key) == 2
+    await rig.executor.run_until_idle()
+    snapshot = await rig.snapshot(ref)
+    assert snapshot.state == CampaignState.SENT
+    assert "failures" not in snapshot.fields
+    assert await rig.store.count_step_retry(ref.key) == 1
+
+
+async def test_a_group_name_this_campaign_never_asked_for_is_not_adopted(
+    rig: WorkflowRig,
+) -> None:
+    """A group of the campaign's name that it did not create is someone else's: FAILED."""
+    ref = new_ref()
+    await rig.submit(ref, customer_ids(1, 20), batches=1)
+    snapshot = await rig.snapshot(ref)
+    assert snapshot.header is not None
+    name = segment_group_name(rig.group, ref, snapshot.header.event_id)
+    await rig.client.create_group(name)
+    await rig.executor.run_until_idle()
+    snapshot = await rig.snapshot(ref)
+    assert snapshot.state == CampaignState.FAILED
+    assert snapshot.text("error_code") == "SEGMENT_NAME_TAKEN"
+    assert (await rig.sandbox.admin.call_counts()).get("send", 0) == 0
