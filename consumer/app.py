@@ -108,7 +108,7 @@ async def build_parts(
         kafka_config = settings.kafka.client_config()
         if settings.kafka.create_topics:
             await asyncio.to_thread(ensure_topics, kafka_config, topic_specs(settings))
-        publisher = KafkaPublisher(kafka_config)
+        publisher = KafkaPublisher(kafka_config, settings.kafka.max_record_bytes)
         closers.append(publisher.close)
         client = TextLocalClient(settings.textlocal, settings.credentials, observer=metrics)
         await client.open()
@@ -290,6 +290,7 @@ class Daemon:
                         lease_ttl=workflow.lease_ttl,
                         max_send_delay=workflow.max_send_delay,
                         collect_timeout=workflow.collect_timeout,
+                        max_handler_failures=workflow.max_handler_failures,
                     ),
                     parts.clock,
                     parts.metrics,
@@ -309,6 +310,7 @@ class Daemon:
                         default_window_days=workflow.metrics_window_days,
                         segment_retention=workflow.segment_retention,
                         lease_ttl=workflow.lease_ttl,
+                        max_handler_failures=workflow.max_handler_failures,
                     ),
                     parts.clock,
                     parts.metrics,

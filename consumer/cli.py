@@ -247,7 +247,7 @@ async def _publish_sample(settings: Settings, args: argparse.Namespace) -> int:
                 (),
             )
         )
-    publisher = KafkaPublisher(settings.kafka.client_config())
+    publisher = KafkaPublisher(settings.kafka.client_config(), settings.kafka.max_record_bytes)
     try:
         await publisher.publish_many(records)
     finally:

@@ -203,6 +203,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("kafka.dlq_topic", "optimove.sms.campaigns.v1.dlq", _text, "Dead letters of the input topic."),
     Option("kafka.create_topics", False, _boolean, "Create missing topics at start (output topics and DLQ; templates compacted)."),
     Option("kafka.topic_partitions", 6, _positive_int, "Partitions of topics the daemon creates."),
+    Option("kafka.max_record_bytes", 1000000, _positive_int, "Largest record the daemon produces (librdkafka message.max.bytes); a larger dead letter is cut to fit, with dlq.truncated."),
     # Redis
     Option("redis.url", "redis://localhost:6379/0", _text, "Redis URL (redis:// or rediss://).", secret=True),
     Option("redis.key_prefix", "tlc:", _text, "Prefix of every Redis key."),
@@ -219,6 +220,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("workflow.send_reconcile_grace_s", 180.0, _positive_float, "After a send whose outcome is unknown, how long TextLocal may take to show it before it is sent again."),
     Option("workflow.segment_retention_s", 0.0, _non_negative_float, "Keep a campaign's segment group this long after its last poll."),
     Option("workflow.drain_timeout_s", 25.0, _positive_float, "On SIGTERM, time to finish in-flight steps before handing them back."),
+    Option("workflow.max_handler_failures", 5, _positive_int, "Unexpected errors in a row on one campaign (executor, poller) before it ends FAILED INTERNAL_ERROR."),
+    Option("workflow.max_metadata_bytes", 16384, _positive_int, "Largest campaign metadata (echoed on every output event); larger is REJECTED METADATA_TOO_LARGE."),
     # Process
     Option("roles", ",".join(ROLES), _roles, "Roles this process runs: intake, executor, poller, daily."),
     Option("http.host", "0.0.0.0", _text, "Address of the /metrics, /healthz, /readyz server."),  # noqa: S104 - a pod's port
@@ -240,6 +243,7 @@ class KafkaSettings:
     dlq_topic: str
     create_topics: bool
     topic_partitions: int
+    max_record_bytes: int = 1_000_000
     properties: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def client_config(self) -> dict[str, str]:
@@ -284,11 +288,15 @@ class WorkflowSettings:
     send_reconcile_grace: timedelta = timedelta(minutes=3)
     segment_retention: timedelta = timedelta(0)
     drain_timeout_s: float = 25.0
+    max_handler_failures: int = 5
+    max_metadata_bytes: int = 16_384
 
     @property
     def intake_limits(self) -> IntakeLimits:
         return IntakeLimits(
-            max_send_delay=self.max_send_delay, default_window_days=self.metrics_window_days
+            max_send_delay=self.max_send_delay,
+            default_window_days=self.metrics_window_days,
+            max_metadata_bytes=self.max_metadata_bytes,
         )
 
 
@@ -364,6 +372,7 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             dlq_topic=values["kafka.dlq_topic"],
             create_topics=values["kafka.create_topics"],
             topic_partitions=values["kafka.topic_partitions"],
+            max_record_bytes=values["kafka.max_record_bytes"],
             properties=properties,
         ),
         redis=RedisSettings(
@@ -383,6 +392,8 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             send_reconcile_grace=timedelta(seconds=values["workflow.send_reconcile_grace_s"]),
             segment_retention=timedelta(seconds=values["workflow.segment_retention_s"]),
             drain_timeout_s=values["workflow.drain_timeout_s"],
+            max_handler_failures=values["workflow.max_handler_failures"],
+            max_metadata_bytes=values["workflow.max_metadata_bytes"],
         ),
         roles=values["roles"],
         http_host=values["http.host"],

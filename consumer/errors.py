@@ -9,6 +9,7 @@
     │   ├── StoreUnavailable         Redis could not be reached
     │   └── KafkaUnavailable         Kafka refused or timed out a produce, commit or admin call
     ├── PermanentError               retrying will not help
+    │   ├── KafkaRecordRefused       Kafka refuses records for good (too large, bad topic, ACL)
     │   └── TextLocalApiError        TextLocal answered "failure" with an error code
     └── TextLocalOutcomeUnknown      a non-repeatable call (send) may or may not have been applied:
                                      the caller must reconcile with TextLocal before trying again
@@ -70,6 +71,19 @@ class KafkaUnavailable(TransientError):
 
 class PermanentError(ConsumerError):
     """A failure that retrying will not fix."""
+
+
+class KafkaRecordRefused(PermanentError):
+    """Kafka refuses these records for good (too large, invalid or unauthorised topic).
+
+    `refused` maps each refused record's position in the batch to Kafka's reason; every other
+    record of the batch was acknowledged.
+    """
+
+    def __init__(self, refused: dict[int, str]) -> None:
+        reasons = sorted(set(refused.values()))
+        super().__init__(f"Kafka refused {len(refused)} record(s): {', '.join(reasons)}")
+        self.refused = refused
 
 
 class TextLocalApiError(PermanentError):

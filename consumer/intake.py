@@ -2,7 +2,9 @@
 
 Fast and TextLocal-free. For every record, in partition order:
 
-    decode ──undecodable──► dead-letter topic (original key, value, headers + dlq.* headers)
+    decode ──undecodable, or an unusable identity──► dead-letter topic (original key, value,
+      │       headers + dlq.* headers; cut to fit Kafka's record limit, with dlq.truncated)
+      ├─ an event id already seen for something else ─► REJECTED EVENT_ID_REUSED
       │
       ├─ CampaignScheduled  ─ invalid ─► REJECTED status;  valid ─► header recorded, ACCEPTED
       ├─ CampaignRecipients ─ invalid ─► REJECTED status;  valid ─► batch recorded (maybe READY)
@@ -25,7 +27,7 @@ from typing import Protocol
 
 from consumer.clock import Clock, pause, to_millis
 from consumer.codec import SchemaRegistry
-from consumer.errors import CodecError, TransientError
+from consumer.errors import CodecError, KafkaRecordRefused, TransientError
 from consumer.events import (
     INPUT_EVENT_NAMES,
     CampaignCancelled,
@@ -38,16 +40,23 @@ from consumer.events import (
     StatusError,
     parse_input_event,
 )
-from consumer.kafka_io import InboundRecord
+from consumer.kafka_io import Headers, InboundRecord, record_size
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import status_entry
-from consumer.store import CampaignSnapshot, CampaignStore
+from consumer.store import (
+    LEGACY_SEEN_MARKER,
+    CampaignSnapshot,
+    CampaignStore,
+    event_fingerprint,
+)
 from consumer.workflow import (
     CampaignState,
     ContactGroup,
     IntakeLimits,
     batch_index_problem,
+    identity_problem,
+    metadata_bytes,
     validate_recipients,
     validate_scheduled,
 )
@@ -57,6 +66,12 @@ log = logging.getLogger("consumer.intake")
 # Campaigns that ended are kept this long (to ignore late events for them), then expire.
 FINISHED_CAMPAIGN_RETENTION_S = 30 * 24 * 3600
 _RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+# Our headers on a dead letter. Input headers with this prefix are renamed (INPUT_HEADER_PREFIX
+# put before them), so a producer can never pass a header off as ours.
+DLQ_HEADER_PREFIX = "dlq."
+INPUT_HEADER_PREFIX = "input."
+# Room left under the record limit for Kafka's own framing of a record.
+_RECORD_OVERHEAD_BYTES = 1024
 
 
 class RecordSource(Protocol):
@@ -70,12 +85,14 @@ class RecordSource(Protocol):
 
 
 class DeadLetterPublisher(Protocol):
+    max_record_bytes: int
+
     async def publish(
         self,
         topic: str,
         key: bytes | str | None,
         value: bytes | None,
-        headers: Sequence[tuple[str, bytes]] = (),
+        headers: Headers = (),
     ) -> None: ...
 
 
@@ -188,17 +205,26 @@ class Intake:
     async def apply(self, record: InboundRecord, decoded: InputEvent | CodecError) -> str:
         """Record a decoded event in Redis, or dead-letter an undecodable record."""
         if isinstance(decoded, CodecError):
-            await self._dead_letter(record, decoded)
+            await self._dead_letter(
+                record, "CodecError", str(decoded), _dead_letter_reason(decoded)
+            )
             return "dead-lettered"
         event = decoded
         kind = type(event).__name__
+        unusable = identity_problem(event.event_id, event.ref.campaign_id)
+        if unusable is not None:
+            # Its key would go into every Redis key and output record: not even a REJECTED
+            # status can carry it.
+            await self._dead_letter(record, "InvalidIdentity", unusable, "invalid_identity")
+            return "dead-lettered"
         self._metrics.events_consumed.labels(kind).inc()
+        fingerprint = event_fingerprint(kind, event.ref.key, record.value)
         if isinstance(event, CampaignScheduled):
-            outcome = await self._on_scheduled(event)
+            outcome = await self._on_scheduled(event, fingerprint)
         elif isinstance(event, CampaignRecipients):
-            outcome = await self._on_recipients(event)
+            outcome = await self._on_recipients(event, fingerprint)
         else:
-            outcome = await self._on_cancelled(event)
+            outcome = await self._on_cancelled(event, fingerprint)
         if outcome.startswith("duplicate"):
             self._metrics.events_duplicate.labels(kind).inc()
         log_event(
@@ -215,13 +241,33 @@ class Intake:
 
     # --- events -------------------------------------------------------------------------------
 
-    async def _on_scheduled(self, event: CampaignScheduled) -> str:
-        if await self._store.event_seen(event.event_id):
+    async def _seen_before(self, event: InputEvent, fingerprint: str) -> str | None:
+        """ "duplicate-event" for a redelivery, a rejection for a reused id, None when new."""
+        seen_as = await self._store.seen_event(event.event_id)
+        if seen_as is None:
+            return None
+        if seen_as in (fingerprint, LEGACY_SEEN_MARKER):
             return "duplicate-event"
+        return await self._reject_reused_id(event)
+
+    async def _reject_reused_id(self, event: InputEvent) -> str:
+        return await self._reject(
+            event,
+            StatusError(
+                "EVENT_ID_REUSED",
+                f"event_id {event.event_id!r} was already used by another event "
+                "(another campaign, type or content); event ids must be unique",
+            ),
+            fingerprint=None,
+        )
+
+    async def _on_scheduled(self, event: CampaignScheduled, fingerprint: str) -> str:
+        if seen := await self._seen_before(event, fingerprint):
+            return seen
         now = self._clock.now()
         problem = validate_scheduled(event, self._groups, now, self._settings.limits)
         if problem is not None:
-            return await self._reject(event, problem, header=event)
+            return await self._reject(event, problem, fingerprint, header=event)
         accepted = CampaignStatusEvent(
             ref=event.ref,
             status=StatusCode.ACCEPTED,
@@ -235,29 +281,38 @@ class Intake:
             status_entry(self._registry, accepted),
             now,
             now + self._settings.collect_timeout,
+            fingerprint,
         )
+        if outcome.result == "event-id-reused":
+            return await self._reject_reused_id(event)
         if outcome.result == "bad-index":
             indexes = await self._store.batch_indexes(event.ref.key)
             index_problem = batch_index_problem(indexes, event.batch_count)
             assert index_problem is not None
-            return await self._reject(event, index_problem, header=event)
+            return await self._reject(event, index_problem, fingerprint, header=event)
         if outcome.recorded:
             self._metrics.campaign_transitions.labels(outcome.state).inc()
         return f"{outcome.result}:{outcome.state}"
 
-    async def _on_recipients(self, event: CampaignRecipients) -> str:
+    async def _on_recipients(self, event: CampaignRecipients, fingerprint: str) -> str:
         # Duplicates are recognised inside record_batch's single Redis call.
         problem = validate_recipients(event)
         if problem is not None:
-            return await self._reject(event, problem)
+            if seen := await self._seen_before(event, fingerprint):
+                return seen
+            return await self._reject(event, problem, fingerprint)
         now = self._clock.now()
-        outcome = await self._store.record_batch(event, now, now + self._settings.collect_timeout)
+        outcome = await self._store.record_batch(
+            event, now, now + self._settings.collect_timeout, fingerprint
+        )
+        if outcome.result == "event-id-reused":
+            return await self._reject_reused_id(event)
         if outcome.result == "bad-index":
             snapshot = await self._store.load(event.ref.key)
             count = snapshot.header.batch_count if snapshot and snapshot.header else 0
             index_problem = batch_index_problem([event.batch_index], count)
             assert index_problem is not None
-            return await self._reject(event, index_problem)
+            return await self._reject(event, index_problem, fingerprint)
         if outcome.recorded and outcome.state == CampaignState.READY:
             self._metrics.campaign_transitions.labels(outcome.state).inc()
         if event.customers_with_promo_code:
@@ -270,23 +325,25 @@ class Intake:
             )
         return f"{outcome.result}:{outcome.state}"
 
-    async def _on_cancelled(self, event: CampaignCancelled) -> str:
-        if await self._store.event_seen(event.event_id):
-            return "duplicate-event"
+    async def _on_cancelled(self, event: CampaignCancelled, fingerprint: str) -> str:
+        if seen := await self._seen_before(event, fingerprint):
+            return seen
         for _ in range(5):  # a concurrent change (the executor) makes us look again
             snapshot = await self._store.load(event.ref.key)
-            outcome = await self._cancel(event, snapshot)
+            outcome = await self._cancel(event, snapshot, fingerprint)
             if outcome is not None:
                 return outcome
         raise TransientError(f"campaign {event.ref.key} kept changing while being cancelled")
 
     async def _cancel(
-        self, event: CampaignCancelled, snapshot: CampaignSnapshot | None
+        self, event: CampaignCancelled, snapshot: CampaignSnapshot | None, fingerprint: str
     ) -> str | None:
         key = event.ref.key
         keys = self._store.keys
         now = self._clock.now()
-        transition = self._store.transition(key).mark_seen(keys.event_seen(event.event_id))
+        transition = self._store.transition(key).mark_seen(
+            keys.event_seen(event.event_id), fingerprint
+        )
         if snapshot is not None and snapshot.state.is_final:
             transition.expect(snapshot.state)
             result = await self._store.apply(transition, now)
@@ -330,9 +387,17 @@ class Intake:
     # --- rejection and dead letters -----------------------------------------------------------
 
     async def _reject(
-        self, event: InputEvent, problem: StatusError, header: CampaignScheduled | None = None
+        self,
+        event: InputEvent,
+        problem: StatusError,
+        fingerprint: str | None,
+        header: CampaignScheduled | None = None,
     ) -> str:
-        """REJECTED status for the campaign (if it has not started); the event is marked seen."""
+        """REJECTED status for the campaign (if it has not started).
+
+        The event id is remembered with `fingerprint`; None leaves the id's record as it is (a
+        reused id stays bound to the event that first had it).
+        """
         self._metrics.events_rejected.labels(type(event).__name__, problem.code).inc()
         key = event.ref.key
         keys = self._store.keys
@@ -349,7 +414,9 @@ class Intake:
             reason=problem.code,
             detail=problem.message,
         )
-        transition = self._store.transition(key).mark_seen(keys.event_seen(event.event_id))
+        transition = self._store.transition(key)
+        if fingerprint is not None:
+            transition.mark_seen(keys.event_seen(event.event_id), fingerprint)
         if snapshot is not None and snapshot.state not in (
             CampaignState.COLLECTING,
             CampaignState.READY,
@@ -366,7 +433,7 @@ class Intake:
             counts=RecipientCounts(requested=snapshot.int_field("requested") if snapshot else 0),
             error=problem,
             send_at=header.scheduled_at if header else None,
-            metadata=header.metadata if header else {},
+            metadata=self._echoable_metadata(header),
         )
         transition = (
             transition.expect(CampaignState.COLLECTING, CampaignState.READY, absent=True)
@@ -385,30 +452,100 @@ class Intake:
         self._metrics.campaign_transitions.labels(CampaignState.REJECTED).inc()
         return f"rejected:{problem.code}"
 
-    async def _dead_letter(self, record: InboundRecord, error: CodecError) -> None:
-        headers = [
-            *record.headers,
+    def _echoable_metadata(self, header: CampaignScheduled | None) -> dict[str, str]:
+        """The header's metadata for an output event; none when it is over the bound."""
+        if header is None:
+            return {}
+        if metadata_bytes(header.metadata) > self._settings.limits.max_metadata_bytes:
+            return {}
+        return dict(header.metadata)
+
+    async def _dead_letter(
+        self, record: InboundRecord, error_class: str, message: str, reason: str
+    ) -> None:
+        """Copy the record to the dead-letter topic, whole when it fits, else cut to fit."""
+        ours: list[tuple[str, bytes | None]] = [
             ("dlq.source.topic", record.topic.encode()),
             ("dlq.source.partition", str(record.partition).encode()),
             ("dlq.source.offset", str(record.offset).encode()),
             ("dlq.source.timestamp", str(record.timestamp_ms or "").encode()),
             ("dlq.consumer.group", self._settings.consumer_group.encode()),
-            ("dlq.error.class", type(error).__name__.encode()),
-            ("dlq.error.message", str(error).encode()),
+            ("dlq.error.class", error_class.encode()),
+            ("dlq.error.message", message[:1000].encode()),
             ("dlq.attempts", b"1"),
         ]
-        await self._dead_letters.publish(
-            self._settings.dlq_topic, record.key, record.value, headers
-        )
-        self._metrics.events_dead_lettered.labels(_dead_letter_reason(error)).inc()
+        theirs = [
+            (INPUT_HEADER_PREFIX + name if name.startswith(DLQ_HEADER_PREFIX) else name, value)
+            for name, value in record.headers
+        ]
+        limit = self._dead_letters.max_record_bytes - _RECORD_OVERHEAD_BYTES
+        for copy in _dead_letter_copies(record, theirs, ours, limit):
+            try:
+                await self._dead_letters.publish(self._settings.dlq_topic, *copy)
+                break
+            except KafkaRecordRefused as exc:
+                refusal = str(exc)  # the topic allows less than we do: a smaller copy next
+        else:
+            # Not even the coordinates could be published; the record stays in the input
+            # topic for its retention, and this line says where.
+            self._metrics.events_dead_lettered.labels("refused_by_kafka").inc()
+            log_event(
+                log,
+                "intake.dead_letter_refused",
+                logging.ERROR,
+                partition=record.partition,
+                offset=record.offset,
+                error=refusal,
+            )
+            return
+        self._metrics.events_dead_lettered.labels(reason).inc()
         log_event(
             log,
             "intake.dead_lettered",
             logging.WARNING,
             partition=record.partition,
             offset=record.offset,
-            error=str(error),
+            error_class=error_class,
+            error=message[:300],
+            truncated=copy[1] is not record.value,
         )
+
+
+DeadLetterCopy = tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]
+
+
+def _dead_letter_copies(
+    record: InboundRecord,
+    theirs: list[tuple[str, bytes | None]],
+    ours: list[tuple[str, bytes | None]],
+    limit: int,
+) -> list[DeadLetterCopy]:
+    """The dead letters to try in turn: whole if it fits, then cut to fit, then coordinates only.
+
+    A cut copy keeps the start of the value and says so (`dlq.truncated`, the original sizes); the
+    original stays findable by `dlq.source.*` for the input topic's retention.
+    """
+    whole: DeadLetterCopy = (record.key, record.value, [*theirs, *ours])
+    original = [
+        ("dlq.truncated", b"true"),
+        ("dlq.original.value.bytes", str(len(record.value or b"")).encode()),
+        ("dlq.original.headers", str(len(record.headers)).encode()),
+    ]
+    key = record.key if len(record.key or b"") <= 1024 else (record.key or b"")[:1024]
+    bare: DeadLetterCopy = (key, None, [*ours, *original])
+    copies = []
+    if record_size(*whole) <= limit:
+        copies.append(whole)
+    else:
+        with_headers = (key, b"", [*theirs, *ours, *original])
+        room = limit - record_size(*with_headers)
+        if room < 0:  # the input's headers alone are too large: dropped (counted above)
+            room = limit - record_size(*bare)
+            copies.append((key, (record.value or b"")[: max(room, 0)], bare[2]))
+        else:
+            copies.append((key, (record.value or b"")[:room], with_headers[2]))
+    copies.append(bare)
+    return copies
 
 
 def _dead_letter_reason(error: CodecError) -> str:

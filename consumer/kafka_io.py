@@ -26,11 +26,26 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from consumer.errors import KafkaUnavailable
+from consumer.errors import KafkaRecordRefused, KafkaUnavailable
 
 log = logging.getLogger("consumer.kafka")
 
 KafkaConfig = Mapping[str, str | int | float | bool]
+Headers = Sequence[tuple[str, bytes | None]]
+OutboundRecord = tuple[str, bytes | str | None, bytes | None, Headers]
+
+# Errors for which Kafka will never take the record, however often it is produced again.
+_REFUSED_FOR_GOOD = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.TOPIC_EXCEPTION,
+        KafkaError.POLICY_VIOLATION,
+        KafkaError._INVALID_ARG,  # e.g. a topic name librdkafka will not produce to
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,7 @@ class InboundRecord:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
+    headers: tuple[tuple[str, bytes | None], ...]  # a null header value stays None
     timestamp_ms: int | None
 
 
@@ -125,7 +140,7 @@ class KafkaEventSource:
                     key=_as_bytes(message.key()),
                     value=_as_bytes(message.value()),
                     headers=tuple(
-                        (name, value or b"") for name, value in (message.headers() or [])
+                        (name, _as_bytes(value)) for name, value in (message.headers() or [])
                     ),
                     timestamp_ms=message.timestamp()[1] if message.timestamp()[0] else None,
                 )
@@ -203,18 +218,24 @@ class KafkaEventSource:
 
 
 class KafkaPublisher:
-    """An idempotent producer (acks=all) whose `publish` returns once Kafka has the record."""
+    """An idempotent producer (acks=all) whose `publish` returns once Kafka has the record.
 
-    def __init__(self, config: KafkaConfig) -> None:
+    `max_record_bytes` is librdkafka's `message.max.bytes`: callers that copy records of unknown
+    size (the dead-letter topic) cut them to fit it (see `fits`).
+    """
+
+    def __init__(self, config: KafkaConfig, max_record_bytes: int = 1_000_000) -> None:
         settings: dict[str, Any] = {
             "linger.ms": 5,
             "compression.type": "lz4",
             "delivery.timeout.ms": 30000,
+            "message.max.bytes": max_record_bytes,
             **config,
             "enable.idempotence": True,
             "acks": "all",
             "logger": log,
         }
+        self.max_record_bytes = int(settings["message.max.bytes"])
         self._producer = Producer(settings)
         self._stopping = threading.Event()
         self._poller = threading.Thread(target=self._serve_callbacks, name="kafka-producer")
@@ -226,26 +247,39 @@ class KafkaPublisher:
         topic: str,
         key: bytes | str | None,
         value: bytes | None,
-        headers: Sequence[tuple[str, bytes]] = (),
+        headers: Headers = (),
     ) -> None:
         await self.publish_many([(topic, key, value, headers)])
 
-    async def publish_many(
-        self,
-        records: Sequence[
-            tuple[str, bytes | str | None, bytes | None, Sequence[tuple[str, bytes]]]
-        ],
-    ) -> None:
-        """Produce records in order and wait until Kafka acknowledged every one."""
+    async def publish_many(self, records: Sequence[OutboundRecord]) -> None:
+        """Produce records in order and wait until Kafka acknowledged every one.
+
+        Raises `KafkaRecordRefused` (naming the refused positions) when Kafka refuses some for
+        good, once every other record was acknowledged; `KafkaUnavailable` for anything that
+        may pass (broker down, timeouts).
+        """
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[None]] = []
-        for topic, key, value, headers in records:
+        queued: list[tuple[int, asyncio.Future[None]]] = []
+        refused: dict[int, str] = {}
+        for position, (topic, key, value, headers) in enumerate(records):
             future: asyncio.Future[None] = loop.create_future()
-            futures.append(future)
             wire_headers: list[tuple[str, str | bytes | None]] = list(headers)
-            await self._produce(topic, key, value, wire_headers, _resolver(loop, future))
-        if futures:
-            await asyncio.gather(*futures)
+            reason = await self._produce(topic, key, value, wire_headers, _resolver(loop, future))
+            if reason is None:
+                queued.append((position, future))
+            else:
+                refused[position] = reason
+        outcomes = await asyncio.gather(*(f for _, f in queued), return_exceptions=True)
+        transient: BaseException | None = None
+        for (position, _), outcome in zip(queued, outcomes, strict=True):
+            if isinstance(outcome, _Refused):
+                refused[position] = outcome.reason
+            elif isinstance(outcome, BaseException):
+                transient = transient or outcome
+        if transient is not None:
+            raise transient
+        if refused:
+            raise KafkaRecordRefused(refused)
 
     async def _produce(
         self,
@@ -254,16 +288,20 @@ class KafkaPublisher:
         value: bytes | None,
         headers: list[tuple[str, str | bytes | None]],
         on_delivery: Callable[[Any, Any], None],
-    ) -> None:
+    ) -> str | None:
+        """Queue one record; the reason when librdkafka refuses it outright for good."""
         while True:
             try:
                 self._producer.produce(
                     topic, value=value, key=key, headers=headers, on_delivery=on_delivery
                 )
-                return
+                return None
             except BufferError:
                 await asyncio.sleep(0.05)  # local queue full: let deliveries drain
             except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if isinstance(error, KafkaError) and error.code() in _REFUSED_FOR_GOOD:
+                    return f"{error.name()} ({topic})"
                 raise KafkaUnavailable(f"Kafka produce to {topic} failed: {exc}") from exc
 
     async def flush(self, timeout_s: float = 30.0) -> int:
@@ -282,6 +320,14 @@ class KafkaPublisher:
             self._producer.poll(0.1)
 
 
+class _Refused(Exception):
+    """A delivery report saying Kafka will never take the record (see `_REFUSED_FOR_GOOD`)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def _resolver(
     loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]
 ) -> Callable[[Any, Any], None]:
@@ -292,6 +338,8 @@ def _resolver(
             return
         if error is None:
             result.set_result(None)
+        elif isinstance(error, KafkaError) and error.code() in _REFUSED_FOR_GOOD:
+            result.set_exception(_Refused(error.name()))
         else:
             result.set_exception(KafkaUnavailable(f"Kafka did not take the record: {error}"))
 
@@ -299,6 +347,16 @@ def _resolver(
         loop.call_soon_threadsafe(settle, future, error)
 
     return on_delivery
+
+
+def record_size(key: bytes | str | None, value: bytes | None, headers: Headers) -> int:
+    """Bytes of a record's key, value and headers (what `message.max.bytes` bounds)."""
+    key_bytes = key.encode() if isinstance(key, str) else key or b""
+    return (
+        len(key_bytes)
+        + len(value or b"")
+        + sum(len(name.encode()) + len(header or b"") for name, header in headers)
+    )
 
 
 def ensure_topics(config: KafkaConfig, topics: Sequence[TopicSpec], timeout_s: float = 30) -> None:

@@ -76,6 +76,15 @@ class RedisKeys:
         """Stream: output events recorded with the state change that caused them."""
         return f"{self.prefix}outbox"
 
+    def handler_failures(self, role: str) -> str:
+        """Hash: member of a role's queue → unexpected handler failures in a row."""
+        return f"{self.prefix}failures:{role}"
+
+    @property
+    def outbox_set_aside(self) -> str:
+        """Stream: output events Kafka refused permanently, kept for the operator."""
+        return f"{self.prefix}outbox:set-aside"
+
     @property
     def outbox_lease(self) -> str:
         return f"{self.prefix}lease:outbox"

@@ -117,6 +117,21 @@ class Metrics:
         self.events_published = counter(
             "events_published_total", "Output events published to Kafka, by topic kind.", ("kind",)
         )
+        self.handler_failures = counter(
+            "handler_failures_total",
+            "Leased work items whose handler raised an unexpected error, by role.",
+            ("role",),
+        )
+        self.handler_gave_up = counter(
+            "handler_gave_up_total",
+            "Work items ended FAILED INTERNAL_ERROR after repeated handler failures, by role.",
+            ("role",),
+        )
+        self.outbox_set_aside = counter(
+            "outbox_set_aside_total",
+            "Output events Kafka refused permanently, set aside in Redis, by topic kind.",
+            ("kind",),
+        )
         self.loop_last_iteration = gauge(
             "loop_last_iteration_timestamp_seconds",
             "When each role's loop last completed an iteration (Unix time).",

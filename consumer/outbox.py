@@ -5,6 +5,11 @@ neither exists without the other. The publisher (one replica at a time, under a 
 stream in order, produces each event with the idempotent producer, waits for Kafka's
 acknowledgement and only then deletes the entries. A crash between the two re-publishes: the
 event ids are deterministic, so downstream sees an exact duplicate, never a different event.
+
+An event Kafka refuses for good (too large, a topic that does not accept it, no authorisation)
+must not hold up every event behind it: after `MAX_REFUSALS` refusals in a row it is set aside
+in Redis (`keys.outbox_set_aside`, with Kafka's reason), counted and logged at ERROR, and the
+others flow on. Transient errors (broker away) still wait and retry, in order.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from typing import Protocol
 
 from consumer.clock import Clock, pause
 from consumer.codec import SchemaRegistry
-from consumer.errors import TransientError
+from consumer.errors import KafkaRecordRefused, TransientError
 from consumer.events import CampaignStatusEvent, DeliveryMetricsEvent, TemplateRecord
+from consumer.kafka_io import OutboundRecord
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.store import CampaignStore, OutboxEntry
@@ -25,6 +31,8 @@ from consumer.store import CampaignStore, OutboxEntry
 log = logging.getLogger("consumer.outbox")
 
 STATUS, METRICS, TEMPLATES = "status", "metrics", "templates"
+# Refusals of one event in a row before it is set aside (each is a produce Kafka answered "no").
+MAX_REFUSALS = 3
 
 
 def status_entry(registry: SchemaRegistry, event: CampaignStatusEvent) -> OutboxEntry:
@@ -61,12 +69,7 @@ def template_tombstone(template_id: int) -> OutboxEntry:
 
 
 class RecordPublisher(Protocol):
-    async def publish_many(
-        self,
-        records: Sequence[
-            tuple[str, bytes | str | None, bytes | None, Sequence[tuple[str, bytes]]]
-        ],
-    ) -> None: ...
+    async def publish_many(self, records: Sequence[OutboundRecord]) -> None: ...
 
 
 class OutboxPublisher:
@@ -93,6 +96,7 @@ class OutboxPublisher:
         self._batch_size = batch_size
         self._holding = False
         self._last_id = "0-0"
+        self._refusals: dict[str, int] = {}  # entry id → refusals in a row
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -118,15 +122,60 @@ class OutboxPublisher:
             if not entries:
                 self._metrics.outbox_pending.set(0)
                 return total
+            published = await self._publish(entries)
+            self._last_id = entries[-1].entry_id
+            for entry in published:
+                self._metrics.events_published.labels(entry.topic).inc()
+            total += len(published)
+            self._metrics.outbox_pending.set(await self._store.outbox_length())
+
+    async def _publish(self, entries: Sequence[OutboxEntry]) -> list[OutboxEntry]:
+        """Publish a batch; delete what Kafka took, set aside what it keeps refusing."""
+        try:
             await self._publisher.publish_many(
                 [(self._topics[e.topic], e.key, e.value, ()) for e in entries]
             )
-            await self._store.outbox_delete([e.entry_id for e in entries])
-            self._last_id = entries[-1].entry_id
-            for entry in entries:
-                self._metrics.events_published.labels(entry.topic).inc()
-            total += len(entries)
-            self._metrics.outbox_pending.set(await self._store.outbox_length())
+        except KafkaRecordRefused as exc:
+            refused = exc.refused
+        else:
+            refused = {}
+        published = [e for position, e in enumerate(entries) if position not in refused]
+        await self._store.outbox_delete([e.entry_id for e in published])
+        if self._refusals:
+            for entry in published:
+                self._refusals.pop(entry.entry_id, None)
+        set_aside: list[tuple[OutboxEntry, str]] = []
+        for position, reason in refused.items():
+            entry = entries[position]
+            count = self._refusals[entry.entry_id] = self._refusals.get(entry.entry_id, 0) + 1
+            log_event(
+                log,
+                "outbox.event_refused",
+                logging.WARNING,
+                kind=entry.topic,
+                campaign=entry.key,
+                event_id=entry.event_id,
+                reason=reason,
+                refusals=count,
+            )
+            if count >= MAX_REFUSALS:
+                set_aside.append((entry, reason))
+        if set_aside:
+            await self._store.outbox_set_aside(set_aside)
+            for entry, reason in set_aside:
+                self._refusals.pop(entry.entry_id, None)
+                self._metrics.outbox_set_aside.labels(entry.topic).inc()
+                log_event(
+                    log,
+                    "outbox.event_set_aside",
+                    logging.ERROR,
+                    kind=entry.topic,
+                    campaign=entry.key,
+                    event_id=entry.event_id,
+                    reason=reason,
+                    value_bytes=len(entry.value or b""),
+                )
+        return published
 
     async def publish_once(self) -> int | None:
         """Publish what is pending now (one-shot commands); None when a daemon holds the lease

@@ -10,6 +10,7 @@ Redis errors are translated into `StoreUnavailable` here; nothing above sees red
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,22 @@ from consumer.workflow import CampaignState
 ID_SEPARATOR = "\x1e"
 # How long an input event id is remembered for de-duplication (redelivery horizon).
 EVENT_DEDUPE_TTL_S = 30 * 24 * 3600
+# The marker of an event id recorded before markers carried fingerprints: matches any event.
+LEGACY_SEEN_MARKER = "1"
+
+
+def event_fingerprint(event_type: str, campaign_key: str, value: bytes | None) -> str:
+    """What an input event id stands for: its type, its campaign and a digest of its bytes.
+
+    A redelivered record has the same fingerprint; a producer reusing an event id for another
+    campaign, another type or other content does not.
+    """
+    digest = hashlib.sha256(value or b"").hexdigest()[:16]
+    return f"{event_type}|{campaign_key}|{digest}"
+
+
+# A run of handler failures older than this is forgotten (the member will have ended by then).
+HANDLER_FAILURES_TTL_S = 7 * 24 * 3600
 
 
 @contextmanager
@@ -147,8 +164,9 @@ class Transition:
         self.ops += ["expire", self._key_index(key), seconds]
         return self
 
-    def mark_seen(self, seen_key: str) -> Transition:
-        self.ops += ["setex", self._key_index(seen_key), EVENT_DEDUPE_TTL_S]
+    def mark_seen(self, seen_key: str, fingerprint: str) -> Transition:
+        """Remember an input event id, with what it stood for (see `event_fingerprint`)."""
+        self.ops += ["setex", self._key_index(seen_key), EVENT_DEDUPE_TTL_S, fingerprint]
         return self
 
     def emit(self, outbox: str, entry: OutboxEntry) -> Transition:
@@ -213,8 +231,8 @@ while i <= #ARGV do
     redis.call('EXPIRE', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2])
     i = i + 3
   elseif op == 'setex' then
-    redis.call('SET', KEYS[tonumber(ARGV[i + 1])], '1', 'EX', ARGV[i + 2])
-    i = i + 3
+    redis.call('SET', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 3], 'EX', ARGV[i + 2])
+    i = i + 4
   elseif op == 'xadd' then
     redis.call('XADD', KEYS[tonumber(ARGV[i + 1])], '*', 'topic', ARGV[i + 2], 'key', ARGV[i + 3],
       'value', ARGV[i + 4], 'event_id', ARGV[i + 5], 'tombstone', ARGV[i + 6])
@@ -233,16 +251,22 @@ return 'ok'
 _RECORD_BATCH = r"""
 local campaign, batches, recipients, seen, work, collecting, index =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local key, batch_index, now, deadline, ttl, with_promo, customers, joined =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
-if redis.call('EXISTS', seen) == 1 then return {'duplicate-event', ''} end
+local key, batch_index, now, deadline, ttl, with_promo, customers, joined, fingerprint =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9]
+-- An event id remembered with another fingerprint was reused by the producer for something
+-- else ('1' is the marker of releases before fingerprints: taken as this event).
+local seen_as = redis.call('GET', seen)
+if seen_as then
+  if seen_as == fingerprint or seen_as == '1' then return {'duplicate-event', ''} end
+  return {'event-id-reused', ''}
+end
 local state = redis.call('HGET', campaign, 'state')
 if state and state ~= 'COLLECTING' then
-  redis.call('SET', seen, '1', 'EX', ttl)
+  redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'ignored', state}
 end
 if redis.call('SISMEMBER', batches, batch_index) == 1 then
-  redis.call('SET', seen, '1', 'EX', ttl)
+  redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'duplicate-batch', state or ''}
 end
 local count = tonumber(redis.call('HGET', campaign, 'batch_count') or '-1')
@@ -266,7 +290,7 @@ if count > 0 and redis.call('SCARD', batches) >= count then
   redis.call('ZREM', collecting, key)
   redis.call('ZADD', work, now, key)
 end
-redis.call('SET', seen, '1', 'EX', ttl)
+redis.call('SET', seen, fingerprint, 'EX', ttl)
 return {'recorded', state}
 """
 
@@ -274,16 +298,20 @@ return {'recorded', state}
 _RECORD_HEADER = r"""
 local campaign, batches, seen, work, collecting, outbox, index =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local key, header, batch_count, now, deadline, ttl =
-  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-if redis.call('EXISTS', seen) == 1 then return {'duplicate-event', ''} end
+local key, header, batch_count, now, deadline, ttl, fingerprint =
+  ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[10]
+local seen_as = redis.call('GET', seen)
+if seen_as then
+  if seen_as == fingerprint or seen_as == '1' then return {'duplicate-event', ''} end
+  return {'event-id-reused', ''}
+end
 local state = redis.call('HGET', campaign, 'state')
 if state and state ~= 'COLLECTING' then
-  redis.call('SET', seen, '1', 'EX', ttl)
+  redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'ignored', state}
 end
 if redis.call('HEXISTS', campaign, 'header') == 1 then
-  redis.call('SET', seen, '1', 'EX', ttl)
+  redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'ignored', 'header-present'}
 end
 for _, member in ipairs(redis.call('SMEMBERS', batches)) do
@@ -304,23 +332,33 @@ else
   redis.call('HSET', campaign, 'state', state)
   redis.call('ZADD', collecting, 'GT', deadline, key)
 end
-redis.call('SET', seen, '1', 'EX', ttl)
+redis.call('SET', seen, fingerprint, 'EX', ttl)
 return {'recorded', state}
 """
 
-# Claim up to N due members of a queue, each under its own lease (SET NX PX). A claimed member
-# is pushed back by the lease time, so members held by others never crowd the due range, and a
-# crashed holder's work falls due again when its lease runs out.
+# Claim up to N due members of a queue, each under its own lease (SET NX PX) with a token unique
+# to that claim (the caller's base token and a counter), so an old holder never passes a fence
+# meant for a new one. A claimed member is pushed back by the lease time, so members held by
+# others never crowd the due range, and a crashed holder's work falls due again when its lease
+# runs out. ARGV[6..] are members this process already has in hand: never claimed again here.
 _CLAIM_DUE = r"""
+local in_hand = {}
+for i = 6, #ARGV do in_hand[ARGV[i]] = true end
+local limit = tonumber(ARGV[2])
 local members =
-  redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]) * 4)
-local claimed = {}
+  redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, limit * 4 + #ARGV - 5)
+local claimed, n = {}, 0
 local requeue_at = tonumber(ARGV[1]) + tonumber(ARGV[5])
 for _, member in ipairs(members) do
-  if redis.call('SET', ARGV[3] .. member, ARGV[4], 'NX', 'PX', ARGV[5]) then
-    redis.call('ZADD', KEYS[1], 'XX', requeue_at, member)
-    table.insert(claimed, member)
-    if #claimed >= tonumber(ARGV[2]) then break end
+  if not in_hand[member] then
+    local token = ARGV[4] .. '#' .. tostring(n + 1)
+    if redis.call('SET', ARGV[3] .. member, token, 'NX', 'PX', ARGV[5]) then
+      redis.call('ZADD', KEYS[1], 'XX', requeue_at, member)
+      table.insert(claimed, member)
+      table.insert(claimed, token)
+      n = n + 1
+      if n >= limit then break end
+    end
   end
 end
 return claimed
@@ -378,6 +416,7 @@ class CampaignStore:
         accepted: OutboxEntry,
         now: datetime,
         collect_deadline: datetime,
+        fingerprint: str,
     ) -> IntakeOutcome:
         key = event.ref.key
         header = self._registry.encode("CampaignScheduled", event.to_fields())
@@ -403,12 +442,17 @@ class CampaignStore:
                     accepted.topic,
                     accepted.value or b"",
                     accepted.event_id,
+                    fingerprint,
                 ],
             )
         return _outcome(result)
 
     async def record_batch(
-        self, event: CampaignRecipients, now: datetime, collect_deadline: datetime
+        self,
+        event: CampaignRecipients,
+        now: datetime,
+        collect_deadline: datetime,
+        fingerprint: str,
     ) -> IntakeOutcome:
         key = event.ref.key
         k = self.keys
@@ -432,13 +476,16 @@ class CampaignStore:
                     event.customers_with_promo_code,
                     len(event.customer_ids),
                     ID_SEPARATOR.join(event.customer_ids),
+                    fingerprint,
                 ],
             )
         return _outcome(result)
 
-    async def event_seen(self, event_id: str) -> bool:
-        with redis_errors("EXISTS event"):
-            return bool(await self.redis.exists(self.keys.event_seen(event_id)))
+    async def seen_event(self, event_id: str) -> str | None:
+        """The fingerprint an input event id was recorded with, or None if it is new."""
+        with redis_errors("GET event"):
+            value = await self.redis.get(self.keys.event_seen(event_id))
+        return None if value is None else as_text(value)
 
     async def batch_indexes(self, key: str) -> list[int]:
         with redis_errors("SMEMBERS batches"):
@@ -464,6 +511,17 @@ class CampaignStore:
         return CampaignSnapshot(
             key=key, state=CampaignState(fields["state"]), header=header, fields=fields
         )
+
+    async def load_fields(self, key: str) -> dict[str, str] | None:
+        """The campaign's plain fields, without decoding its header (which may be what fails)."""
+        with redis_errors("HGETALL campaign"):
+            raw = await self.redis.hgetall(self.keys.campaign(key))
+        fields = {
+            as_text(name): as_bytes(value).decode(errors="replace")
+            for name, value in raw.items()
+            if as_bytes(name) != b"header"
+        }
+        return fields if "state" in fields else None
 
     def transition(self, key: str) -> Transition:
         return Transition(key=key)
@@ -497,13 +555,45 @@ class CampaignStore:
     # --- queues and leases ------------------------------------------------------------------
 
     async def claim_due(
-        self, queue: str, lease_prefix: str, now: datetime, limit: int, token: str, ttl_ms: int
-    ) -> list[str]:
+        self,
+        queue: str,
+        lease_prefix: str,
+        now: datetime,
+        limit: int,
+        token: str,
+        ttl_ms: int,
+        in_hand: Sequence[str] = (),
+    ) -> list[tuple[str, str]]:
+        """Claim up to `limit` due members not `in_hand`: (member, that claim's own token)."""
         with redis_errors("claim due"):
-            members = await self._claim_due(
-                keys=[queue], args=[to_millis(now), limit, lease_prefix, token, ttl_ms]
+            flat = await self._claim_due(
+                keys=[queue], args=[to_millis(now), limit, lease_prefix, token, ttl_ms, *in_hand]
             )
-        return [as_text(member) for member in members]
+        texts = [as_text(value) for value in flat]
+        return list(zip(texts[0::2], texts[1::2], strict=True))
+
+    async def hand_back(self, queue: str, member: str, now: datetime) -> None:
+        """Due at once for the next owner; a member whose work removed it stays removed (XX)."""
+        with redis_errors("ZADD XX"):
+            await self.redis.zadd(queue, {member: to_millis(now)}, xx=True)
+
+    async def count_step_retry(self, key: str) -> int:
+        """One more transient step failure in a row for the campaign (steps reset it)."""
+        with redis_errors("HINCRBY failures"):
+            return int(await self.redis.hincrby(self.keys.campaign(key), "failures", 1))
+
+    async def count_handler_failure(self, role: str, member: str) -> int:
+        """One more unexpected handler failure in a row for a member of a role's queue."""
+        with redis_errors("HINCRBY handler failures"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hincrby(self.keys.handler_failures(role), member, 1)
+                pipe.expire(self.keys.handler_failures(role), HANDLER_FAILURES_TTL_S)
+                count, _ = await pipe.execute()
+        return int(count)
+
+    async def clear_handler_failures(self, role: str, member: str) -> None:
+        with redis_errors("HDEL handler failures"):
+            await self.redis.hdel(self.keys.handler_failures(role), member)
 
     async def due_members(self, queue: str, now: datetime, limit: int) -> list[str]:
         with redis_errors("ZRANGEBYSCORE"):
@@ -555,6 +645,24 @@ class CampaignStore:
         if entry_ids:
             with redis_errors("XDEL outbox"):
                 await self.redis.xdel(self.keys.outbox, *entry_ids)
+
+    async def outbox_set_aside(self, entries: Sequence[tuple[OutboxEntry, str]]) -> None:
+        """Move events Kafka refuses for good out of the outbox, into the set-aside stream."""
+        with redis_errors("set aside outbox entries"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for entry, reason in entries:
+                    pipe.xadd(
+                        self.keys.outbox_set_aside,
+                        {**_outbox_fields(entry), "reason": reason, "outbox_id": entry.entry_id},
+                    )
+                    pipe.xdel(self.keys.outbox, entry.entry_id)
+                await pipe.execute()
+
+    async def outbox_set_aside_entries(self, limit: int = 100) -> list[OutboxEntry]:
+        """What was set aside, oldest first (for the operator and tests)."""
+        with redis_errors("XRANGE set aside"):
+            rows = await self.redis.xrange(self.keys.outbox_set_aside, "-", "+", count=limit)
+        return [_outbox_entry(entry_id, values or {}) for entry_id, values in rows or []]
 
     async def outbox_length(self) -> int:
         with redis_errors("XLEN outbox"):

@@ -74,12 +74,16 @@ class WorkflowRig:
             metadata=event.metadata,
         )
         await self.store.record_header(
-            event, status_entry(REGISTRY, accepted), now, now + timedelta(hours=6)
+            event,
+            status_entry(REGISTRY, accepted),
+            now,
+            now + timedelta(hours=6),
+            fingerprint=f"header|{event.event_id}",
         )
         for index in range(batches):
-            chunk = customer_ids[index * size : (index + 1) * size]
+            batch = recipients(ref, index, customer_ids[index * size : (index + 1) * size])
             await self.store.record_batch(
-                recipients(ref, index, chunk), now, now + timedelta(hours=6)
+                batch, now, now + timedelta(hours=6), fingerprint=f"batch|{batch.event_id}"
             )
 
     async def snapshot(self, ref: CampaignRef) -> CampaignSnapshot:
