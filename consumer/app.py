@@ -44,6 +44,7 @@ from consumer.logs import SCRUBBER, log_event
 from consumer.metrics import Metrics
 from consumer.outbox import OutboxPublisher
 from consumer.poller import Poller, PollerSettings
+from consumer.rate_limit import AccountRateLimiter
 from consumer.steps import CampaignSteps, StepSettings
 from consumer.store import CampaignStore, as_text, redis_errors
 from consumer.templates import TemplateCopy
@@ -110,7 +111,18 @@ async def build_parts(
             await asyncio.to_thread(ensure_topics, kafka_config, topic_specs(settings))
         publisher = KafkaPublisher(kafka_config, settings.kafka.max_record_bytes)
         closers.append(publisher.close)
-        client = TextLocalClient(settings.textlocal, settings.credentials, observer=metrics)
+        textlocal = settings.textlocal
+        rate_limiter = AccountRateLimiter(
+            store,
+            settings.credentials.account_id(textlocal.api_url),
+            textlocal.rate_limit_per_s,
+            burst=textlocal.rate_limit_burst,
+            max_store_wait_s=textlocal.max_total_s,
+            observer=metrics,
+        )
+        client = TextLocalClient(
+            textlocal, settings.credentials, observer=metrics, rate_limiter=rate_limiter
+        )
         await client.open()
         closers.append(client.close)
     except BaseException:

@@ -7,6 +7,8 @@
     │   ├── TextLocalUnavailable     network error, timeout, HTTP 5xx from TextLocal
     │   │   └── TextLocalRateLimited HTTP 429; carries retry_after_s when TextLocal sent one
     │   ├── StoreUnavailable         Redis could not be reached
+    │   │   └── RateLimitUnavailable the shared TextLocal rate limit stayed out of reach (Redis):
+    │   │                            no TextLocal call was made
     │   └── KafkaUnavailable         Kafka refused or timed out a produce, commit or admin call
     ├── PermanentError               retrying will not help
     │   ├── KafkaRecordRefused       Kafka refuses records for good (too large, bad topic, ACL)
@@ -63,6 +65,23 @@ class TextLocalRateLimited(TextLocalUnavailable):
 
 class StoreUnavailable(TransientError):
     """Redis could not be reached or timed out."""
+
+
+class RateLimitUnavailable(StoreUnavailable):
+    """The account's shared TextLocal rate limit lives in Redis, and Redis did not answer.
+
+    The limiter fails closed: it waited `waited_s` for Redis (retrying with a capped backoff)
+    and then gave up without making the TextLocal call, so nothing was sent unmetered and the
+    call is safe to try again later, whatever its command.
+    """
+
+    def __init__(self, waited_s: float, reason: str) -> None:
+        super().__init__(
+            f"TextLocal rate limit: Redis did not answer for {waited_s:.1f}s ({reason}); "
+            "no TextLocal call was made"
+        )
+        self.waited_s = waited_s
+        self.reason = reason
 
 
 class KafkaUnavailable(TransientError):

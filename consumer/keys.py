@@ -113,3 +113,11 @@ class RedisKeys:
 
     def daily_job_last_success(self, job: str) -> str:
         return f"{self.prefix}daily:{job}:last-success"
+
+    # --- TextLocal --------------------------------------------------------------------------
+    def textlocal_rate_limit(self, account: str) -> str:
+        """String: the account's shared rate limit (GCRA's next turn, µs of Redis' clock).
+
+        `account` is `TextLocalCredentials.account_id`: a short hash, never a credential.
+        """
+        return f"{self.prefix}ratelimit:textlocal:{account}"

@@ -16,6 +16,9 @@ PREFIX = "textlocal_consumer"
 
 # TextLocal calls take from tens of milliseconds to several seconds for large reports.
 _REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A turn under the rate limit comes at once when the account is idle, after about one interval
+# per caller ahead when it is busy, and up to the limiter's give-up time while Redis is away.
+_RATE_LIMIT_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -89,6 +92,16 @@ class Metrics:
             "TextLocal calls retried, by command and reason.",
             ("command", "reason"),
         )
+        self.textlocal_rate_limit_wait = Histogram(
+            f"{PREFIX}_textlocal_rate_limit_wait_seconds",
+            "Time each TextLocal request waited for a turn under the account's shared rate limit.",
+            buckets=_RATE_LIMIT_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.textlocal_rate_limit_unavailable = counter(
+            "textlocal_rate_limit_unavailable_total",
+            "Times Redis did not answer the shared rate limit (no TextLocal call went out then).",
+        )
         # delivery polls
         self.polls = counter("polls_total", "Delivery polls, by outcome.", ("outcome",))
         self.polls_overdue = gauge(
@@ -145,6 +158,12 @@ class Metrics:
 
     def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None:
         self.textlocal_retries.labels(command, reason).inc()
+
+    def rate_limit_waited(self, wait_s: float) -> None:
+        self.textlocal_rate_limit_wait.observe(wait_s)
+
+    def rate_limit_unavailable(self) -> None:
+        self.textlocal_rate_limit_unavailable.inc()
 
     def partition_lag(self, topic: str, partition: int, lag: int) -> None:
         self.consumer_lag.labels(topic, str(partition)).set(lag)

@@ -376,6 +376,27 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# --- the TextLocal rate limit ------------------------------------------------------------------
+# GCRA (the generic cell rate algorithm). KEYS[1] holds the account's "theoretical arrival time"
+# (TAT): when its next turn is due if turns are taken at the rate. A request may go when TAT is at
+# most (burst - 1) intervals ahead of now, and moves TAT on by one interval. Time is Redis' own
+# (TIME), in microseconds, so the replicas' clocks do not matter. ARGV[1]: the interval (µs per
+# request, 1/rate); ARGV[2]: the burst (requests that may go back to back after a quiet spell).
+# Answers 0 when a turn was taken, else the µs until one may be free (nothing is taken then).
+_RATE_LIMIT_TURN = r"""
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local wait = tat - (burst - 1) * interval - now
+if wait > 0 then return wait end
+tat = tat + interval
+-- Once TAT has passed, the key says nothing that a missing key would not: it may expire then.
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return 0
+"""
+
 
 class CampaignStore:
     """Reads and atomically changes campaigns, queues, leases and the outbox in Redis."""
@@ -390,6 +411,7 @@ class CampaignStore:
         self._claim_due = redis.register_script(_CLAIM_DUE)
         self._renew = redis.register_script(_RENEW_LEASE)
         self._release = redis.register_script(_RELEASE_LEASE)
+        self._rate_limit_turn = redis.register_script(_RATE_LIMIT_TURN)
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -694,6 +716,22 @@ class CampaignStore:
                 return bool(await self.redis.ping())
         except StoreUnavailable:
             return False
+
+    # --- the TextLocal rate limit (one per account, shared by every replica) ------------------
+
+    async def take_rate_limit_turn(self, account: str, interval_us: int, burst: int) -> float:
+        """Take a turn under the account's shared rate limit, or learn when to ask again.
+
+        Returns 0.0 when this call took a turn (its TextLocal request may go now), else the
+        seconds until a turn may be free (nothing was taken). One Lua call, timed by Redis.
+        """
+        if interval_us < 1 or burst < 1:
+            raise ValueError("interval_us and burst must be at least 1")
+        with redis_errors("rate limit turn"):
+            wait_us = await self._rate_limit_turn(
+                keys=[self.keys.textlocal_rate_limit(account)], args=[interval_us, burst]
+            )
+        return int(wait_us) / 1_000_000
 
 
 def _outcome(result: Any) -> IntakeOutcome:

@@ -1,7 +1,8 @@
 """The TextLocal API client: every call the daemon makes to TextLocal goes through here.
 
-One `aiohttp.ClientSession` per client (one client per process), explicit timeouts, a
-process-wide rate limit and concurrency cap, typed results (`consumer.textlocal_types`).
+One `aiohttp.ClientSession` per client (one client per process), explicit timeouts, a rate
+limit (the daemon's is per TextLocal account and shared by all replicas, `consumer.rate_limit`)
+and a per-process concurrency cap, typed results (`consumer.textlocal_types`).
 
 Errors (the tree is drawn in `consumer.errors`) are mapped at one boundary, `_post`:
 
@@ -14,6 +15,10 @@ Errors (the tree is drawn in `consumer.errors`) are mapped at one boundary, `_po
   connection dropped mid-exchange, HTTP 5xx other than 503, an unreadable reply) →
   `TextLocalUnavailable` for calls that are safe to repeat, but `TextLocalOutcomeUnknown` for
   those that are not (`UNSAFE_TO_REPEAT`): the caller must look before it tries again.
+
+Before each HTTP attempt the client takes a turn under the rate limit. When the shared limit
+cannot be consulted (Redis down) the limiter raises `RateLimitUnavailable` (transient, not
+retried here) after a bounded wait: the request was not made, whatever the command.
 
 Why the timeouts tell "not sent" from "maybe sent": aiohttp raises `ConnectionTimeoutError`
 when the `connect` timeout (which covers waiting for a pooled connection, DNS and the TCP/TLS
@@ -29,6 +34,7 @@ line or an exception text.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import random as random_module
@@ -52,7 +58,7 @@ from consumer.errors import (
     TextLocalUnavailable,
 )
 from consumer.logs import log_event
-from consumer.rate_limit import RequestRateLimiter
+from consumer.rate_limit import RateLimiter, RequestRateLimiter
 from consumer.retry import RetryPolicy, call_with_retries, parse_retry_after_s
 from consumer.textlocal_types import (
     Balance,
@@ -189,6 +195,16 @@ class TextLocalCredentials:
         assert self.password_hash is not None
         return [("username", self.username), ("hash", self.password_hash)]
 
+    def account_id(self, api_url: str) -> str:
+        """A short name for the account these credentials reach at `api_url`, safe to show.
+
+        16 hex digits of SHA-256 over the URL and the API key or the username (a password or a
+        hash logs in to its username's account, so neither is part of it). It keys the account's
+        shared rate limit in Redis, where no credential may go; the key cannot be read back.
+        """
+        who = f"apikey:{self.api_key}" if self.api_key is not None else f"user:{self.username}"
+        return hashlib.sha256(f"textlocal-account\0{api_url}\0{who}".encode()).hexdigest()[:16]
+
     def __repr__(self) -> str:
         if self.api_key is not None:
             return "TextLocalCredentials(api_key='***')"
@@ -208,7 +224,11 @@ class TextLocalSettings:
     # is about 40 MB.
     request_timeout_s: float = 60.0
     # TextLocal publishes no limit; 10/s with 4 in flight stays far below what its clients use.
+    # The rate and burst are the account's, shared by all replicas (consumer.rate_limit; a client
+    # built without that limiter spaces its own requests 1/rate apart, no burst). The burst is how
+    # many requests may go back to back after a quiet spell; the concurrency is per process.
     rate_limit_per_s: float = 10.0
+    rate_limit_burst: int = 1
     max_concurrency: int = 4
     max_attempts: int = 5
     max_total_s: float = 60.0
@@ -226,6 +246,8 @@ class TextLocalSettings:
             )
         if not self.rate_limit_per_s > 0:
             raise ConfigError("textlocal.rate_limit_per_s", "must be positive")
+        if self.rate_limit_burst < 1:
+            raise ConfigError("textlocal.rate_limit_burst", "must be at least 1")
         if self.max_concurrency < 1:
             raise ConfigError("textlocal.max_concurrency", "must be at least 1")
         object.__setattr__(
@@ -298,8 +320,10 @@ def _outcome_of(error: BaseException) -> str:
 class TextLocalClient:
     """TextLocal's API as typed async calls. Use as `async with TextLocalClient(...) as client`.
 
-    Owns one aiohttp session unless one is passed in (then the caller closes it). `sleep`,
-    `random`, `monotonic` and `clock` are injected for tests.
+    Owns one aiohttp session unless one is passed in (then the caller closes it). Every HTTP
+    attempt waits for a turn from `rate_limiter` (the daemon passes the account's shared
+    `AccountRateLimiter`); without one, calls are spaced 1/rate_limit_per_s apart in this
+    process only. `sleep`, `random`, `monotonic` and `clock` are injected for tests.
     """
 
     def __init__(
@@ -308,6 +332,7 @@ class TextLocalClient:
         credentials: TextLocalCredentials,
         *,
         observer: TextLocalObserver | None = None,
+        rate_limiter: RateLimiter | None = None,
         session: aiohttp.ClientSession | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         random: Callable[[], float] = random_module.random,
@@ -324,9 +349,11 @@ class TextLocalClient:
         self._monotonic = monotonic
         self._clock: Clock = clock or SystemClock()
         self._concurrency = asyncio.Semaphore(settings.max_concurrency)
-        self._rate_limiter = RequestRateLimiter(
-            settings.rate_limit_per_s, monotonic=monotonic, sleep=sleep
-        )
+        if rate_limiter is None:
+            rate_limiter = RequestRateLimiter(
+                settings.rate_limit_per_s, monotonic=monotonic, sleep=sleep
+            )
+        self._rate_limiter = rate_limiter
         self._timeout = aiohttp.ClientTimeout(
             total=settings.request_timeout_s,
             connect=settings.connect_timeout_s,

@@ -28,6 +28,9 @@ from consumer.workflow import CampaignState
 from tests.helpers import REGISTRY, consume, eventually, produce, recipients, scheduled
 
 CONSOLE_SCRIPT = str(Path(sys.executable).parent / "textlocal-consumer")
+# The checkout these tests belong to: daemons import `consumer` from here (PYTHONPATH), not from
+# wherever the virtualenv's console script was installed from (another worktree, say).
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -67,6 +70,7 @@ def daemon_environment(
     ]
     env = {
         "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(CHECKOUT),
         "TEXTLOCAL_CONSUMER_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "TEXTLOCAL_CONSUMER_KAFKA_GROUP_ID": f"{topics.input}-daemon",
         "TEXTLOCAL_CONSUMER_KAFKA_INPUT_TOPIC": topics.input,

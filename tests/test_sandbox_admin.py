@@ -104,6 +104,22 @@ async def test_call_counts_are_exact_per_command(sandbox: SandboxHandle) -> None
     assert await sandbox.admin.call_counts() == {}
 
 
+async def test_call_log_times_every_request_in_arrival_order(sandbox: SandboxHandle) -> None:
+    """call_log() lists each request's command and real arrival time in order; reset empties it."""
+    await sandbox.admin.advance_clock(timedelta(days=3))  # the log keeps real time regardless
+    before = datetime.now(UTC)
+    await call(sandbox, "balance")
+    await call(sandbox, "get_groups", with_key=False)
+    await call(sandbox, "balance")
+    after = datetime.now(UTC)
+    log = await sandbox.admin.call_log()
+    assert [entry.command for entry in log] == ["balance", "get_groups", "balance"]
+    assert all(before <= entry.at <= after for entry in log)
+    assert [entry.at for entry in log] == sorted(entry.at for entry in log)
+    await sandbox.admin.reset_call_counts()
+    assert await sandbox.admin.call_log() == []
+
+
 async def test_balance_read_and_set(sandbox: SandboxHandle) -> None:
     """balance() reads the account's credits; set_balance changes them."""
     assert (await sandbox.admin.balance()).sms == 100_000

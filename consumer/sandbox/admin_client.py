@@ -42,6 +42,14 @@ class LoggedMessage:
 
 
 @dataclass(frozen=True)
+class LoggedCall:
+    """One API request the sandbox received: when (real time, not the sandbox clock) and what."""
+
+    at: datetime
+    command: str
+
+
+@dataclass(frozen=True)
 class BatchInfo:
     """One accepted send, without its recipients."""
 
@@ -257,7 +265,16 @@ class SandboxAdminClient:
         return {str(k): int(v) for k, v in data["counts"].items()}
 
     async def reset_call_counts(self) -> None:
+        """Counters to zero and the call log emptied."""
         await self._call("DELETE", "/calls")
+
+    async def call_log(self) -> list[LoggedCall]:
+        """The latest API requests (up to 100,000) in arrival order, failed and faulted ones too."""
+        data = await self._call("GET", "/calls/log")
+        return [
+            LoggedCall(datetime.fromtimestamp(float(c["at_s"]), UTC), str(c["command"]))
+            for c in data["calls"]
+        ]
 
     async def balance(self) -> Balance:
         data = await self._call("GET", "/balance")

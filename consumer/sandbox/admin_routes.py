@@ -15,7 +15,8 @@ Paths (see admin_client.py for the matching calls):
   GET|PUT|DELETE /_sandbox/faults             {"seed"?, "rules": [FaultRule...]}
   GET    /_sandbox/messages?batch_id=         every message sent so far (column layout)
   GET    /_sandbox/batches                    every batch accepted, with its state
-  GET|DELETE /_sandbox/calls                  per-command request counters
+  GET|DELETE /_sandbox/calls                  per-command request counters (DELETE: and the log)
+  GET    /_sandbox/calls/log                  every request's arrival time and command, in order
   GET|PUT /_sandbox/balance                   {"sms", "mms"}
   POST   /_sandbox/receipts/flush             POST due receipts now; GET /_sandbox/receipts
   POST   /_sandbox/reset
@@ -69,6 +70,7 @@ def add_admin_routes(app: web.Application) -> None:
         ("GET", "/batches", get_batches),
         ("GET", "/calls", get_calls),
         ("DELETE", "/calls", clear_calls),
+        ("GET", "/calls/log", get_call_log),
         ("GET", "/balance", get_balance),
         ("PUT", "/balance", set_balance),
         ("GET", "/receipts", get_receipts),
@@ -342,8 +344,14 @@ async def get_calls(request: web.Request) -> web.StreamResponse:
 
 
 async def clear_calls(request: web.Request) -> web.StreamResponse:
-    _runtime(request).call_counts.clear()
+    _runtime(request).clear_calls()
     return web.json_response({"counts": {}})
+
+
+async def get_call_log(request: web.Request) -> web.StreamResponse:
+    """The latest requests (up to `runtime.CALL_LOG_LIMIT`): real Unix time of arrival, command."""
+    calls = [{"at_s": at_s, "command": command} for at_s, command in _runtime(request).call_log]
+    return web.json_response({"calls": calls})
 
 
 def _balance_json(runtime: SandboxRuntime) -> web.Response:

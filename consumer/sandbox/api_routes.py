@@ -1,7 +1,8 @@
 """The TextLocal API over HTTP: `/{command}` or `/{command}/`, GET or POST, always JSON.
 
-Per request: read the parameters, count the call, apply any injected fault, check the login,
-run the command and answer. API errors are HTTP 200 with `status: failure`, as TextLocal does.
+Per request: read the parameters, count and log the call, apply any injected fault, check the
+login, run the command and answer. API errors are HTTP 200 with `status: failure`, as TextLocal
+does.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ async def handle_command(request: web.Request) -> web.StreamResponse:
     runtime = request.app[RUNTIME]
     command = request.match_info.get("command", request.match_info.get("tail", ""))
     params = await read_params(request)
-    runtime.call_counts[command] += 1
+    runtime.count_call(command)
     decision = runtime.faults.decide(command)
     if decision.latency_s:
         await asyncio.sleep(decision.latency_s)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import time
+from collections import Counter, deque
 
 from aiohttp import web
 
@@ -12,6 +13,9 @@ from consumer.sandbox.demo import seed_demo
 from consumer.sandbox.faults import FaultPlan
 from consumer.sandbox.receipts import ReceiptDispatcher
 from consumer.sandbox.state import SandboxState
+
+# The call log keeps the latest requests only, so a long-running sandbox stays small.
+CALL_LOG_LIMIT = 100_000
 
 
 class SandboxRuntime:
@@ -24,11 +28,24 @@ class SandboxRuntime:
         self.state = SandboxState(config)
         self.faults = FaultPlan()
         self.call_counts: Counter[str] = Counter()
+        # (real Unix time of arrival, command) per request, in arrival order.
+        self.call_log: deque[tuple[float, str]] = deque(maxlen=CALL_LOG_LIMIT)
         self.receipts = ReceiptDispatcher(config.receipt_concurrency, config.receipt_timeout_s)
         self._seed()
 
     def now_s(self) -> float:
         return self.clock.now().timestamp()
+
+    def count_call(self, command: str) -> None:
+        """Record one API request: per-command counter and the timed call log."""
+        self.call_counts[command] += 1
+        # Real time, not the sandbox clock (which tests move by days): the log is for measuring
+        # how fast clients call, e.g. that a rate limit holds.
+        self.call_log.append((time.time(), command))
+
+    def clear_calls(self) -> None:
+        self.call_counts.clear()
+        self.call_log.clear()
 
     def reset(self) -> None:
         """Fresh account (demo data again if configured), no faults, counters at zero.
@@ -37,7 +54,7 @@ class SandboxRuntime:
         """
         self.state.reset()
         self.faults = FaultPlan()
-        self.call_counts.clear()
+        self.clear_calls()
         self.receipts.reset()
         self._seed()
 
