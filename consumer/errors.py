@@ -4,7 +4,7 @@
     ├── ConfigError                  a setting is missing or wrong (names the setting)
     ├── CodecError                   bytes that are not a record we can decode
     ├── TransientError               worth retrying later: nothing was applied, or it is safe again
-    │   ├── TextLocalUnavailable     network error, timeout, HTTP 5xx from TextLocal
+    │   ├── TextLocalUnavailable     network error, timeout, HTTP 5xx or 408 from TextLocal
     │   │   └── TextLocalRateLimited HTTP 429; carries retry_after_s when TextLocal sent one
     │   ├── StoreUnavailable         Redis could not be reached
     │   │   └── RateLimitUnavailable the shared TextLocal rate limit stayed out of reach (Redis):
@@ -12,7 +12,8 @@
     │   └── KafkaUnavailable         Kafka refused or timed out a produce, commit or admin call
     ├── PermanentError               retrying will not help
     │   ├── KafkaRecordRefused       Kafka refuses records for good (too large, bad topic, ACL)
-    │   └── TextLocalApiError        TextLocal answered "failure" with an error code
+    │   ├── TextLocalApiError        TextLocal answered "failure" with an error code
+    │   └── TextLocalHttpError       HTTP 4xx other than 408 and 429: the request itself is refused
     └── TextLocalOutcomeUnknown      a non-repeatable call (send) may or may not have been applied:
                                      the caller must reconcile with TextLocal before trying again
 
@@ -46,7 +47,10 @@ class TransientError(ConsumerError):
 
 
 class TextLocalUnavailable(TransientError):
-    """TextLocal could not be reached or answered with an HTTP error (network, timeout, 5xx)."""
+    """TextLocal could not be reached, or answered with an HTTP error worth retrying.
+
+    Network errors, timeouts, HTTP 5xx and 408 (TextLocal gave up waiting for the request).
+    """
 
     def __init__(self, command: str, reason: str, http_status: int | None = None) -> None:
         super().__init__(f"TextLocal {command}: {reason}")
@@ -113,6 +117,18 @@ class TextLocalApiError(PermanentError):
         self.command = command
         self.code = code
         self.message = message
+
+
+class TextLocalHttpError(PermanentError):
+    """TextLocal refused the request with an HTTP 4xx other than 408 and 429.
+
+    Bad request, authentication, not found, too large: the same request would be refused again.
+    """
+
+    def __init__(self, command: str, http_status: int) -> None:
+        super().__init__(f"TextLocal {command}: refused with HTTP {http_status}")
+        self.command = command
+        self.http_status = http_status
 
 
 class TextLocalOutcomeUnknown(ConsumerError):

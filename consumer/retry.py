@@ -1,10 +1,11 @@
 """Retrying transient failures: the one place where the TextLocal client decides to try again.
 
 Modelled on stamina: only named exceptions are retried (`TextLocalUnavailable` and its child
-`TextLocalRateLimited`; never `TextLocalApiError` or `TextLocalOutcomeUnknown`), attempts are
-bounded by a count *and* by total time, the backoff is capped exponential with jitter, and a
-Retry-After sent with HTTP 429 is honoured. Sleep, randomness and time are injected, so the
-arithmetic is tested with plain values and no test sleeps.
+`TextLocalRateLimited`; never the permanent `TextLocalApiError` and `TextLocalHttpError`, nor
+`TextLocalOutcomeUnknown`), attempts are bounded by a count *and* by total time, the backoff is
+capped exponential with jitter, and a Retry-After sent with HTTP 429 is honoured. Sleep,
+randomness and time are injected, so the arithmetic is tested with plain values and no test
+sleeps.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ and a per-process concurrency cap, typed results (`consumer.textlocal_types`).
 Errors (the tree is drawn in `consumer.errors`) are mapped at one boundary, `_post`:
 
 - a reply with `status: failure` → `TextLocalApiError(code, message)`: permanent, not retried;
-- HTTP 429 → `TextLocalRateLimited` (with Retry-After); HTTP 503 or 4xx (refused before being
+- HTTP 4xx other than 408 and 429 (the request itself is refused: bad request, authentication,
+  not found, too large) → `TextLocalHttpError(http_status)`: permanent, not retried;
+- HTTP 429 → `TextLocalRateLimited` (with Retry-After); HTTP 503 or 408 (refused before being
   acted on), connection refused, DNS failure or a connect timeout (nothing was sent) →
   `TextLocalUnavailable`. Both are retried here, by `consumer.retry`, the only place that
   retries, for every command;
@@ -53,6 +55,7 @@ from consumer.clock import Clock, SystemClock, monotonic_s, to_unix_s
 from consumer.errors import (
     ConfigError,
     TextLocalApiError,
+    TextLocalHttpError,
     TextLocalOutcomeUnknown,
     TextLocalRateLimited,
     TextLocalUnavailable,
@@ -284,9 +287,9 @@ class TextLocalObserver(Protocol):
     """A metrics hook, so the client does not depend on a metrics library.
 
     `request_finished` is called once per HTTP attempt with `outcome` one of "ok", "api_error",
-    "unavailable", "rate_limited", "outcome_unknown"; `retry_scheduled` before each backoff,
-    with `reason` the error's class name ("TextLocalUnavailable" or "TextLocalRateLimited"), so
-    both stay bounded sets fit for metric labels.
+    "http_error", "unavailable", "rate_limited", "outcome_unknown"; `retry_scheduled` before each
+    backoff, with `reason` the error's class name ("TextLocalUnavailable" or
+    "TextLocalRateLimited"), so both stay bounded sets fit for metric labels.
     """
 
     def request_finished(self, command: str, outcome: str, duration_s: float) -> None: ...
@@ -305,6 +308,8 @@ class _SilentObserver:
 def _outcome_of(error: BaseException) -> str:
     if isinstance(error, TextLocalApiError):
         return "api_error"
+    if isinstance(error, TextLocalHttpError):
+        return "http_error"
     if isinstance(error, TextLocalRateLimited):
         return "rate_limited"
     if isinstance(error, TextLocalUnavailable):
@@ -647,7 +652,12 @@ class TextLocalClient:
                 error = self._reply_lost(command, f"malformed reply ({exc})")
                 self._finished(command, error, started_s)
                 raise error from exc
-            except (TextLocalApiError, TextLocalUnavailable, TextLocalOutcomeUnknown) as error:
+            except (
+                TextLocalApiError,
+                TextLocalHttpError,
+                TextLocalUnavailable,
+                TextLocalOutcomeUnknown,
+            ) as error:
                 self._finished(command, error, started_s)
                 raise
             self._finished(command, None, started_s)
@@ -686,7 +696,12 @@ class TextLocalClient:
         if status >= 500 and status != 503:
             # 500, 502, 504: the request got past the front door and may have been acted on.
             raise self._reply_lost(command, f"HTTP {status}", http_status=status)
-        # 503 (and any 4xx) means TextLocal refused the request before acting on it.
+        if 400 <= status < 500 and status != 408:
+            # The request itself is refused (bad request, authentication, not found, too large):
+            # sent again, it would be refused again.
+            raise TextLocalHttpError(command, status)
+        # 503 and 408 mean TextLocal refused the request before acting on it, for now (other
+        # statuses below 400 are treated the same).
         raise TextLocalUnavailable(command, f"HTTP {status}", http_status=status)
 
     async def _read_reply(self, command: str, response: aiohttp.ClientResponse) -> JsonObject:

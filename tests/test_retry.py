@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from consumer.errors import (
     ConfigError,
     TextLocalApiError,
+    TextLocalHttpError,
     TextLocalOutcomeUnknown,
     TextLocalRateLimited,
     TextLocalUnavailable,
@@ -158,7 +159,11 @@ async def test_transient_errors_are_retried_until_success() -> None:
 
 @pytest.mark.parametrize(
     "error",
-    [TextLocalApiError("send", 7, "Insufficient credits"), TextLocalOutcomeUnknown("send", "x")],
+    [
+        TextLocalApiError("send", 7, "Insufficient credits"),
+        TextLocalHttpError("send", 401),
+        TextLocalOutcomeUnknown("send", "x"),
+    ],
 )
 async def test_other_errors_are_never_retried(error: Exception) -> None:
     """A permanent error or an unknown outcome goes straight to the caller."""

@@ -23,7 +23,9 @@ import pytest
 
 from consumer.errors import (
     ConfigError,
+    PermanentError,
     TextLocalApiError,
+    TextLocalHttpError,
     TextLocalOutcomeUnknown,
     TextLocalRateLimited,
     TextLocalUnavailable,
@@ -513,13 +515,37 @@ async def test_api_errors_are_permanent(server: ScriptedServer) -> None:
     assert_no_secrets(raised.value)
 
 
+@pytest.mark.parametrize("http_status", [400, 401, 403, 404, 413])
 @pytest.mark.parametrize("command", ["send", "balance"])
-async def test_503_and_429_are_retried_for_every_command(
+async def test_a_4xx_refusal_is_permanent(
+    server: ScriptedServer, command: str, http_status: int
+) -> None:
+    """A 4xx other than 408 and 429 is TextLocalHttpError after one request: never retried."""
+    server.default = Reply({}, status=http_status)
+    observer = RecordingObserver()
+    async with open_client(server.url, observer=observer) as client:
+        call = client.send(message="x", numbers=[NUMBER]) if command == "send" else client.balance()
+        with pytest.raises(TextLocalHttpError) as raised:
+            await call
+    assert isinstance(raised.value, PermanentError)
+    assert (raised.value.command, raised.value.http_status) == (command, http_status)
+    assert len(server.requests) == 1
+    assert observer.finished == [(command, "http_error")]
+    assert observer.retries == []
+    assert_no_secrets(raised.value)
+
+
+@pytest.mark.parametrize("command", ["send", "balance"])
+async def test_503_408_and_429_are_retried_for_every_command(
     server: ScriptedServer, command: str
 ) -> None:
-    """503 and 429 mean TextLocal did nothing, so even send is retried; Retry-After is obeyed."""
+    """503, 408 and 429 mean TextLocal did nothing, so even send is retried; Retry-After obeyed."""
     reply = success(batch_id=5, num_messages=1, cost=1, balance=1) if command == "send" else BALANCE
-    server.script = [Reply({}, status=503), Reply({}, status=429, headers={"Retry-After": "3"})]
+    server.script = [
+        Reply({}, status=503),
+        Reply({}, status=408),
+        Reply({}, status=429, headers={"Retry-After": "3"}),
+    ]
     server.default = reply
     observer = RecordingObserver()
     async with open_client(server.url, observer=observer) as client:
@@ -527,13 +553,19 @@ async def test_503_and_429_are_retried_for_every_command(
             assert (await client.send(message="x", group_id=1)).batch_id == 5
         else:
             assert (await client.balance()).sms == 100.0
-    assert len(server.requests) == 3
-    assert [outcome for _, outcome in observer.finished] == ["unavailable", "rate_limited", "ok"]
+    assert len(server.requests) == 4
+    assert [outcome for _, outcome in observer.finished] == [
+        "unavailable",
+        "unavailable",
+        "rate_limited",
+        "ok",
+    ]
     assert [reason for _, reason, _ in observer.retries] == [
+        "TextLocalUnavailable",
         "TextLocalUnavailable",
         "TextLocalRateLimited",
     ]
-    assert observer.retries[1][2] == 3.0
+    assert observer.retries[2][2] == 3.0
 
 
 async def test_500_on_send_is_an_unknown_outcome(server: ScriptedServer) -> None:
