@@ -587,6 +587,53 @@ class CampaignStore:
         except StoreUnavailable:
             return False
 
+    # --- poll queue, template catalog, daily jobs (for the poller, catalog and daily jobs) --
+
+    async def count_due(self, queue: str, due_by: datetime) -> int:
+        """Members of `queue` due at or before `due_by`."""
+        with redis_errors("ZCOUNT"):
+            return int(await self.redis.zcount(queue, "-inf", to_millis(due_by)))
+
+    async def reschedule_if_queued(self, queue: str, member: str, due_at: datetime) -> None:
+        """Move a member's due time, only if it is still in the queue (ZADD XX)."""
+        with redis_errors("ZADD XX"):
+            await self.redis.zadd(queue, {member: to_millis(due_at)}, xx=True)
+
+    async def published_templates(self) -> dict[int, str]:
+        """Template id → fingerprint of what the catalog last published."""
+        with redis_errors("HGETALL templates published"):
+            raw = await self.redis.hgetall(self.keys.templates_published)
+        return {int(as_text(name)): as_text(value) for name, value in raw.items()}
+
+    async def record_published_templates(
+        self, fingerprints: Mapping[int, str], gone: Sequence[int]
+    ) -> None:
+        """Remember what the catalog published (id → fingerprint) and forget the tombstoned."""
+        if not fingerprints and not gone:
+            return
+        key = self.keys.templates_published
+        with redis_errors("record templates published"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if fingerprints:
+                    pipe.hset(key, mapping={str(i): value for i, value in fingerprints.items()})
+                if gone:
+                    pipe.hdel(key, *(str(template_id) for template_id in gone))
+                await pipe.execute()
+
+    async def daily_job_last_success(self, job: str) -> datetime | None:
+        with redis_errors("GET daily job last success"):
+            raw = await self.redis.get(self.keys.daily_job_last_success(job))
+        return None if raw is None else datetime.fromtimestamp(int(as_text(raw)) / 1000, UTC)
+
+    async def record_daily_job_success(self, job: str, at: datetime) -> None:
+        with redis_errors("SET daily job last success"):
+            await self.redis.set(self.keys.daily_job_last_success(job), to_millis(at))
+
+
+def _apply_result(result: Any) -> ApplyResult:
+    reason = result.decode() if isinstance(result, bytes) else str(result)
+    return ApplyResult(ok=reason == "ok", reason="" if reason == "ok" else reason)
+
 
 def _outcome(result: Any) -> IntakeOutcome:
     result_name, state = (
