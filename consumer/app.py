@@ -5,7 +5,8 @@
     executor       Executor.run                     (campaign steps against TextLocal)
     poller         Poller.run                       (daily delivery polls)
     daily          DailyJobs.run                    (template import, contact index refresh)
-    (always)       OutboxPublisher.run, campaign-state gauge, HTTP /metrics /healthz /readyz
+    (always)       OutboxPublisher.run, campaign index upkeep and campaigns-by-state gauge,
+                   HTTP /metrics /healthz /readyz
 
 SIGTERM or SIGINT sets the stop event: intake stops taking records and commits what it handled,
 the executor and poller finish their steps within the drain time and hand the rest back, the
@@ -19,8 +20,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import redis.asyncio as aioredis
@@ -45,8 +48,8 @@ from consumer.metrics import Metrics
 from consumer.outbox import OutboxPublisher
 from consumer.poller import Poller, PollerSettings
 from consumer.rate_limit import AccountRateLimiter
-from consumer.steps import CampaignSteps, StepSettings
-from consumer.store import CampaignStore, as_text, redis_errors
+from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S, CampaignSteps, StepSettings
+from consumer.store import CampaignStore
 from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient
 from consumer.workflow import CampaignState
@@ -54,6 +57,9 @@ from consumer.workflow import CampaignState
 log = logging.getLogger("consumer.app")
 
 CAMPAIGN_GAUGE_EVERY_S = 30.0
+FINISHED_CAMPAIGN_RETENTION = timedelta(seconds=FINISHED_CAMPAIGN_RETENTION_S)
+# Held while one replica files the campaigns of an older version's index in their state sets.
+CAMPAIGN_STATES_LEASE_MS = 10 * 60 * 1000
 
 
 @dataclass
@@ -355,16 +361,15 @@ class Daemon:
         return runner
 
     async def _refresh_campaign_gauge(self) -> None:
-        """Campaigns by state, from Redis (the same figure on every replica: aggregate by max)."""
+        """`refresh_campaign_gauge` every `CAMPAIGN_GAUGE_EVERY_S`, until stopped."""
         parts = self.parts
         while not self.stopping.is_set():
             try:
-                counts = await count_campaigns_by_state(parts.store)
+                await refresh_campaign_gauge(
+                    parts.store, parts.metrics, parts.clock.now(), parts.owner
+                )
             except TransientError as exc:
                 log_event(log, "daemon.gauge_failed", logging.WARNING, error=str(exc))
-            else:
-                for state in CampaignState:
-                    parts.metrics.campaigns.labels(state.value).set(counts.get(state.value, 0))
             await pause(self.stopping, CAMPAIGN_GAUGE_EVERY_S)
 
 
@@ -391,21 +396,32 @@ def daily_jobs(parts: Parts) -> DailyJobs:
     )
 
 
-async def count_campaigns_by_state(store: CampaignStore) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    keys = store.keys
-    with redis_errors("count campaigns"):
-        members = await store.redis.zrange(keys.campaigns_index, 0, -1)
-        for start in range(0, len(members), 1000):
-            async with store.redis.pipeline(transaction=False) as pipe:
-                for member in members[start : start + 1000]:
-                    pipe.hget(keys.campaign(as_text(member)), "state")
-                states = await pipe.execute()
-            for state in states:
-                if state is not None:
-                    name = as_text(state)
-                    counts[name] = counts.get(name, 0) + 1
+async def refresh_campaign_gauge(
+    store: CampaignStore, metrics: Metrics, now: datetime, owner: str
+) -> dict[CampaignState, int]:
+    """One cycle: trim the campaigns whose retention ended from the index, then set the
+    campaigns-by-state gauge (the same figure on every replica: aggregate by max). The work is
+    the same however many campaigns ever ran (DESIGN §6a)."""
+    await index_campaign_states_once(store, owner)
+    await store.trim_campaign_index(now, FINISHED_CAMPAIGN_RETENTION)
+    counts = await store.campaign_counts()
+    for state, count in counts.items():
+        metrics.campaigns.labels(state.value).set(count)
     return counts
+
+
+async def index_campaign_states_once(store: CampaignStore, owner: str) -> None:
+    """On a Redis written by a version without the campaign state sets, one replica (lease)
+    files the index's campaigns in them; afterwards this is one EXISTS."""
+    if await store.campaign_states_indexed():
+        return
+    token = f"{owner}:{uuid.uuid4().hex[:8]}"
+    async with store.lease(
+        store.keys.campaign_states_lease, token, CAMPAIGN_STATES_LEASE_MS
+    ) as held:
+        if held:
+            dropped = await store.index_campaign_states()
+            log_event(log, "daemon.campaign_states_indexed", dropped_from_index=dropped)
 
 
 class _Role(Protocol):

@@ -36,7 +36,7 @@ from consumer.events import TemplateRecord
 from consumer.kafka_io import TopicSpec
 from consumer.logs import log_event
 from consumer.outbox import template_entry, template_tombstone
-from consumer.store import CampaignStore, as_text, redis_errors
+from consumer.store import CampaignStore
 from consumer.templates import TemplateCopy
 from consumer.textlocal_types import Template
 from consumer.workflow import ContactGroup, contact_group_for, template_preview
@@ -132,7 +132,6 @@ class TemplateCatalog:
         clock: Clock,
     ) -> None:
         self._store = store
-        self._keys = store.keys
         self._copy = copy
         self._client = client
         self._registry = registry
@@ -161,18 +160,9 @@ class TemplateCatalog:
 
     async def published(self) -> dict[int, str]:
         """Template id → fingerprint of what the topic holds (as far as this catalog knows)."""
-        with redis_errors("HGETALL templates published"):
-            raw = await self._store.redis.hgetall(self._keys.templates_published)
-        return {int(as_text(name)): as_text(value) for name, value in raw.items()}
+        return await self._store.published_templates()
 
     async def _remember(self, changes: CatalogChanges) -> None:
-        if not changes.changed and not changes.gone:
-            return
-        key = self._keys.templates_published
-        with redis_errors("record templates published"):
-            async with self._store.redis.pipeline(transaction=True) as pipe:
-                if changes.changed:
-                    pipe.hset(key, mapping={str(r.id): fingerprint(r) for r in changes.changed})
-                if changes.gone:
-                    pipe.hdel(key, *(str(template_id) for template_id in changes.gone))
-                await pipe.execute()
+        await self._store.record_published_templates(
+            {record.id: fingerprint(record) for record in changes.changed}, changes.gone
+        )

@@ -7,6 +7,7 @@
     textlocal-consumer import-templates        import and publish the template catalog now
     textlocal-consumer campaigns               recent campaigns and their states
     textlocal-consumer campaign-status KEY     one campaign in detail ("tenant:campaign:channel")
+    textlocal-consumer reindex-campaigns       file every listed campaign under its state again
     textlocal-consumer publish-sample          publish a sample campaign to the input topic
 
 Settings come from TEXTLOCAL_CONSUMER_* variables and/or a YAML file (--config or
@@ -27,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from consumer import __version__
-from consumer.app import build_parts, count_campaigns_by_state, daily_jobs, run_daemon
+from consumer.app import build_parts, daily_jobs, run_daemon
 from consumer.codec import SchemaRegistry
 from consumer.config import Settings, describe_settings, load_settings
 from consumer.errors import ConfigError, ConsumerError
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("campaign-status", help="one campaign's state and counts")
     status.add_argument("key", help='campaign key "tenant:campaign:channel", e.g. 42:2.38:505')
     status.add_argument("--json", action="store_true", help="print JSON")
+    commands.add_parser(
+        "reindex-campaigns",
+        help="file every campaign of the index under its state again, dropping expired ones "
+        "(after a rolling upgrade from a version without per-state sets; safe while running)",
+    )
     sample = commands.add_parser(
         "publish-sample", help="publish a sample campaign (header + recipient batches)"
     )
@@ -179,8 +185,11 @@ async def _campaigns(settings: Settings, args: argparse.Namespace) -> int:
             snapshot = await parts.store.load(key)
             if snapshot is not None:
                 print(f"{key:<32} {snapshot.state.value:<16} {snapshot.text('error_code')}")
-        counts = await count_campaigns_by_state(parts.store)
-        print("by state: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        counts = await parts.store.campaign_counts()
+        print(
+            "by state: "
+            + ", ".join(f"{state.value} {n}" for state, n in sorted(counts.items()) if n)
+        )
     finally:
         await parts.close()
     return EXIT_OK
@@ -206,6 +215,20 @@ async def _campaign_status(settings: Settings, args: argparse.Namespace) -> int:
         print(f"campaign {args.key}: {snapshot.state.value}")
         for name, value in shown.items():
             print(f"  {name:<20} {value}")
+    return EXIT_OK
+
+
+async def _reindex_campaigns(settings: Settings, _args: argparse.Namespace) -> int:
+    parts = await build_parts(settings)
+    try:
+        dropped = await parts.store.index_campaign_states()
+        counts = await parts.store.campaign_counts()
+    finally:
+        await parts.close()
+    print(f"campaigns filed by state; {dropped} whose retention had ended left the index")
+    print(
+        "by state: " + ", ".join(f"{state.value} {n}" for state, n in sorted(counts.items()) if n)
+    )
     return EXIT_OK
 
 
@@ -265,6 +288,7 @@ _COMMANDS = {
     "import-templates": _import_templates,
     "campaigns": _campaigns,
     "campaign-status": _campaign_status,
+    "reindex-campaigns": _reindex_campaigns,
     "publish-sample": _publish_sample,
 }
 

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 
 from consumer.catalog import TemplateCatalog
-from consumer.clock import Clock, monotonic_s, pause, to_millis
+from consumer.clock import Clock, monotonic_s, pause
 from consumer.contact_index import ContactIndex
 from consumer.errors import ConsumerError
 from consumer.logs import log_event
 from consumer.metrics import Metrics
-from consumer.store import CampaignStore, as_text, redis_errors
+from consumer.store import CampaignStore
 from consumer.textlocal import TextLocalClient
 from consumer.workflow import ContactGroup
 
@@ -167,9 +167,7 @@ class DailyJobs:
             raise
 
     async def last_success(self, name: str) -> datetime | None:
-        with redis_errors("GET daily job last success"):
-            raw = await self._store.redis.get(self._keys.daily_job_last_success(name))
-        return None if raw is None else datetime.fromtimestamp(int(as_text(raw)) / 1000, UTC)
+        return await self._store.daily_job_last_success(name)
 
     async def _due(self, name: str) -> bool:
         return is_due(self._clock.now(), self._settings.run_at, await self.last_success(name))
@@ -207,10 +205,7 @@ class DailyJobs:
             self._metrics.leases_held.labels("daily").dec()
         duration_s = monotonic_s() - started_s
         finished_at = self._clock.now()
-        with redis_errors("SET daily job last success"):
-            await self._store.redis.set(
-                self._keys.daily_job_last_success(name), to_millis(finished_at)
-            )
+        await self._store.record_daily_job_success(name, finished_at)
         await self._store.release_lease(lock, token)
         self._metrics.daily_job_last_success.labels(name).set(finished_at.timestamp())
         self._metrics.daily_job_runs.labels(name, "ok").inc()

@@ -18,7 +18,11 @@ class RedisKeys:
     # --- one campaign ---------------------------------------------------------------------
     def campaign(self, key: str) -> str:
         """Hash: state, header, counters, TextLocal ids (see store.CampaignSnapshot)."""
-        return f"{self.prefix}campaign:{key}"
+        return f"{self.campaign_prefix}{key}"
+
+    @property
+    def campaign_prefix(self) -> str:
+        return f"{self.prefix}campaign:"
 
     def batches(self, key: str) -> str:
         """Set of recipient batch indexes received."""
@@ -68,8 +72,30 @@ class RedisKeys:
 
     @property
     def campaigns_index(self) -> str:
-        """Sorted set: every campaign key, scored by its last update (ms), for listing."""
+        """Sorted set: every campaign key, scored by its last update (ms), for listing.
+
+        A campaign leaves it when its hash is gone (retention over): see `campaigns_in_state`.
+        """
         return f"{self.prefix}campaigns"
+
+    def campaigns_in_state(self, state: str) -> str:
+        """Sorted set: the campaigns in `state`, scored by last update (ms) or last trim check.
+
+        The store's Lua scripts keep a campaign in the set of its state and name these sets from
+        the index key (`<campaigns_index>:state:<STATE>`), so the two must stay as written here.
+        Counting them is the campaigns-by-state gauge; trimming them trims the index.
+        """
+        return f"{self.campaigns_index}:state:{state}"
+
+    @property
+    def campaign_states_indexed(self) -> str:
+        """String: set once every campaign of the index was put in its state set (an upgrade
+        from a version without the sets fills them once: `CampaignStore.index_campaign_states`)."""
+        return f"{self.prefix}campaigns:states-indexed"
+
+    @property
+    def campaign_states_lease(self) -> str:
+        return f"{self.prefix}lease:campaigns-states"
 
     @property
     def outbox(self) -> str:

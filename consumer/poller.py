@@ -59,7 +59,7 @@ from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import metrics_entry
 from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S
-from consumer.store import CampaignSnapshot, CampaignStore, Transition, redis_errors
+from consumer.store import CampaignSnapshot, CampaignStore, Transition
 from consumer.textlocal_types import BatchStatus
 from consumer.workflow import (
     CampaignState,
@@ -193,10 +193,9 @@ class Poller:
 
     async def update_overdue(self) -> None:
         """Set the `polls_overdue` gauge (see the module docstring)."""
-        horizon = to_millis(self._clock.now() - self._settings.overdue_after)
-        with redis_errors("ZCOUNT polls"):
-            overdue = await self._store.redis.zcount(self._keys.poll_queue, "-inf", horizon)
-        self._metrics.polls_overdue.set(int(overdue))
+        horizon = self._clock.now() - self._settings.overdue_after
+        overdue = await self._store.count_due(self._keys.poll_queue, horizon)
+        self._metrics.polls_overdue.set(overdue)
 
     async def drain(self, timeout_s: float) -> None:
         """Let running polls finish for up to `timeout_s`; hand the rest back at once."""
@@ -417,10 +416,9 @@ class Poller:
         following = poll_slot(
             window.sent_at, self._settings.poll_interval, window.length, polls_done + 1
         )
-        with redis_errors("ZADD XX polls"):
-            await self._store.redis.zadd(
-                self._keys.poll_queue, {snapshot.key: to_millis(following.due_at)}, xx=True
-            )
+        await self._store.reschedule_if_queued(
+            self._keys.poll_queue, snapshot.key, following.due_at
+        )
 
     async def _skip(self, snapshot: CampaignSnapshot, lease: Lease) -> None:
         """Not pollable (cancelled, failed, over): leave the queue without a TextLocal call."""

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -194,7 +194,23 @@ class ApplyResult:
     reason: str = ""  # "conflict:<state>" or "lease-lost" when not ok
 
 
-_APPLY = r"""
+# --- the campaign sets by state (DESIGN §6a) -------------------------------------------------
+# Each script that changes a campaign keeps it in the sorted set of its state
+# (`keys.campaigns_in_state`, named here from the index key), scored like the index by its last
+# update. Counting the sets is the campaigns-by-state gauge; trimming them (`_TRIM_STATE_SETS`)
+# removes campaigns whose hash expired from the index. Sets rather than counters: adding and
+# removing a member are idempotent, so a count cannot drift, and a finished campaign's set still
+# says its state after its hash has expired.
+_TRACK_STATE = r"""
+local function track_state(index, key, old, new, now)
+  if old and old ~= new then redis.call('ZREM', index .. ':state:' .. old, key) end
+  if new then redis.call('ZADD', index .. ':state:' .. new, now, key) end
+end
+"""
+
+_APPLY = (
+    _TRACK_STATE
+    + r"""
 local hash = KEYS[1]
 if KEYS[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'lease-lost' end
 local state = redis.call('HGET', hash, 'state')
@@ -243,12 +259,16 @@ while i <= #ARGV do
 end
 redis.call('HSET', hash, 'updated_at', ARGV[3])
 redis.call('ZADD', ARGV[4], ARGV[3], ARGV[5])
+track_state(ARGV[4], ARGV[5], state, redis.call('HGET', hash, 'state'), ARGV[3])
 return 'ok'
 """
+)
 
 # Recording a recipients batch: idempotent by event id and by batch index; the campaign turns
 # READY when the header is in and every batch has arrived.
-_RECORD_BATCH = r"""
+_RECORD_BATCH = (
+    _TRACK_STATE
+    + r"""
 local campaign, batches, recipients, seen, work, collecting, index =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local key, batch_index, now, deadline, ttl, with_promo, customers, joined, fingerprint =
@@ -265,6 +285,7 @@ if state and state ~= 'COLLECTING' then
   redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'ignored', state}
 end
+local state_before = state
 if redis.call('SISMEMBER', batches, batch_index) == 1 then
   redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'duplicate-batch', state or ''}
@@ -290,12 +311,16 @@ if count > 0 and redis.call('SCARD', batches) >= count then
   redis.call('ZREM', collecting, key)
   redis.call('ZADD', work, now, key)
 end
+track_state(index, key, state_before, state, now)
 redis.call('SET', seen, fingerprint, 'EX', ttl)
 return {'recorded', state}
 """
+)
 
 # Recording a campaign header (CampaignScheduled), with its ACCEPTED status event.
-_RECORD_HEADER = r"""
+_RECORD_HEADER = (
+    _TRACK_STATE
+    + r"""
 local campaign, batches, seen, work, collecting, outbox, index =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local key, header, batch_count, now, deadline, ttl, fingerprint =
@@ -310,6 +335,7 @@ if state and state ~= 'COLLECTING' then
   redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'ignored', state}
 end
+local state_before = state
 if redis.call('HEXISTS', campaign, 'header') == 1 then
   redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'ignored', 'header-present'}
@@ -332,9 +358,11 @@ else
   redis.call('HSET', campaign, 'state', state)
   redis.call('ZADD', collecting, 'GT', deadline, key)
 end
+track_state(index, key, state_before, state, now)
 redis.call('SET', seen, fingerprint, 'EX', ttl)
 return {'recorded', state}
 """
+)
 
 # Claim up to N due members of a queue, each under its own lease (SET NX PX) with a token unique
 # to that claim (the caller's base token and a counter), so an old holder never passes a fence
@@ -397,6 +425,65 @@ redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - no
 return 0
 """
 
+# Trim (bounded): look at up to ARGV[5] members of each state set scored before the cutoff
+# (last update + retention passed). A campaign whose hash is gone (expired: its retention is over)
+# leaves the set and the index; one filed under the wrong state moves to its own; one still there
+# is looked at again when its hash expires (PTTL), or after another retention period (no TTL:
+# a finished campaign whose segment clean-up is still pending). Returns {removed, any set full}.
+_TRIM_STATE_SETS = r"""
+local index, campaign_prefix = ARGV[1], ARGV[2]
+local cutoff, now, limit = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local removed, full = 0, 0
+for i = 6, #ARGV do
+  local set = index .. ':state:' .. ARGV[i]
+  local members = redis.call('ZRANGEBYSCORE', set, '-inf', cutoff, 'LIMIT', 0, limit)
+  if #members >= limit then full = 1 end
+  for _, key in ipairs(members) do
+    local hash = campaign_prefix .. key
+    local state = redis.call('HGET', hash, 'state')
+    if not state then
+      redis.call('ZREM', set, key)
+      redis.call('ZREM', index, key)
+      removed = removed + 1
+    elseif state ~= ARGV[i] then
+      redis.call('ZREM', set, key)
+      redis.call('ZADD', index .. ':state:' .. state, 'NX',
+        redis.call('ZSCORE', index, key) or now, key)
+    else
+      local ttl = redis.call('PTTL', hash)
+      local again = now
+      if ttl > 0 then again = string.format('%d', cutoff + ttl) end
+      redis.call('ZADD', set, again, key)
+    end
+  end
+end
+return {removed, full}
+"""
+
+# Filing index members in the sets of their states (an upgrade from a version without the sets,
+# or a check): each member leaves every other state set and joins its own (NX: a newer score
+# stays); a member whose hash is gone leaves the index. ARGV: index, campaign key prefix, the
+# number of states n, the n states, then the members. Returns how many left the index.
+_INDEX_STATES = r"""
+local index, campaign_prefix, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local dropped = 0
+for i = 4 + n, #ARGV do
+  local key = ARGV[i]
+  local state = redis.call('HGET', campaign_prefix .. key, 'state')
+  for j = 4, 3 + n do
+    if ARGV[j] ~= state then redis.call('ZREM', index .. ':state:' .. ARGV[j], key) end
+  end
+  if state then
+    local score = redis.call('ZSCORE', index, key)
+    if score then redis.call('ZADD', index .. ':state:' .. state, 'NX', score, key) end
+  else
+    redis.call('ZREM', index, key)
+    dropped = dropped + 1
+  end
+end
+return dropped
+"""
+
 
 class CampaignStore:
     """Reads and atomically changes campaigns, queues, leases and the outbox in Redis."""
@@ -412,6 +499,8 @@ class CampaignStore:
         self._renew = redis.register_script(_RENEW_LEASE)
         self._release = redis.register_script(_RELEASE_LEASE)
         self._rate_limit_turn = redis.register_script(_RATE_LIMIT_TURN)
+        self._trim_state_sets = redis.register_script(_TRIM_STATE_SETS)
+        self._index_states = redis.register_script(_INDEX_STATES)
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -550,12 +639,32 @@ class CampaignStore:
 
     async def apply(self, transition: Transition, now: datetime) -> ApplyResult:
         """Apply a transition atomically; not applied when an expectation does not hold."""
+        keys, args = self._apply_arguments(transition, now)
+        with redis_errors("apply transition"):
+            result = await self._apply(keys=keys, args=args)
+        return _apply_result(result)
+
+    async def apply_all(
+        self, transitions: Sequence[Transition], now: datetime
+    ) -> list[ApplyResult]:
+        """Apply many transitions in one round trip (a pipeline); each is atomic on its own."""
+        with redis_errors("apply transitions"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for transition in transitions:
+                    keys, args = self._apply_arguments(transition, now)
+                    await self._apply(keys=keys, args=args, client=pipe)
+                results = await pipe.execute()
+        return [_apply_result(result) for result in results]
+
+    def _apply_arguments(
+        self, transition: Transition, now: datetime
+    ) -> tuple[list[str], list[bytes | str | int | float]]:
         expected = ",".join(
             [state.value for state in transition.expected_states or ()]
             + (["-"] if transition.expect_absent else [])
         )
         keys = [self.keys.campaign(transition.key), transition.lease_key, *transition.extra_keys]
-        args = [
+        args: list[bytes | str | int | float] = [
             expected,
             transition.lease_token,
             to_millis(now),
@@ -563,16 +672,81 @@ class CampaignStore:
             transition.key,
             *transition.ops,
         ]
-        with redis_errors("apply transition"):
-            result = await self._apply(keys=keys, args=args)
-        reason = result.decode() if isinstance(result, bytes) else str(result)
-        return ApplyResult(ok=reason == "ok", reason="" if reason == "ok" else reason)
+        return keys, args
 
     async def campaign_keys(self, limit: int = 100) -> list[str]:
         """The most recently updated campaigns."""
         with redis_errors("ZREVRANGE campaigns"):
             members = await self.redis.zrevrange(self.keys.campaigns_index, 0, limit - 1)
         return [as_text(member) for member in members]
+
+    # --- the campaign index over time: retention and counts by state (DESIGN §6a) ----------
+    # Per-cycle cost does not grow with the campaigns ever run: counting is one ZCARD per state,
+    # a trim with nothing to do one ZRANGEBYSCORE per state.
+
+    async def campaign_counts(self) -> dict[CampaignState, int]:
+        """Campaigns held in Redis, by state (finished ones until their retention ends)."""
+        with redis_errors("ZCARD campaign states"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for state in CampaignState:
+                    pipe.zcard(self.keys.campaigns_in_state(state.value))
+                sizes = await pipe.execute()
+        return {state: int(size) for state, size in zip(CampaignState, sizes, strict=True)}
+
+    async def trim_campaign_index(
+        self, now: datetime, retention: timedelta, *, limit: int = 500, max_rounds: int = 20
+    ) -> int:
+        """Remove the campaigns whose hash has expired (retention over) from the index and the
+        state sets; returns how many. Each round is one bounded Lua call (`_TRIM_STATE_SETS`);
+        rounds go on while a set had a full page, up to `max_rounds`."""
+        keys = self.keys
+        args = [
+            keys.campaigns_index,
+            keys.campaign_prefix,
+            to_millis(now - retention),
+            to_millis(now),
+            limit,
+            *(state.value for state in CampaignState),
+        ]
+        removed = 0
+        for _ in range(max_rounds):
+            with redis_errors("trim campaign index"):
+                removed_now, full = await self._trim_state_sets(args=args)
+            removed += int(removed_now)
+            if not int(full):
+                break
+        return removed
+
+    async def campaign_states_indexed(self) -> bool:
+        """Whether every campaign of the index has been filed in its state set."""
+        with redis_errors("EXISTS campaign states indexed"):
+            return bool(await self.redis.exists(self.keys.campaign_states_indexed))
+
+    async def index_campaign_states(self, chunk: int = 1000) -> int:
+        """File every index member in the set of its state and drop those whose hash is gone;
+        then mark it done. Once after an upgrade from a version without the state sets: O(index),
+        in atomic chunks, idempotent and safe beside running replicas. Returns how many members
+        left the index."""
+        keys = self.keys
+        states = [state.value for state in CampaignState]
+        head: list[bytes | str | int] = [
+            keys.campaigns_index,
+            keys.campaign_prefix,
+            len(states),
+            *states,
+        ]
+        dropped = 0
+        cursor = 0
+        with redis_errors("index campaign states"):
+            while True:
+                cursor, pairs = await self.redis.zscan(keys.campaigns_index, cursor, count=chunk)
+                if pairs:
+                    members = [as_bytes(member) for member, _score in pairs]
+                    dropped += int(await self._index_states(args=[*head, *members]))
+                if cursor == 0:
+                    break
+            await self.redis.set(keys.campaign_states_indexed, "1")
+        return dropped
 
     # --- queues and leases ------------------------------------------------------------------
 
@@ -732,6 +906,53 @@ class CampaignStore:
                 keys=[self.keys.textlocal_rate_limit(account)], args=[interval_us, burst]
             )
         return int(wait_us) / 1_000_000
+
+    # --- poll queue, template catalog, daily jobs (for the poller, catalog and daily jobs) --
+
+    async def count_due(self, queue: str, due_by: datetime) -> int:
+        """Members of `queue` due at or before `due_by`."""
+        with redis_errors("ZCOUNT"):
+            return int(await self.redis.zcount(queue, "-inf", to_millis(due_by)))
+
+    async def reschedule_if_queued(self, queue: str, member: str, due_at: datetime) -> None:
+        """Move a member's due time, only if it is still in the queue (ZADD XX)."""
+        with redis_errors("ZADD XX"):
+            await self.redis.zadd(queue, {member: to_millis(due_at)}, xx=True)
+
+    async def published_templates(self) -> dict[int, str]:
+        """Template id → fingerprint of what the catalog last published."""
+        with redis_errors("HGETALL templates published"):
+            raw = await self.redis.hgetall(self.keys.templates_published)
+        return {int(as_text(name)): as_text(value) for name, value in raw.items()}
+
+    async def record_published_templates(
+        self, fingerprints: Mapping[int, str], gone: Sequence[int]
+    ) -> None:
+        """Remember what the catalog published (id → fingerprint) and forget the tombstoned."""
+        if not fingerprints and not gone:
+            return
+        key = self.keys.templates_published
+        with redis_errors("record templates published"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if fingerprints:
+                    pipe.hset(key, mapping={str(i): value for i, value in fingerprints.items()})
+                if gone:
+                    pipe.hdel(key, *(str(template_id) for template_id in gone))
+                await pipe.execute()
+
+    async def daily_job_last_success(self, job: str) -> datetime | None:
+        with redis_errors("GET daily job last success"):
+            raw = await self.redis.get(self.keys.daily_job_last_success(job))
+        return None if raw is None else datetime.fromtimestamp(int(as_text(raw)) / 1000, UTC)
+
+    async def record_daily_job_success(self, job: str, at: datetime) -> None:
+        with redis_errors("SET daily job last success"):
+            await self.redis.set(self.keys.daily_job_last_success(job), to_millis(at))
+
+
+def _apply_result(result: Any) -> ApplyResult:
+    reason = result.decode() if isinstance(result, bytes) else str(result)
+    return ApplyResult(ok=reason == "ok", reason="" if reason == "ok" else reason)
 
 
 def _outcome(result: Any) -> IntakeOutcome:
