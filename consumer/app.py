@@ -11,7 +11,14 @@
 SIGTERM or SIGINT sets the stop event: intake stops taking records and commits what it handled,
 the executor and poller finish their steps within the drain time and hand the rest back, the
 outbox publishes what is recorded, then every client closes. Exit status 0 on a clean stop.
-A role that crashes stops the whole process with status 1 (Kubernetes restarts it).
+
+Redis and Kafka outages are waited out by every role (DESIGN §6a; `consumer.dependencies`
+watches both for `/readyz` and the metrics). A role other than intake that fails unexpectedly
+is restarted in-process after a growing back-off (1 s to 60 s), counted and logged; one that
+keeps failing (5 times within 10 minutes) makes `/healthz` fail, so Kubernetes restarts the pod.
+Intake is not restarted in-process: its consumer may hold records it has read but not handled,
+so it stops the process with status 1, and the partitions are read again from the committed
+offsets by the next process.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +44,7 @@ from consumer.codec import SchemaRegistry
 from consumer.config import Settings
 from consumer.contact_index import ContactIndex
 from consumer.daily_jobs import DailyJobs, DailyJobSettings
+from consumer.dependencies import DependencyMonitor, FailureStreak
 from consumer.errors import ConsumerError, TransientError
 from consumer.executor import Executor, ExecutorSettings
 from consumer.fault_points import FaultPoints, NoFaultPoints
@@ -60,6 +69,8 @@ CAMPAIGN_GAUGE_EVERY_S = 30.0
 FINISHED_CAMPAIGN_RETENTION = timedelta(seconds=FINISHED_CAMPAIGN_RETENTION_S)
 # Held while one replica files the campaigns of an older version's index in their state sets.
 CAMPAIGN_STATES_LEASE_MS = 10 * 60 * 1000
+ROLE_RESTART_FIRST_S = 1.0
+ROLE_RESTART_MAX_S = 60.0
 
 
 @dataclass
@@ -192,6 +203,7 @@ class Daemon:
         self.parts = parts
         self.stopping = asyncio.Event()
         self._source: KafkaEventSource | None = None
+        self._health: HealthState | None = None
 
     async def run(self, *, install_signal_handlers: bool = True) -> int:
         parts = self.parts
@@ -210,7 +222,12 @@ class Daemon:
         executor = roles.get("executor")
         if isinstance(executor, _Draining) and isinstance(executor.runner, Executor):
             health.work_probes["campaign"] = executor.runner.oldest_running_since
-        runner = await self._serve_http(health)
+        self._health = health
+        monitor = DependencyMonitor(
+            {"redis": parts.store.ping, "kafka": parts.publisher.reachable}, parts.metrics
+        )
+        await monitor.probe_all()
+        runner = await self._serve_http(health, monitor)
         log_event(
             log,
             "daemon.started",
@@ -219,10 +236,12 @@ class Daemon:
             http_port=settings.http_port,
         )
         tasks = {
-            asyncio.create_task(role.run(self.stopping), name=name): name
+            asyncio.create_task(self._supervise(name, role), name=name): name
             for name, role in roles.items()
         }
         tasks[asyncio.create_task(self._refresh_campaign_gauge(), name="gauge")] = "gauge"
+        watcher = asyncio.create_task(monitor.watch(self.stopping), name="dependencies")
+        tasks[watcher] = "dependencies"
         exit_code = 0
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
@@ -242,6 +261,33 @@ class Daemon:
         log_event(log, "daemon.stopped", exit_code=exit_code)
         return exit_code
 
+    async def _supervise(self, name: str, role: _Role) -> None:
+        """Run a role; restart it after an unexpected failure (intake excepted, see above)."""
+        delay_s = ROLE_RESTART_FIRST_S
+        while True:
+            try:
+                await role.run(self.stopping)
+                return
+            except Exception as exc:
+                if name == "intake" or self.stopping.is_set():
+                    raise
+                self.parts.metrics.role_restarts.labels(name).inc()
+                if self._health is not None:
+                    self._health.note_crash(name)
+                log_event(
+                    log,
+                    "daemon.role_restarting",
+                    logging.ERROR,
+                    role=name,
+                    error_class=type(exc).__name__,
+                    error=str(exc)[:500],
+                    restart_in_s=delay_s,
+                    traceback="".join(traceback.format_exception(exc))[-4000:],
+                )
+            if await pause(self.stopping, delay_s):
+                return
+            delay_s = min(delay_s * 2, ROLE_RESTART_MAX_S)
+
     def _stop_on_signal(self, signum: int) -> None:
         log_event(log, "daemon.stopping", signal=signal.Signals(signum).name)
         self.stopping.set()
@@ -249,12 +295,13 @@ class Daemon:
     async def _finish(self, tasks: Mapping[asyncio.Task[None], str]) -> None:
         """Wait for the roles to drain (they bound themselves); the outbox goes last."""
         drain_s = self.parts.settings.workflow.drain_timeout_s
-        roles = [t for t, name in tasks.items() if name not in ("outbox", "gauge")]
+        last = ("outbox", "gauge", "dependencies")
+        roles = [t for t, name in tasks.items() if name not in last]
         if roles:
             await asyncio.wait(roles, timeout=drain_s + 5)
         for task in roles:
             task.cancel()
-        others = [t for t, name in tasks.items() if name in ("outbox", "gauge")]
+        others = [t for t, name in tasks.items() if name in last]
         if others:
             await asyncio.wait(others, timeout=10)
         for task in others:
@@ -277,7 +324,7 @@ class Daemon:
         }
         if "intake" in settings.roles:
             self._source = KafkaEventSource(
-                {**settings.kafka.client_config(), "group.id": settings.kafka.group_id},
+                settings.kafka.consumer_config(),
                 [settings.kafka.input_topic],
                 parts.metrics,
             )
@@ -340,13 +387,15 @@ class Daemon:
             roles["daily"] = daily_jobs(parts)
         return roles
 
-    async def _serve_http(self, health: HealthState) -> web.AppRunner:
+    async def _serve_http(self, health: HealthState, monitor: DependencyMonitor) -> web.AppRunner:
         parts = self.parts
 
         async def redis_ready() -> str | None:
-            return None if await parts.store.ping() else "Redis does not answer"
+            return None if monitor.is_up("redis") else "Redis does not answer"
 
         async def kafka_ready() -> str | None:
+            if not monitor.is_up("kafka"):
+                return "no Kafka broker answers"
             if self._source is None or self._source.has_joined_group:
                 return None
             return "not yet a member of the consumer group"
@@ -363,13 +412,16 @@ class Daemon:
     async def _refresh_campaign_gauge(self) -> None:
         """`refresh_campaign_gauge` every `CAMPAIGN_GAUGE_EVERY_S`, until stopped."""
         parts = self.parts
+        streak = FailureStreak(log, "daemon.gauge_failed")
         while not self.stopping.is_set():
             try:
                 await refresh_campaign_gauge(
                     parts.store, parts.metrics, parts.clock.now(), parts.owner
                 )
             except TransientError as exc:
-                log_event(log, "daemon.gauge_failed", logging.WARNING, error=str(exc))
+                streak.failed(error=str(exc))
+            else:
+                streak.succeeded()
             await pause(self.stopping, CAMPAIGN_GAUGE_EVERY_S)
 
 

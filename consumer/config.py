@@ -204,6 +204,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("kafka.dlq_topic", "optimove.sms.campaigns.v1.dlq", _text, "Dead letters of the input topic."),
     Option("kafka.create_topics", False, _boolean, "Create missing topics at start (output topics and DLQ; templates compacted)."),
     Option("kafka.topic_partitions", 6, _positive_int, "Partitions of topics the daemon creates."),
+    Option("kafka.session_timeout_ms", 10000, _positive_int, "Consumer-group session timeout: how soon a SIGKILLed replica's partitions go to the others (librdkafka's default is 45000)."),
+    Option("kafka.group_instance_id", "", _optional_text, "Static group membership id (e.g. the pod name): a restarted container takes its partitions straight back, without a rebalance."),
     Option("kafka.max_record_bytes", 1000000, _positive_int, "Largest record the daemon produces (librdkafka message.max.bytes); a larger dead letter is cut to fit, with dlq.truncated."),
     # Redis
     Option("redis.url", "redis://localhost:6379/0", _text, "Redis URL (redis:// or rediss://).", secret=True),
@@ -245,10 +247,24 @@ class KafkaSettings:
     create_topics: bool
     topic_partitions: int
     max_record_bytes: int = 1_000_000
+    session_timeout_ms: int = 10_000
+    group_instance_id: str | None = None
     properties: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def client_config(self) -> dict[str, str]:
         return {**self.properties, "bootstrap.servers": self.bootstrap_servers}
+
+    def consumer_config(self) -> dict[str, str]:
+        """The input consumer's settings: group, session timeout, static membership."""
+        config = {
+            "session.timeout.ms": str(self.session_timeout_ms),
+            "heartbeat.interval.ms": str(max(1000, self.session_timeout_ms // 4)),
+            **self.client_config(),
+            "group.id": self.group_id,
+        }
+        if self.group_instance_id:
+            config["group.instance.id"] = self.group_instance_id
+        return config
 
     def output_topics(self) -> dict[str, str]:
         """Logical output kinds (as in the outbox) → topic names."""
@@ -375,6 +391,8 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             create_topics=values["kafka.create_topics"],
             topic_partitions=values["kafka.topic_partitions"],
             max_record_bytes=values["kafka.max_record_bytes"],
+            session_timeout_ms=values["kafka.session_timeout_ms"],
+            group_instance_id=values["kafka.group_instance_id"],
             properties=properties,
         ),
         redis=RedisSettings(

@@ -11,7 +11,9 @@ after missing the time run it at once.
 On success the job records its last success (`keys.daily_job_last_success`, Unix ms, and the
 `daily_job_last_success_timestamp_seconds` gauge) and releases the lock. On failure it keeps the
 lock for `retry_after`, so no replica tries again before then; the next attempt is that much
-later. The CLI runs a job on demand with `force=True`: due or not, but still under the lock, so it
+later. After `max_failures` failed runs in a row (whatever the error: a bug is reported like an
+outage) it keeps the lock until the next scheduled time and logs `daily.job_given_up`. The
+CLI runs a job on demand with `force=True`: due or not, but still under the lock, so it
 never runs beside a scheduled run (it answers "locked" instead, as it does during a failed run's
 back-off).
 
@@ -33,6 +35,7 @@ from datetime import UTC, datetime, time, timedelta
 from consumer.catalog import TemplateCatalog
 from consumer.clock import Clock, monotonic_s, pause
 from consumer.contact_index import ContactIndex
+from consumer.dependencies import FailureStreak
 from consumer.errors import ConsumerError
 from consumer.logs import log_event
 from consumer.metrics import Metrics
@@ -75,9 +78,13 @@ def is_due(now: datetime, run_at: time, last_success: datetime | None) -> bool:
 @dataclass(frozen=True)
 class DailyJobSettings:
     run_at: time = time(3, 0)  # UTC
-    lock_ttl: timedelta = timedelta(minutes=10)  # renewed every third of it while running
+    # Renewed every third of it while running; short, so a replica that died mid-job (its
+    # lock not released) holds the job up for half a minute, not ten.
+    lock_ttl: timedelta = timedelta(seconds=30)
     retry_after: timedelta = timedelta(minutes=15)
     wake_every_s: float = 5.0
+    # Failed runs in a row after which a job is not tried again before its next run time.
+    max_failures: int = 5
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,7 @@ class DailyJobs:
     async def run(self, stopping: asyncio.Event) -> None:
         """Run each job when due, until `stopping` (a job in progress is finished first)."""
         await self._publish_last_successes()
+        streak = FailureStreak(log, "daily.loop_error")
         while not stopping.is_set():
             for name in JOB_NAMES:
                 if stopping.is_set():
@@ -131,7 +139,9 @@ class DailyJobs:
                 try:
                     await self.run_job(name)
                 except ConsumerError as exc:  # Redis unreachable for the lock or the record
-                    log_event(log, "daily.loop_error", logging.WARNING, job=name, error=str(exc))
+                    streak.failed(job=name, error=str(exc))
+                else:
+                    streak.succeeded()
             self._metrics.loop_last_iteration.labels("daily").set(self._clock.now().timestamp())
             now = self._clock.now()
             until_next_s = (next_run_time(now, self._settings.run_at) - now).total_seconds()
@@ -181,22 +191,35 @@ class DailyJobs:
         log_event(log, "daily.job_started", job=name, forced=force)
         try:
             summary = await self._work(name, progress)
-        except ConsumerError as exc:
+        except Exception as exc:  # noqa: BLE001 - a job's failure, whatever it is, is reported
             duration_s = monotonic_s() - started_s
-            # Keep the lock as the back-off: no replica tries again before `retry_after`.
-            if not force:
-                await self._store.renew_lease(lock, token, _ms(self._settings.retry_after))
-            else:
+            failures = await self._count_failure(name)
+            given_up = failures >= self._settings.max_failures
+            # Keep the lock as the back-off: no replica tries again before `retry_after`, or
+            # before the next run time once the job failed `max_failures` times in a row.
+            if force:
                 await self._store.release_lease(lock, token)
+            else:
+                hold = self._settings.retry_after
+                if given_up:
+                    now = self._clock.now()
+                    hold = next_run_time(now, self._settings.run_at) - now
+                await self._store.renew_lease(lock, token, _ms(hold))
             self._metrics.daily_job_runs.labels(name, "failed").inc()
             log_event(
                 log,
-                "daily.job_failed",
+                "daily.job_given_up" if given_up else "daily.job_failed",
                 logging.ERROR,
                 job=name,
-                error=str(exc),
+                error_class=type(exc).__name__,
+                error=str(exc)[:500],
+                failures=failures,
                 duration_s=round(duration_s, 3),
             )
+            if given_up:
+                self._metrics.handler_gave_up.labels("daily").inc()
+                with contextlib.suppress(ConsumerError):
+                    await self._store.clear_handler_failures("daily", name)
             return JobOutcome(name, True, False, "failed", str(exc), duration_s)
         finally:
             renewal.cancel()
@@ -207,6 +230,8 @@ class DailyJobs:
         finished_at = self._clock.now()
         await self._store.record_daily_job_success(name, finished_at)
         await self._store.release_lease(lock, token)
+        with contextlib.suppress(ConsumerError):
+            await self._store.clear_handler_failures("daily", name)
         self._metrics.daily_job_last_success.labels(name).set(finished_at.timestamp())
         self._metrics.daily_job_runs.labels(name, "ok").inc()
         log_event(log, "daily.job_done", job=name, duration_s=round(duration_s, 3), **dict(summary))
@@ -229,6 +254,13 @@ class DailyJobs:
             build = await self._index.rebuild(self._client, group, self._clock.now(), report)
             summary[f"group_{group.group_id}_contacts"] = build.contacts
         return summary
+
+    async def _count_failure(self, name: str) -> int:
+        self._metrics.handler_failures.labels("daily").inc()
+        try:
+            return await self._store.count_handler_failure("daily", name)
+        except ConsumerError:
+            return 0  # Redis away: not counted, and the lock's back-off holds anyway
 
     async def _keep_lock(self, lock: str, token: str) -> None:
         ttl_ms = _ms(self._settings.lock_ttl)

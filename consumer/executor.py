@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 
 from consumer.clock import Clock, pause, to_millis
 from consumer.codec import SchemaRegistry
+from consumer.dependencies import FailureStreak
 from consumer.errors import PermanentError, TextLocalApiError, TransientError
 from consumer.events import (
     CampaignRef,
@@ -93,14 +94,17 @@ class Executor:
 
     async def run(self, stopping: asyncio.Event, drain_timeout_s: float = 25.0) -> None:
         """Claim and execute due campaigns until `stopping`; then drain and hand back."""
+        streak = FailureStreak(log, "executor.loop_error")
         try:
             while not stopping.is_set():
                 try:
                     await self.sweep_collecting()
                     claimed = await self.claim_and_start()
                 except TransientError as exc:
-                    log_event(log, "executor.loop_error", logging.WARNING, error=str(exc))
+                    streak.failed(error=str(exc))
                     claimed = 0
+                else:
+                    streak.succeeded()
                 self._metrics.loop_last_iteration.labels("executor").set(
                     self._clock.now().timestamp()
                 )

@@ -3,8 +3,10 @@
 - `/healthz` (liveness): every role's loop has completed an iteration recently, and no unit of
   work (a campaign step, a poll, a daily job) has been running for longer than its bound. A
   failing liveness probe makes Kubernetes restart the pod, which is the cure for a stuck loop.
-- `/readyz` (readiness): Redis answers, and the intake role (if run here) has joined its consumer
-  group. Each answers 200 or 503 with a JSON body saying which check failed.
+  A dependency outage (Redis, Kafka) does not fail liveness: restarting cannot end it.
+- `/readyz` (readiness): Redis and Kafka answer (as `consumer.dependencies` last saw them), and
+  the intake role (if run here) has joined its consumer group. Each answers 200 or 503 with a JSON
+  body saying which check failed.
 - `/metrics`: the Prometheus exposition of the registry passed in.
 """
 
@@ -45,6 +47,13 @@ class HealthState:
     work_stuck_after: timedelta = timedelta(hours=1)
     work_probes: dict[str, Callable[[], datetime | None]] = field(default_factory=dict)
     started_at: datetime | None = None
+    # A role restarted in-process this often within the window has a fault of its own.
+    max_role_crashes: int = 5
+    role_crash_window: timedelta = timedelta(minutes=10)
+    crashes: dict[str, list[datetime]] = field(default_factory=dict)
+
+    def note_crash(self, role: str) -> None:
+        self.crashes.setdefault(role, []).append(self.clock.now())
 
     def problems(self) -> list[str]:
         now = self.clock.now()
@@ -59,6 +68,11 @@ class HealthState:
             since = oldest_started()
             if since is not None and now - since > self.work_stuck_after:
                 found.append(f"{name} running for {(now - since).total_seconds():.0f}s")
+        for role, moments in self.crashes.items():
+            recent = [m for m in moments if now - m <= self.role_crash_window]
+            self.crashes[role] = recent
+            if len(recent) >= self.max_role_crashes:
+                found.append(f"{role} restarted {len(recent)} times in {self.role_crash_window}")
         return found
 
 

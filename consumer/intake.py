@@ -13,12 +13,19 @@ Fast and TextLocal-free. For every record, in partition order:
 and only then is the record's offset stored. When Redis or Kafka is unavailable the record is
 retried (with backoff) until it is handled or the daemon stops; an unhandled record's offset is
 never stored, so it is read again after a restart. Duplicates (redelivery) change nothing.
+
+During such an outage intake pauses its partitions and keeps polling Kafka (as Sentry's arroyo
+does under backpressure): the consumer stays in its group however long the outage lasts (no
+`max.poll.interval.ms` expiry, no rebalance), its loop heartbeat stays fresh for `/healthz`, and
+it resumes the partitions once the record is handled. Records the polls return meanwhile are
+kept, in order, and handled next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +34,8 @@ from typing import Protocol
 
 from consumer.clock import Clock, pause, to_millis
 from consumer.codec import SchemaRegistry
-from consumer.errors import CodecError, KafkaRecordRefused, TransientError
+from consumer.dependencies import FailureStreak
+from consumer.errors import CodecError, KafkaRecordRefused, KafkaUnavailable, TransientError
 from consumer.events import (
     INPUT_EVENT_NAMES,
     CampaignCancelled,
@@ -78,6 +86,10 @@ class RecordSource(Protocol):
     async def start(self) -> None: ...
 
     async def poll(self, max_records: int, timeout_s: float) -> list[InboundRecord]: ...
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
 
     async def store_offset(self, record: InboundRecord) -> None: ...
 
@@ -132,24 +144,36 @@ class Intake:
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set; then commit what was handled."""
         await self._source.start()
+        backlog: list[InboundRecord] = []
         try:
             while not stopping.is_set():
-                records = await self._source.poll(self._settings.poll_batch, 0.5)
-                if not await self._handle_in_order(records, stopping):
+                records = backlog or await self._source.poll(self._settings.poll_batch, 0.5)
+                backlog = []
+                if not await self._handle_in_order(records, stopping, backlog):
                     return  # stopping mid-retry: the record stays uncommitted, read again
-                self._metrics.loop_last_iteration.labels("intake").set(
-                    self._clock.now().timestamp()
-                )
+                self._beat()
         finally:
-            await self._source.commit()
+            try:
+                await self._source.commit()
+            except KafkaUnavailable as exc:
+                # Stored offsets are committed by the next owner's reads being idempotent
+                # anyway; a broker away at shutdown is no reason to exit with an error.
+                log_event(log, "intake.commit_failed", logging.WARNING, error=str(exc))
+
+    def _beat(self) -> None:
+        self._metrics.loop_last_iteration.labels("intake").set(self._clock.now().timestamp())
 
     async def _handle_in_order(
-        self, records: Sequence[InboundRecord], stopping: asyncio.Event
+        self,
+        records: Sequence[InboundRecord],
+        stopping: asyncio.Event,
+        backlog: list[InboundRecord],
     ) -> bool:
         """Handle records one after the other, storing each offset once its record is handled.
 
         The next record is decoded on a worker thread while Redis records the current one
         (decoding a batch of 10,000 customers and recording it take about the same time).
+        Records polled while waiting out an outage are appended to `backlog`.
         """
         loop = asyncio.get_running_loop()
         following = (
@@ -160,33 +184,94 @@ class Intake:
             current = await following
             if position + 1 < len(records):
                 following = loop.run_in_executor(self._decoder, self.decode, records[position + 1])
-            if not await self._handle_until_done(record, current, stopping):
+            if not await self._handle_until_done(record, current, stopping, backlog):
                 return False
             await self._source.store_offset(record)
         return True
 
     async def _handle_until_done(
-        self, record: InboundRecord, decoded: InputEvent | CodecError, stopping: asyncio.Event
+        self,
+        record: InboundRecord,
+        decoded: InputEvent | CodecError,
+        stopping: asyncio.Event,
+        backlog: list[InboundRecord],
     ) -> bool:
+        """Handle one record, waiting out outages; False when stopping first.
+
+        A record that makes our own code fail (a bug, a value nothing anticipated) is
+        dead-lettered with that error's class: no record stops intake.
+        """
         attempt = 0
-        while True:
+        streak = FailureStreak(log, "intake.retry")
+        paused = False
+        failure: Exception | None = None
+        try:
+            while True:
+                try:
+                    if failure is None:
+                        await self.apply(record, decoded)
+                    else:
+                        await self._dead_letter(
+                            record, type(failure).__name__, str(failure), "handler_error"
+                        )
+                    return True
+                except TransientError as exc:
+                    delay = _RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)]
+                    attempt += 1
+                    streak.failed(
+                        partition=record.partition,
+                        offset=record.offset,
+                        error=str(exc),
+                        retry_in_s=delay,
+                    )
+                    paused = True
+                    if await self._wait_polling(delay, stopping, backlog):
+                        return False
+                except Exception as exc:
+                    if failure is not None:
+                        raise  # dead-lettering itself fails: a fault of ours, not the record's
+                    failure = exc
+                    log_event(
+                        log,
+                        "intake.record_failed",
+                        logging.ERROR,
+                        partition=record.partition,
+                        offset=record.offset,
+                        error_class=type(exc).__name__,
+                        error=str(exc)[:500],
+                        traceback="".join(traceback.format_exception(exc))[-4000:],
+                    )
+        finally:
+            if paused:
+                await self._resume_quietly()
+                streak.succeeded()
+
+    async def _wait_polling(
+        self, delay_s: float, stopping: asyncio.Event, backlog: list[InboundRecord]
+    ) -> bool:
+        """Wait `delay_s` with the partitions paused, polling to stay in the group.
+
+        Returns True when stopping.
+        """
+        deadline = asyncio.get_running_loop().time() + delay_s
+        while not stopping.is_set():
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
             try:
-                await self.apply(record, decoded)
-                return True
-            except TransientError as exc:
-                delay = _RETRY_DELAYS_S[min(attempt, len(_RETRY_DELAYS_S) - 1)]
-                attempt += 1
-                log_event(
-                    log,
-                    "intake.retry",
-                    logging.WARNING,
-                    partition=record.partition,
-                    offset=record.offset,
-                    error=str(exc),
-                    retry_in_s=delay,
-                )
-                if await pause(stopping, delay):
-                    return False
+                await self._source.pause()  # again: partitions may have been assigned since
+                backlog += await self._source.poll(self._settings.poll_batch, min(0.5, remaining))
+            except KafkaUnavailable as exc:
+                log_event(log, "intake.poll_failed", logging.DEBUG, error=str(exc))
+                await pause(stopping, min(0.5, max(remaining, 0.0)))
+            self._beat()  # waiting out an outage is not a stalled loop
+        return True
+
+    async def _resume_quietly(self) -> None:
+        try:
+            await self._source.resume()
+        except KafkaUnavailable as exc:
+            log_event(log, "intake.resume_failed", logging.WARNING, error=str(exc))
 
     async def handle(self, record: InboundRecord) -> str:
         """Decode and handle one record durably; returns what happened (for logs and tests)."""

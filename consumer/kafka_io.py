@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +31,36 @@ from confluent_kafka.cimpl import NewTopic
 from consumer.errors import KafkaRecordRefused, KafkaUnavailable
 
 log = logging.getLogger("consumer.kafka")
+
+
+class LibrdkafkaNoise(logging.Filter):
+    """Lets each kind of librdkafka complaint through at most once a minute.
+
+    While a broker is away librdkafka logs every reconnection attempt ("FAIL ... Connect to ...
+    failed"), hundreds a minute; the outage itself is reported once by consumer.dependencies.
+    Our own records on this logger pass untouched.
+    """
+
+    _LIBRDKAFKA = re.compile(r"^([A-Z]+) \[rdkafka#")
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._last_s: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = self._LIBRDKAFKA.match(record.getMessage())
+        if match is None:
+            return True
+        now_s = time.monotonic()
+        facility = match.group(1)
+        if now_s - self._last_s.get(facility, float("-inf")) < self._every_s:
+            return False
+        self._last_s[facility] = now_s
+        return True
+
+
+log.addFilter(LibrdkafkaNoise())
 
 KafkaConfig = Mapping[str, str | int | float | bool]
 Headers = Sequence[tuple[str, bytes | None]]
@@ -93,6 +125,7 @@ class KafkaEventSource:
         self._assigned: frozenset[tuple[str, int]] = frozenset()
         self._joined = False
         self._closed = False
+        self._consume_errors = 0  # in a row: the first is a warning, the rest debug
         settings: dict[str, Any] = {
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
@@ -130,8 +163,12 @@ class KafkaEventSource:
             if error is not None:
                 if error.fatal():
                     raise KafkaUnavailable(f"Kafka consumer failed: {error.str()}")
-                log.warning("kafka.consume_error", extra={"error": error.str()})
+                # Brokers away: librdkafka reconnects by itself. One warning per streak.
+                self._consume_errors += 1
+                level = logging.WARNING if self._consume_errors == 1 else logging.DEBUG
+                log.log(level, "kafka.consume_error", extra={"error": error.str()})
                 continue
+            self._consume_errors = 0
             records.append(
                 InboundRecord(
                     topic=str(message.topic()),
@@ -156,6 +193,27 @@ class KafkaEventSource:
             if messages and max_records > 1:
                 messages += self._consumer.consume(max_records - 1, 0)
         return list(messages)
+
+    async def pause(self) -> None:
+        """Stop fetching from every assigned partition, staying in the group.
+
+        While paused, `poll` must still be called (it returns nothing, or records fetched before
+        the pause): that keeps this consumer's place in the group (`max.poll.interval.ms`).
+        Idempotent: call it again to pause partitions assigned meanwhile.
+        """
+        try:
+            await self._call(lambda: self._consumer.pause(self._assignment()))
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"Kafka pause failed: {exc}") from exc
+
+    async def resume(self) -> None:
+        try:
+            await self._call(lambda: self._consumer.resume(self._assignment()))
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"Kafka resume failed: {exc}") from exc
+
+    def _assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(topic, partition) for topic, partition in self._assigned]
 
     async def store_offset(self, record: InboundRecord) -> None:
         """Mark a record handled: its offset (+1) will be committed."""
@@ -303,6 +361,18 @@ class KafkaPublisher:
                 if isinstance(error, KafkaError) and error.code() in _REFUSED_FOR_GOOD:
                     return f"{error.name()} ({topic})"
                 raise KafkaUnavailable(f"Kafka produce to {topic} failed: {exc}") from exc
+
+    async def reachable(self, timeout_s: float = 2.0) -> bool:
+        """Whether a broker answers a metadata request now (the dependency probe)."""
+
+        def ask() -> bool:
+            try:
+                self._producer.list_topics(timeout=timeout_s)
+            except KafkaException:
+                return False
+            return True
+
+        return await asyncio.to_thread(ask)
 
     async def flush(self, timeout_s: float = 30.0) -> int:
         """Wait for queued records; returns how many are still undelivered."""

@@ -236,8 +236,9 @@ class LeasedWorkers:
             try:
                 held = await self._store.renew_lease(lease.key, lease.token, self._lease_ttl_ms)
             except TransientError as exc:
+                # DEBUG: an outage is reported once, by consumer.dependencies.
                 log_event(
-                    log, "lease.renewal_failed", logging.WARNING, lease=lease.key, error=str(exc)
+                    log, "lease.renewal_failed", logging.DEBUG, lease=lease.key, error=str(exc)
                 )
                 continue  # try again; the lease outlives two missed renewals
             if not held:

@@ -145,6 +145,21 @@ class Metrics:
             "Output events Kafka refused permanently, set aside in Redis, by topic kind.",
             ("kind",),
         )
+        self.dependency_up = gauge(
+            "dependency_up",
+            "Whether a dependency (redis, kafka) answers its probe (1) or not.",
+            ("dependency",),
+        )
+        self.dependency_outages = counter(
+            "dependency_outages_total",
+            "Outages of a dependency (redis, kafka) seen.",
+            ("dependency",),
+        )
+        self.role_restarts = counter(
+            "role_restarts_total",
+            "Roles restarted in-process after an unexpected error.",
+            ("role",),
+        )
         self.loop_last_iteration = gauge(
             "loop_last_iteration_timestamp_seconds",
             "When each role's loop last completed an iteration (Unix time).",

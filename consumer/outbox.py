@@ -10,17 +10,26 @@ An event Kafka refuses for good (too large, a topic that does not accept it, no 
 must not hold up every event behind it: after `MAX_REFUSALS` refusals in a row it is set aside
 in Redis (`keys.outbox_set_aside`, with Kafka's reason), counted and logged at ERROR, and the
 others flow on. Transient errors (broker away) still wait and retry, in order.
+
+The lease is claimed with a token new at each claim and renewed while a batch is being
+published (a broker taking its time must not let another replica publish beside this one). An
+unexpected error while publishing (a bug, an entry that does not parse) is logged and counted;
+after `max_failures` in a row the entry at the head of the stream is set aside with that error,
+so one bad entry cannot stop every status of every campaign.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from consumer.clock import Clock, pause
 from consumer.codec import SchemaRegistry
+from consumer.dependencies import FailureStreak
 from consumer.errors import KafkaRecordRefused, TransientError
 from consumer.events import CampaignStatusEvent, DeliveryMetricsEvent, TemplateRecord
 from consumer.kafka_io import OutboundRecord
@@ -85,6 +94,7 @@ class OutboxPublisher:
         owner: str,
         lease_ttl_ms: int = 10_000,
         batch_size: int = 500,
+        max_failures: int = 5,
     ) -> None:
         self._store = store
         self._publisher = publisher
@@ -94,25 +104,78 @@ class OutboxPublisher:
         self._owner = owner
         self._lease_ttl_ms = lease_ttl_ms
         self._batch_size = batch_size
+        self._max_failures = max_failures
         self._holding = False
+        self._token = ""
         self._last_id = "0-0"
         self._refusals: dict[str, int] = {}  # entry id → refusals in a row
+        self._failures = 0  # unexpected errors in a row
+        self._streak = FailureStreak(log, "outbox.publish_failed")
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             try:
-                published = await self.publish_pending() if await self._hold_lease() else 0
+                published = await self._publish_while_held()
+                if published == 0:
+                    if self._holding:
+                        await self._store.wait_for_outbox(self._last_id, timeout_ms=500)
+                    else:
+                        await pause(stopping, self._lease_ttl_ms / 2000)
             except TransientError as exc:
-                log_event(log, "outbox.publish_failed", logging.WARNING, error=str(exc))
+                self._streak.failed(error=str(exc))
                 await pause(stopping, 1.0)
-                continue
+            except Exception as exc:  # noqa: BLE001 - one place for every other failure
+                await self._failed(exc)
+                await pause(stopping, 1.0)
+            else:
+                self._streak.succeeded()
+                self._failures = 0
+            # An outage waited out is not a stalled loop: the heartbeat goes on either way.
             self._metrics.loop_last_iteration.labels("outbox").set(self._clock.now().timestamp())
-            if published == 0:
-                if self._holding:
-                    await self._store.wait_for_outbox(self._last_id, timeout_ms=500)
-                else:
-                    await pause(stopping, self._lease_ttl_ms / 2000)
-        await self.release()
+        with contextlib.suppress(TransientError):
+            await self.release()
+
+    async def _publish_while_held(self) -> int:
+        """Publish what is pending while holding the lease, renewing it meanwhile."""
+        if not await self._hold_lease():
+            return 0
+        renewal = asyncio.create_task(self._keep_lease())
+        try:
+            return await self.publish_pending()
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ttl_ms / 3000)
+            with contextlib.suppress(TransientError):
+                await self._hold_lease()
+
+    async def _failed(self, error: Exception) -> None:
+        self._failures += 1
+        self._metrics.handler_failures.labels("outbox").inc()
+        log_event(
+            log,
+            "outbox.failed",
+            logging.ERROR,
+            error_class=type(error).__name__,
+            error=str(error)[:500],
+            failures=self._failures,
+            max_failures=self._max_failures,
+        )
+        if self._failures < self._max_failures:
+            return
+        try:
+            head = await self._store.outbox_head_id()
+            if head is not None:
+                await self._store.outbox_set_aside_raw(head, f"{type(error).__name__}: {error}")
+                self._metrics.handler_gave_up.labels("outbox").inc()
+                log_event(log, "outbox.head_set_aside", logging.ERROR, entry_id=head)
+            self._failures = 0
+        except TransientError as exc:
+            log_event(log, "outbox.set_aside_failed", logging.WARNING, error=str(exc))
 
     async def publish_pending(self) -> int:
         """Publish every entry recorded so far (in batches); returns how many were published."""
@@ -189,15 +252,16 @@ class OutboxPublisher:
 
     async def release(self) -> None:
         if self._holding:
-            await self._store.release_lease(self._store.keys.outbox_lease, self._owner)
             self._holding = False
             self._metrics.leases_held.labels("outbox").set(0)
+            await self._store.release_lease(self._store.keys.outbox_lease, self._token)
 
     async def _hold_lease(self) -> bool:
         lease = self._store.keys.outbox_lease
         if self._holding:
-            self._holding = await self._store.renew_lease(lease, self._owner, self._lease_ttl_ms)
+            self._holding = await self._store.renew_lease(lease, self._token, self._lease_ttl_ms)
         else:
-            self._holding = await self._store.acquire_lease(lease, self._owner, self._lease_ttl_ms)
+            self._token = f"{self._owner}:{uuid.uuid4().hex[:12]}"  # new at every claim
+            self._holding = await self._store.acquire_lease(lease, self._token, self._lease_ttl_ms)
         self._metrics.leases_held.labels("outbox").set(1 if self._holding else 0)
         return self._holding

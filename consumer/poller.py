@@ -51,6 +51,7 @@ from typing import Protocol
 
 from consumer.clock import Clock, pause, to_millis
 from consumer.codec import SchemaRegistry
+from consumer.dependencies import FailureStreak
 from consumer.errors import ConsumerError, PermanentError, TextLocalApiError, TransientError
 from consumer.events import CampaignRef, DeliveryMetricsEvent
 from consumer.give_up import InternalErrorEnding
@@ -159,14 +160,17 @@ class Poller:
 
     async def run(self, stopping: asyncio.Event, drain_timeout_s: float = 25.0) -> None:
         """Claim and make due polls until `stopping`; then drain and hand the rest back."""
+        streak = FailureStreak(log, "poller.loop_error")
         try:
             while not stopping.is_set():
                 try:
                     claimed = await self.claim_and_start()
                     await self.update_overdue()
                 except TransientError as exc:
-                    log_event(log, "poller.loop_error", logging.WARNING, error=str(exc))
+                    streak.failed(error=str(exc))
                     claimed = 0
+                else:
+                    streak.succeeded()
                 self._metrics.loop_last_iteration.labels("poller").set(
                     self._clock.now().timestamp()
                 )

@@ -24,6 +24,7 @@ from consumer.clock import Clock, to_millis
 from consumer.codec import SchemaRegistry
 from consumer.contact_index import ContactIndex, Resolution
 from consumer.errors import (
+    PermanentError,
     TextLocalApiError,
     TextLocalOutcomeUnknown,
     TransientError,
@@ -40,7 +41,7 @@ from consumer.leased_work import Lease, LeaseLost
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import status_entry
-from consumer.store import CampaignSnapshot, CampaignStore, Transition, as_text, redis_errors
+from consumer.store import CampaignSnapshot, CampaignStore, Transition
 from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient
 from consumer.workflow import (
@@ -196,7 +197,7 @@ class CampaignSteps:
         contacts added twice to a group are still one contact each.
         """
         version = await self._index_version(run)
-        loaded = await self._loaded_chunks(run.key)
+        loaded = await self._store.loaded_chunks(run.key)
         ready: asyncio.Queue[tuple[int, str, int] | None] = asyncio.Queue(
             maxsize=2 * self._settings.contact_load_concurrency
         )
@@ -267,17 +268,11 @@ class CampaignSteps:
         await self._apply(run, transition)
         return version
 
-    async def _loaded_chunks(self, key: str) -> set[int]:
-        with redis_errors("SMEMBERS chunks loaded"):
-            members = await self._store.redis.smembers(self._keys.chunks_loaded(key))
-        return {int(as_text(member)) for member in members}
-
     async def _load_chunk(self, run: CampaignRun, index: int, payload: str, count: int) -> None:
         run.check_lease()
         group_id = run.snapshot.int_field("group_id")
         await self._client.create_contacts_bulk_json(group_id, payload, count)
-        with redis_errors("SADD chunk loaded"):
-            await self._store.redis.sadd(self._keys.chunks_loaded(run.key), index)
+        await self._store.mark_chunk_loaded(run.key, index)
         self._metrics.contacts_loaded.inc(count)
         self._faults.reached("contacts.chunk_loaded")
 
@@ -613,7 +608,26 @@ class CampaignSteps:
         )
         await self.discard_working_data(run.key)
         if delete_segment:
-            await self.delete_segment(run.snapshot.optional_int("group_id"))
+            await self._delete_segment_after_end(run)
+
+    async def _delete_segment_after_end(self, run: CampaignRun) -> None:
+        """The campaign has ended (recorded): deleting its group is best effort from here on.
+
+        A failure must not look like the campaign's own failure (it would be ended again);
+        the group id is logged for the operator instead.
+        """
+        group_id = run.snapshot.optional_int("group_id")
+        try:
+            await self.delete_segment(group_id)
+        except (PermanentError, TransientError) as exc:
+            log_event(
+                log,
+                "campaign.segment_not_deleted",
+                logging.WARNING,
+                campaign=run.key,
+                group_id=group_id,
+                error=str(exc),
+            )
 
     async def delete_segment(self, group_id: int | None) -> None:
         """Delete a campaign's segment group; one already gone is fine."""

@@ -19,6 +19,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError as RedisReadOnlyError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer.clock import to_millis
@@ -50,12 +52,27 @@ def event_fingerprint(event_type: str, campaign_key: str, value: bytes | None) -
 HANDLER_FAILURES_TTL_S = 7 * 24 * 3600
 
 
+# Error replies a Redis gives while it cannot take writes for a while: a replica promoted or
+# demoted in a failover (READONLY), no primary yet (MASTERDOWN), not enough replicas in sync.
+# (LOADING, an AOF still loading after a restart, is redis-py's BusyLoadingError, a
+# ConnectionError.)
+_PASSING_REPLIES = ("READONLY", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "LOADING")
+
+
 @contextmanager
 def redis_errors(operation: str) -> Iterator[None]:
-    """Translate redis-py's connection failures into the product's transient error."""
+    """Translate redis-py's failures of an unavailable Redis into the product's transient error.
+
+    Connection refused or reset, timeouts, and the error replies of a Redis that is failing over
+    or still loading: all pass, and are waited out (DESIGN §6a).
+    """
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except (RedisConnectionError, RedisTimeoutError, RedisReadOnlyError, OSError) as exc:
+        raise StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}") from exc
+    except RedisResponseError as exc:
+        if not str(exc).startswith(_PASSING_REPLIES):
+            raise
         raise StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -773,6 +790,16 @@ class CampaignStore:
         with redis_errors("ZADD XX"):
             await self.redis.zadd(queue, {member: to_millis(now)}, xx=True)
 
+    async def loaded_chunks(self, key: str) -> set[int]:
+        """The chunk indexes of the campaign TextLocal has accepted into its segment."""
+        with redis_errors("SMEMBERS chunks loaded"):
+            members = await self.redis.smembers(self.keys.chunks_loaded(key))
+        return {int(as_text(member)) for member in members}
+
+    async def mark_chunk_loaded(self, key: str, index: int) -> None:
+        with redis_errors("SADD chunk loaded"):
+            await self.redis.sadd(self.keys.chunks_loaded(key), index)
+
     async def count_step_retry(self, key: str) -> int:
         """One more transient step failure in a row for the campaign (steps reset it)."""
         with redis_errors("HINCRBY failures"):
@@ -852,6 +879,24 @@ class CampaignStore:
                         {**_outbox_fields(entry), "reason": reason, "outbox_id": entry.entry_id},
                     )
                     pipe.xdel(self.keys.outbox, entry.entry_id)
+                await pipe.execute()
+
+    async def outbox_head_id(self) -> str | None:
+        """The id of the oldest outbox entry (without parsing it: it may be what fails)."""
+        with redis_errors("XRANGE outbox head"):
+            rows = await self.redis.xrange(self.keys.outbox, "-", "+", count=1)
+        return as_text(rows[0][0]) if rows else None
+
+    async def outbox_set_aside_raw(self, entry_id: str, reason: str) -> None:
+        """Move one outbox entry, as it is, to the set-aside stream with the reason."""
+        with redis_errors("set aside outbox entry"):
+            rows = await self.redis.xrange(self.keys.outbox, entry_id, entry_id)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for _, values in rows or []:
+                    fields: dict[Any, Any] = dict(values or {})
+                    fields.update(reason=reason[:500], outbox_id=entry_id)
+                    pipe.xadd(self.keys.outbox_set_aside, fields)
+                pipe.xdel(self.keys.outbox, entry_id)
                 await pipe.execute()
 
     async def outbox_set_aside_entries(self, limit: int = 100) -> list[OutboxEntry]:

@@ -28,6 +28,7 @@ from confluent_kafka.cimpl import NewTopic
 
 from tests.daemon import stack  # noqa: F401  - the daemon-process world fixture
 from tests.fixtures_sandbox import sandbox  # noqa: F401
+from tests.private_stack import private_stack  # noqa: F401 - fault tests' own services
 
 REPO = Path(__file__).resolve().parents[1]
 
