@@ -36,6 +36,7 @@ from consumer.events import TemplateRecord
 from consumer.kafka_io import TopicSpec
 from consumer.logs import log_event
 from consumer.outbox import template_entry, template_tombstone
+from consumer.send_plan import template_families
 from consumer.store import CampaignStore
 from consumer.templates import TemplateCopy
 from consumer.textlocal_types import Template
@@ -61,12 +62,18 @@ def templates_topic_spec(name: str, partitions: int) -> TopicSpec:
 def catalog_records(
     templates: Sequence[Template], groups: Sequence[ContactGroup], imported_at: datetime
 ) -> list[TemplateRecord]:
-    """A record for each template whose title starts with a group's prefix, by id."""
+    """A record for each template family whose title starts with a group's prefix, by id.
+
+    A family (`send_plan.template_families`: `OPT_Welcome`, `OPT_Welcome [fr]`, ...) is one
+    record: its default's id, title and body, and its languages. Variants are not offered
+    apart, so Optimove's picker shows each family once.
+    """
     records = []
-    for template in templates:
+    kept = [t for t in templates if contact_group_for(t.title, groups) is not None]
+    for family in template_families(kept).values():
+        template = family.default
         group = contact_group_for(template.title, groups)
-        if group is None:
-            continue
+        assert group is not None
         records.append(
             TemplateRecord(
                 id=template.id,
@@ -77,6 +84,7 @@ def catalog_records(
                 contact_group_id=group.group_id,
                 sender=group.sender or template.sender_name,
                 imported_at=imported_at,
+                languages=tuple(family.languages),
             )
         )
     return sorted(records, key=lambda record: record.id)

@@ -207,7 +207,7 @@ async def _campaign_status(settings: Settings, args: argparse.Namespace) -> int:
     shown = {
         name: value
         for name, value in sorted(snapshot.fields.items())
-        if name not in {"message"}  # the SMS text stays out of terminals and logs
+        if name not in {"message", "planned_message"}  # SMS texts stay out of terminals, logs
     }
     if args.json:
         print(json.dumps({"key": args.key, **shown}, indent=2))

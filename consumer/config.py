@@ -154,12 +154,21 @@ def _contact_group(entry: object, position: int) -> ContactGroup:
     sender = _optional_text(entry.get("sender", ""))
     if sender is not None and (problem := sender_problem(sender)):
         raise ValueError(f"{where} {problem}")
+    language_field = _optional_text(entry.get("language_field", ""))
+    if language_field is not None and language_field not in {"custom1", "custom2", "custom3"}:
+        raise ValueError(
+            f"{where} language_field {language_field!r} must be custom1, custom2 or custom3"
+        )
+    if language_field == field_name:
+        raise ValueError(f"{where} language_field {language_field!r} is the customer_id_field too")
     return ContactGroup(
         group_id=group_id,
         name=_text(entry.get("name", f"group {group_id}")),
         template_prefix=_text(entry.get("template_prefix", "")),
         customer_id_field=field_name,
         sender=sender,
+        language_field=language_field,
+        default_language=_text(entry.get("default_language", "")).lower(),
     )
 
 
@@ -193,7 +202,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("textlocal.max_attempts", 5, _positive_int, "Attempts per TextLocal call on transient errors."),
     Option("textlocal.max_retry_s", 60.0, _positive_float, "Total time one TextLocal call may spend retrying."),
     # Contact groups
-    Option("contact_groups", None, _contact_groups, "Master contact groups: list of {id, name, template_prefix, customer_id_field (custom1|custom2|custom3), sender}. Env: JSON."),
+    Option("contact_groups", None, _contact_groups, "Master contact groups: list of {id, name, template_prefix, customer_id_field (custom1|custom2|custom3), sender, language_field (custom1|2|3, optional), default_language}. Env: JSON."),
     # Kafka
     Option("kafka.bootstrap_servers", None, _text, "Kafka bootstrap servers (host:port,...)."),
     Option("kafka.group_id", "textlocal-consumer", _text, "Consumer group of the input topic."),

@@ -51,15 +51,46 @@ class IndexedContact:
     number: str  # normalised international digits, or "" when TextLocal's number is invalid
     first_name: str
     last_name: str
+    language: str = ""  # from the group's language field, "" when it has none
 
     def pack(self) -> str:
-        """`number <US> "number":…,"first_name":…,"last_name":…` (a JSON object's inside)."""
+        """`number <US> language <US> "number":…,"first_name":…,"last_name":…` (the inside of
+        a JSON object). Entries of earlier versions have no language part."""
         fragment = json.dumps(
             {"number": self.number, "first_name": self.first_name, "last_name": self.last_name},
             ensure_ascii=False,
             separators=(",", ":"),
         )[1:-1]
-        return f"{self.number}{_SEPARATOR}{fragment}"
+        return f"{self.number}{_SEPARATOR}{self.language}{_SEPARATOR}{fragment}"
+
+
+def unpack_entry(entry: str) -> tuple[str, str, str]:
+    """(number, language, JSON fragment) of a packed entry, of this version or an earlier one."""
+    parts = entry.split(_SEPARATOR, 2)
+    if len(parts) == 2:
+        return parts[0], "", parts[1]
+    return parts[0], parts[1], parts[2]
+
+
+@dataclass(frozen=True)
+class ResolvedContact:
+    """One recipient with a valid number not taken yet, as `ContactIndex.resolve_each` gives it."""
+
+    customer_id: str
+    number: str
+    language: str
+    fragment: str  # the contact's fields as the inside of a JSON object
+    promo_code: str | None  # the customer's own, from the recipients batch
+
+    def bulk_contact(self, customer_id_field: str) -> str:
+        """The contact for `create_contacts_bulk`, its customer-id field set."""
+        return (
+            "{" + self.fragment + f',"{customer_id_field}":' + _json_string(self.customer_id) + "}"
+        )
+
+    def names(self) -> tuple[str, str]:
+        fields = json.loads("{" + self.fragment + "}")
+        return str(fields.get("first_name") or ""), str(fields.get("last_name") or "")
 
 
 @dataclass(frozen=True)
@@ -166,7 +197,7 @@ class ContactIndex:
                     if not entry:
                         unmatched += 1
                         continue
-                    number, fragment = entry.split(_SEPARATOR, 1)
+                    number, _, fragment = unpack_entry(entry)
                     if not number:
                         invalid += 1
                         continue
@@ -191,6 +222,53 @@ class ContactIndex:
             await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
             chunks += 1
         return Resolution(matched, unmatched, invalid, repeated, chunks)
+
+    async def resolve_each(
+        self,
+        recipients_key: str,
+        codes_key: str,
+        batch_count: int,
+        group: ContactGroup,
+        version: str,
+        visit: Callable[[ResolvedContact], Awaitable[None]],
+        check: Callable[[], None] = lambda: None,
+    ) -> Resolution:
+        """Like `resolve`, one recipient at a time (with language and own promo code).
+
+        The same rules (a number is taken once; unknown ids and invalid numbers counted) and the
+        same determinism: batches in index order, customers in batch order. `chunks` is 0: the
+        caller cuts its own.
+        """
+        index_key = self._keys.contacts_version(group.group_id, version)
+        numbers_seen: set[int] = set()
+        matched = unmatched = invalid = repeated = 0
+        for batch in range(batch_count):
+            with redis_errors("resolve batch"):
+                joined = await self._resolve_batch(keys=[recipients_key, index_key], args=[batch])
+                raw_codes = await self._redis.hget(codes_key, str(batch))
+            fields = as_text(joined).split(_RECORD) if joined else []
+            codes = as_text(raw_codes).split(_RECORD) if raw_codes else []
+            for position in range(0, len(fields), 2):
+                entry = fields[position + 1]
+                if not entry:
+                    unmatched += 1
+                    continue
+                number, language, fragment = unpack_entry(entry)
+                if not number:
+                    invalid += 1
+                    continue
+                as_int = int(number)
+                if as_int in numbers_seen:
+                    repeated += 1
+                    continue
+                numbers_seen.add(as_int)
+                matched += 1
+                code = codes[position // 2] if position // 2 < len(codes) else ""
+                await visit(
+                    ResolvedContact(fields[position], number, language, fragment, code or None)
+                )
+            check()
+        return Resolution(matched, unmatched, invalid, repeated, 0)
 
     async def has_version(self, group_id: int, version: str) -> bool:
         with redis_errors("EXISTS contact index version"):
@@ -267,8 +345,11 @@ class ContactIndex:
                 counts.without_customer_id += 1
                 continue
             number = normalise_number(contact.number) or ""
+            language = (
+                getattr(contact, group.language_field).strip() if group.language_field else ""
+            )
             mapping[customer_id] = IndexedContact(
-                number, contact.first_name, contact.last_name
+                number, contact.first_name, contact.last_name, language.lower()
             ).pack()
         if mapping:
             with redis_errors("HSET contact index"):

@@ -119,21 +119,24 @@ class CampaignRecipients:
     ref: CampaignRef
     batch_index: int
     customer_ids: tuple[str, ...]
-    # Per-customer promo codes cannot reach the SMS: one group send carries one body. They are
-    # counted so the operator sees them (see README, "Promo codes").
     customers_with_promo_code: int = 0
+    # Each customer's own promo code ("" for none), in customer order; empty when none has one.
+    promo_codes: tuple[str, ...] = ()
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> CampaignRecipients:
         customers = fields["customers"]
         # itemgetter keeps these loops in C: batches hold up to 10,000 customers.
+        codes = tuple(map(itemgetter("promo_code"), customers))
+        with_code = sum(map(bool, codes))
         return cls(
             event_id=fields["event_id"],
             occurred_at=fields["occurred_at"],
             ref=CampaignRef.from_fields(fields),
             batch_index=fields["batch_index"],
             customer_ids=tuple(map(itemgetter("customer_id"), customers)),
-            customers_with_promo_code=sum(map(bool, map(itemgetter("promo_code"), customers))),
+            customers_with_promo_code=with_code,
+            promo_codes=tuple(code or "" for code in codes) if with_code else (),
         )
 
     def to_fields(self) -> dict[str, Any]:
@@ -142,7 +145,14 @@ class CampaignRecipients:
             "occurred_at": self.occurred_at,
             **_ref_fields(self.ref),
             "batch_index": self.batch_index,
-            "customers": [{"customer_id": cid, "promo_code": None} for cid in self.customer_ids],
+            "customers": [
+                {"customer_id": cid, "promo_code": code or None}
+                for cid, code in zip(
+                    self.customer_ids,
+                    self.promo_codes or ("",) * len(self.customer_ids),
+                    strict=True,
+                )
+            ],
         }
 
 
@@ -202,6 +212,7 @@ class RecipientCounts:
     unmatched: int = 0
     invalid_numbers: int = 0
     duplicates: int = 0
+    skipped: int = 0  # matched, but not sent to (no promo code for a text that needs one)
 
 
 @dataclass(frozen=True)
@@ -210,6 +221,23 @@ class StatusError:
 
     code: str
     message: str
+
+
+@dataclass(frozen=True)
+class SubSendSummary:
+    """One sub-send of a campaign's send plan (DESIGN §4a), as its status events report it."""
+
+    kind: str  # "group" or "personal"
+    language: str
+    promo_code: str | None
+    recipients: int
+    textlocal_group_id: int | None = None
+    batch_ids: tuple[int, ...] = ()
+    cost_credits: float | None = None
+    already_sent: bool = False
+
+    def to_fields(self) -> dict[str, Any]:
+        return {**vars(self), "batch_ids": list(self.batch_ids)}
 
 
 @dataclass(frozen=True)
@@ -227,6 +255,7 @@ class CampaignStatusEvent:
     send_at: datetime | None = None
     error: StatusError | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    sends: tuple[SubSendSummary, ...] = ()
 
     @property
     def event_id(self) -> str:
@@ -246,6 +275,7 @@ class CampaignStatusEvent:
             "send_at": self.send_at,
             "error": None if self.error is None else vars(self.error).copy(),
             "metadata": dict(self.metadata),
+            "sends": [send.to_fields() for send in self.sends],
         }
 
 
@@ -308,9 +338,10 @@ class TemplateRecord:
     contact_group_id: int
     sender: str | None
     imported_at: datetime
+    languages: tuple[str, ...] = ()  # the family's variants (send_plan.template_families)
 
     def to_fields(self) -> dict[str, Any]:
-        return vars(self).copy()
+        return {**vars(self), "languages": list(self.languages)}
 
 
 def output_event_id(ref: CampaignRef, *parts: str) -> str:

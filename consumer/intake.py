@@ -400,14 +400,6 @@ class Intake:
             return await self._reject(event, index_problem, fingerprint)
         if outcome.recorded and outcome.state == CampaignState.READY:
             self._metrics.campaign_transitions.labels(outcome.state).inc()
-        if event.customers_with_promo_code:
-            log_event(
-                log,
-                "intake.per_customer_promo_codes_ignored",
-                logging.WARNING,
-                campaign=event.ref.key,
-                customers=event.customers_with_promo_code,
-            )
         return f"{outcome.result}:{outcome.state}"
 
     async def _on_cancelled(self, event: CampaignCancelled, fingerprint: str) -> str:
@@ -528,6 +520,8 @@ class Intake:
             .dequeue(keys.work_queue, key)
             .delete_key(keys.recipients(key))
             .delete_key(keys.batches(key))
+            .delete_key(keys.recipient_codes(key))
+            .delete_key(keys.distinct_codes(key))
             .emit(keys.outbox, status_entry(self._registry, rejected))
             .expire(keys.campaign(key), FINISHED_CAMPAIGN_RETENTION_S)
         )

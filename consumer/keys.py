@@ -32,6 +32,18 @@ class RedisKeys:
         """Hash: batch index → that batch's customer ids, joined by `store.ID_SEPARATOR`."""
         return f"{self.prefix}campaign:{key}:recipients"
 
+    def recipient_codes(self, key: str) -> str:
+        """Hash: batch index → that batch's own promo codes ("" for none), joined like the ids."""
+        return f"{self.prefix}campaign:{key}:recipient-codes"
+
+    def distinct_codes(self, key: str) -> str:
+        """Set: the distinct per-customer promo codes seen (kept up to a bound; see store)."""
+        return f"{self.prefix}campaign:{key}:codes"
+
+    def sub_sends(self, key: str) -> str:
+        """Hash: the send plan and each sub-send's record (group texts, personal chunks)."""
+        return f"{self.prefix}campaign:{key}:sends"
+
     def chunks_loaded(self, key: str) -> str:
         """Set of chunk indexes TextLocal has accepted (chunks: see contact_index.resolve)."""
         return f"{self.prefix}campaign:{key}:chunks-loaded"

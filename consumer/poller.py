@@ -44,6 +44,7 @@ Decisions where the design is silent:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -254,7 +255,7 @@ class Poller:
             await self._not_due_yet(snapshot, lease, window, polls_done)
             return
         try:
-            status = await self._client.status_batch(window.batch_id)
+            status = await self._batch_status(snapshot, window.batch_id)
         except TransientError as exc:
             await self._retry_later(snapshot, lease, exc, poll_number=slot.number)
             return
@@ -266,6 +267,28 @@ class Poller:
             fresh = await self._store.load(key)
             if fresh is not None and fresh.text("segment_cleanup") == "1":
                 await self._clean_up(fresh, lease)
+
+    async def _batch_status(self, snapshot: CampaignSnapshot, batch_id: int) -> BatchStatus:
+        """The campaign's delivery counts: one batch, or the sum over all of its sub-sends."""
+        batch_ids = json.loads(snapshot.text("batch_ids") or "[]") or [batch_id]
+        if len(batch_ids) == 1:
+            return await self._client.status_batch(int(batch_ids[0]))
+        statuses = [await self._client.status_batch(int(b)) for b in batch_ids]
+        return BatchStatus(
+            batch_id=batch_id,
+            **{
+                name: sum(getattr(status, name) for status in statuses)
+                for name in (
+                    "num_messages",
+                    "delivered",
+                    "undelivered",
+                    "pending",
+                    "invalid",
+                    "expired",
+                    "unknown",
+                )
+            },
+        )
 
     def _window(self, snapshot: CampaignSnapshot) -> PollWindow | None:
         """The window as the executor recorded it at the send (None without a batch id)."""
@@ -370,7 +393,7 @@ class Poller:
                 self._keys.poll_queue, key, following.due_at
             )
         transition.set_state(CampaignState.DONE).set(ended_at=to_millis(now))
-        if snapshot.optional_int("group_id") is None:
+        if not _group_ids(snapshot):
             return transition.dequeue(self._keys.poll_queue, key).expire(
                 self._keys.campaign(key), FINISHED_CAMPAIGN_RETENTION_S
             )
@@ -436,10 +459,12 @@ class Poller:
     async def _clean_up(self, snapshot: CampaignSnapshot, lease: Lease) -> None:
         """Delete the segment group of a campaign whose window closed, then forget it."""
         key = snapshot.key
-        group_id = snapshot.optional_int("group_id")
+        group_ids = _group_ids(snapshot)
+        group_id = group_ids[0] if group_ids else None
         error: str | None = None
         try:
-            await self._segments.delete_segment(group_id)
+            for group_id in group_ids:
+                await self._segments.delete_segment(group_id)
         except TransientError as exc:
             await self._retry_later(snapshot, lease, exc)
             return
@@ -473,3 +498,12 @@ class Poller:
         result = await self._store.apply(transition, self._clock.now())
         if not result.ok:
             raise LeaseLost(f"{key}: {result.reason}")
+
+
+def _group_ids(snapshot: CampaignSnapshot) -> list[int]:
+    """The campaign's segment groups: every sub-send's, or the one of a one-text campaign."""
+    recorded = json.loads(snapshot.text("group_ids") or "[]")
+    if recorded:
+        return [int(group_id) for group_id in recorded]
+    group_id = snapshot.optional_int("group_id")
+    return [] if group_id is None else [group_id]

@@ -35,6 +35,7 @@ from consumer.events import (
     RecipientCounts,
     StatusCode,
     StatusError,
+    SubSendSummary,
 )
 from consumer.fault_points import FaultPoints
 from consumer.leased_work import Lease, LeaseLost
@@ -57,6 +58,8 @@ from consumer.workflow import (
 
 log = logging.getLogger("consumer.executor")
 
+MULTI = "multi"  # plan_mode of a campaign of several texts (consumer.multi_send)
+
 # TextLocal error codes with a meaning for the workflow.
 GROUP_EXISTS = 14
 INVALID_GROUP = 10
@@ -76,6 +79,10 @@ class StepSettings:
     # How long after a send attempt TextLocal may still show it: longer than a request can be
     # in flight (request timeout plus the retries before it), so "no trace" means "not sent".
     send_reconcile_grace: timedelta = timedelta(minutes=3)
+    # More distinct promo codes than this in one variant: its texts go out personally.
+    max_group_texts: int = 20
+    # Messages per bulk_json call for personal texts.
+    bulk_chunk_size: int = 1_000
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,13 @@ class CampaignSteps:
         self._clock = clock
         self._metrics = metrics
         self._faults = faults
+        self.registry = registry
+        # Imported here: multi_send builds on this module's types.
+        from consumer.multi_send import MultiSend
+
+        self.multi = MultiSend(
+            self, store, index, client, templates, settings, clock, metrics, faults
+        )
 
     # --- segment -------------------------------------------------------------------------------
 
@@ -145,11 +159,13 @@ class CampaignSteps:
         A group of that name that this campaign never asked for is someone else's, and is never
         sent to.
         """
-        group = self._group(run)
+        if not run.snapshot.text("plan_mode") and not await self.multi.plan(run):
+            return  # rejected, or a campaign of several texts (SEGMENT_CREATED now)
+        group = self.contact_group(run)
         name = segment_group_name(group, run.header.ref, run.header.event_id)
         attempted_before = run.snapshot.text("group_name") == name
         if not attempted_before:
-            await self._apply(run, self._fenced(run, CampaignState.READY).set(group_name=name))
+            await self.record(run, self.fenced(run, CampaignState.READY).set(group_name=name))
         try:
             group_id = (await self._client.create_group(name)).id
         except TextLocalApiError as exc:
@@ -166,21 +182,21 @@ class CampaignSteps:
                     delete_segment=False,
                 )
                 return
-            group_id = await self._existing_group(name)
+            group_id = await self.existing_group(name)
         except TextLocalOutcomeUnknown:
             # The group may exist now: the next attempt adopts it (create → "exists" → adopt).
             raise TransientError(f"create_group for {run.key}: outcome unknown") from None
         self._faults.reached("segment.created")
-        await self._apply(
+        await self.record(
             run,
-            self._fenced(run, CampaignState.READY)
+            self.fenced(run, CampaignState.READY)
             .set_state(CampaignState.SEGMENT_CREATED)
             .set(group_id=group_id, group_name=name),
             CampaignState.SEGMENT_CREATED,
         )
         log_event(log, "campaign.segment_created", campaign=run.key, group_id=group_id)
 
-    async def _existing_group(self, name: str) -> int:
+    async def existing_group(self, name: str) -> int:
         for found in await self._client.get_groups():
             if found.name == name:
                 return found.id
@@ -196,7 +212,10 @@ class CampaignSteps:
         (the index was rebuilt over an hour ago), everything is loaded again from the new one:
         contacts added twice to a group are still one contact each.
         """
-        version = await self._index_version(run)
+        if run.snapshot.text("plan_mode") == MULTI:
+            await self.multi.load(run)
+            return
+        version = await self.index_version(run)
         loaded = await self._store.loaded_chunks(run.key)
         ready: asyncio.Queue[tuple[int, str, int] | None] = asyncio.Queue(
             maxsize=2 * self._settings.contact_load_concurrency
@@ -210,14 +229,14 @@ class CampaignSteps:
             while (item := await ready.get()) is not None:
                 await self._load_chunk(run, *item)
 
-        async with _first_error_raised(), asyncio.TaskGroup() as tasks:
+        async with first_error_raised(), asyncio.TaskGroup() as tasks:
             loaders = [
                 tasks.create_task(loader()) for _ in range(self._settings.contact_load_concurrency)
             ]
             found = await self._index.resolve(
                 self._keys.recipients(run.key),
                 run.header.batch_count,
-                self._group(run),
+                self.contact_group(run),
                 version,
                 write_chunk,
                 run.check_lease,
@@ -226,17 +245,17 @@ class CampaignSteps:
                 await ready.put(None)
         counts = self._counts(run, found)
         if found.matched == 0:
-            await self.fail(run, self._nobody(run, counts), counts=counts)
+            await self.fail(run, self.nobody(run, counts), counts=counts)
             return
-        event = self._status(
+        event = self.status_event(
             run,
             StatusCode.SEGMENT_CREATED,
             counts=counts,
             textlocal_group_id=run.snapshot.optional_int("group_id"),
         )
-        await self._apply(
+        await self.record(
             run,
-            self._fenced(run, CampaignState.SEGMENT_CREATED)
+            self.fenced(run, CampaignState.SEGMENT_CREATED)
             .set_state(CampaignState.CONTACTS_LOADED)
             .set(chunks=found.chunks, **vars(counts))
             .emit(self._keys.outbox, status_entry(self._registry, event)),
@@ -253,19 +272,19 @@ class CampaignSteps:
             **vars(counts),
         )
 
-    async def _index_version(self, run: CampaignRun) -> str:
+    async def index_version(self, run: CampaignRun) -> str:
         """The contact-index version this campaign resolves against, recorded at first use."""
-        group_id = self._group(run).group_id
+        group_id = self.contact_group(run).group_id
         recorded = run.snapshot.text("index_version")
         if recorded and await self._index.has_version(group_id, recorded):
             return recorded
         version = await self._index.current_version(group_id)
         if version is None:
             raise TransientError(f"the contact index of group {group_id} is not built yet")
-        transition = self._fenced(run, CampaignState.SEGMENT_CREATED).set(index_version=version)
+        transition = self.fenced(run, CampaignState.SEGMENT_CREATED).set(index_version=version)
         if recorded:  # its chunks were cut from an index that is gone: load everything again
             transition.delete_key(self._keys.chunks_loaded(run.key))
-        await self._apply(run, transition)
+        await self.record(run, transition)
         return version
 
     async def _load_chunk(self, run: CampaignRun, index: int, payload: str, count: int) -> None:
@@ -285,29 +304,23 @@ class CampaignSteps:
             duplicates=found.duplicates,
         )
 
-    def _nobody(self, run: CampaignRun, counts: RecipientCounts) -> StatusError:
+    def nobody(self, run: CampaignRun, counts: RecipientCounts) -> StatusError:
         return StatusError(
             "NO_RECIPIENTS",
             f"none of the {counts.requested} customers has a valid number in contact group "
-            f"{self._group(run).group_id}",
+            f"{self.contact_group(run).group_id}",
         )
 
     # --- send ----------------------------------------------------------------------------------
 
     async def send(self, run: CampaignRun) -> None:
         """Check template, text and credits; record SEND_PENDING; then send exactly once."""
-        template = await self._templates.lookup(run.header.template_id)
-        if template is None:
-            await self.fail(
-                run,
-                StatusError(
-                    "UNKNOWN_TEMPLATE",
-                    f"template_id {run.header.template_id} is not among TextLocal's templates",
-                ),
-                status=StatusCode.REJECTED,
-            )
+        if run.snapshot.text("plan_mode") == MULTI:
+            await self.multi.send(run)
             return
-        message = render_message(template.body, run.header.promo_codes)
+        message = run.snapshot.text("planned_message") or await self._legacy_message(run)
+        if message is None:
+            return
         if isinstance(message, StatusError):
             await self.fail(run, message, status=StatusCode.REJECTED)
             return
@@ -329,9 +342,9 @@ class CampaignSteps:
         now = self._clock.now()
         scheduled = run.header.scheduled_at > now + self._settings.schedule_margin
         send_at = run.header.scheduled_at if scheduled else now
-        await self._apply(
+        await self.record(
             run,
-            self._fenced(run, CampaignState.CONTACTS_LOADED)
+            self.fenced(run, CampaignState.CONTACTS_LOADED)
             .set_state(CampaignState.SEND_PENDING)
             .set(
                 send_attempted_at=to_millis(now),
@@ -347,9 +360,27 @@ class CampaignSteps:
         )
         await self._call_send(run)
 
+    async def _legacy_message(self, run: CampaignRun) -> str | StatusError | None:
+        """The text of a campaign planned by an earlier release (before send plans)."""
+        template = await self._templates.lookup(run.header.template_id)
+        if template is None:
+            await self.fail(
+                run,
+                StatusError(
+                    "UNKNOWN_TEMPLATE",
+                    f"template_id {run.header.template_id} is not among TextLocal's templates",
+                ),
+                status=StatusCode.REJECTED,
+            )
+            return None
+        return render_message(template.body, run.header.promo_codes)
+
     async def reconcile_send(self, run: CampaignRun) -> None:
         """SEND_PENDING found again: adopt TextLocal's send, or send once it surely has none."""
-        found = await self._find_send(run)
+        if run.snapshot.text("plan_mode") == MULTI:
+            await self.multi.send(run)
+            return
+        found = await self.find_send(run)
         if found is not None:
             log_event(log, "campaign.send_adopted", campaign=run.key, batch_id=found.batch_id)
             await self._record_sent(run, found.batch_id, found.cost, found.send_at)
@@ -360,9 +391,9 @@ class CampaignSteps:
         if now < settles_at:
             raise RetryAt(settles_at, "a send attempt may still be in flight")
         scheduled = run.header.scheduled_at > now + self._settings.schedule_margin
-        await self._apply(
+        await self.record(
             run,
-            self._fenced(run, CampaignState.SEND_PENDING).set(
+            self.fenced(run, CampaignState.SEND_PENDING).set(
                 send_attempted_at=to_millis(now),
                 send_attempts=run.snapshot.int_field("send_attempts") + 1,
                 send_at=to_millis(run.header.scheduled_at if scheduled else now),
@@ -386,7 +417,7 @@ class CampaignSteps:
             result = await self._client.send(
                 message=snapshot.text("message"),
                 group_id=snapshot.int_field("group_id"),
-                sender=run.header.sender or self._group(run).sender,
+                sender=run.header.sender or self.contact_group(run).sender,
                 schedule_time=send_at if scheduled else None,
                 validity=validity,
                 custom=short_reference(run.header.ref),
@@ -406,13 +437,20 @@ class CampaignSteps:
         self._metrics.credits_spent.inc(result.cost)
         await self._record_sent(run, result.batch_id, result.cost, send_at, result.num_messages)
 
-    async def _find_send(self, run: CampaignRun) -> FoundSend | None:
-        group_id = run.snapshot.int_field("group_id")
+    async def find_send(self, run: CampaignRun) -> FoundSend | None:
+        return await self.find_group_send(
+            run.snapshot.int_field("group_id"), run.snapshot.optional_time("send_attempted_at")
+        )
+
+    async def find_group_send(
+        self, group_id: int, attempted_at: datetime | None
+    ) -> FoundSend | None:
+        """A send to `group_id` TextLocal knows: scheduled, or in its history near the attempt."""
         for pending in await self._client.get_scheduled():
             if pending.group_id == group_id:
                 return FoundSend(pending.id, pending.scheduled_for, True, None)
         now = self._clock.now()
-        attempted_at = run.snapshot.optional_time("send_attempted_at") or now
+        attempted_at = attempted_at or now
         async for page in self._client.iter_history_group(
             min_time=attempted_at - timedelta(minutes=10), max_time=now + timedelta(minutes=10)
         ):
@@ -436,7 +474,7 @@ class CampaignSteps:
             days=run.header.metrics_window_days or self._settings.default_window_days
         )
         first_poll = poll_slot(send_at, self._settings.poll_interval, window, 1)
-        status = self._status(
+        status = self.status_event(
             run,
             StatusCode.SCHEDULED if scheduled else StatusCode.SENT,
             textlocal_group_id=snapshot.optional_int("group_id"),
@@ -446,7 +484,7 @@ class CampaignSteps:
             send_at=send_at,
         )
         transition = (
-            self._fenced(run, CampaignState.SEND_PENDING)
+            self.fenced(run, CampaignState.SEND_PENDING)
             .set(
                 batch_id=batch_id,
                 cost=cost,
@@ -467,7 +505,7 @@ class CampaignSteps:
             transition.set_state(CampaignState.SENT)
             transition.enqueue(self._keys.poll_queue, run.key, first_poll.due_at)
             new_state = CampaignState.SENT
-        await self._apply(run, transition, new_state)
+        await self.record(run, transition, new_state)
         self._faults.reached("send.recorded")
         log_event(
             log,
@@ -486,10 +524,13 @@ class CampaignSteps:
 
     async def cancel(self, run: CampaignRun) -> None:
         """Optimove cancelled: undo what exists at TextLocal, or say it is too late."""
+        if run.snapshot.text("plan_mode") == MULTI:
+            await self.multi.cancel(run)
+            return
         state = run.snapshot.state
         group_id = run.snapshot.optional_int("group_id")
         if state == CampaignState.SEND_PENDING:
-            found = await self._find_send(run)
+            found = await self.find_send(run)
             if found is None:
                 now = self._clock.now()
                 attempted_at = run.snapshot.optional_time("send_attempted_at") or now
@@ -507,9 +548,9 @@ class CampaignSteps:
             if (
                 batch_id is None
                 or send_at is None
-                or not await self._cancel_scheduled(batch_id, send_at)
+                or not await self.cancel_scheduled_send(batch_id, send_at)
             ):
-                await self._refuse_cancel(run)
+                await self.refuse_cancel(run)
                 return
         await self.delete_segment(group_id)
         reason = run.snapshot.text("cancel_reason") or "no reason given"
@@ -520,7 +561,7 @@ class CampaignSteps:
             delete_segment=False,
         )
 
-    async def _cancel_scheduled(self, batch_id: int, send_at: datetime) -> bool:
+    async def cancel_scheduled_send(self, batch_id: int, send_at: datetime) -> bool:
         """True when the scheduled send is (now) cancelled; False when it went out already."""
         if send_at <= self._clock.now():
             return False
@@ -534,8 +575,8 @@ class CampaignSteps:
                 raise TransientError(f"cancel_scheduled {batch_id} did not take: {exc}") from exc
             return send_at > self._clock.now()
 
-    async def _refuse_cancel(self, run: CampaignRun) -> None:
-        status = self._status(
+    async def refuse_cancel(self, run: CampaignRun) -> None:
+        status = self.status_event(
             run,
             StatusCode.SENT,
             qualifier="cancel-refused",
@@ -549,7 +590,7 @@ class CampaignSteps:
         transition = self._store.transition(run.key).expect(
             CampaignState.SENT, CampaignState.POLLING
         )
-        await self._apply(
+        await self.record(
             run,
             transition.fenced(run.lease.key, run.lease.token)
             .delete_fields("cancel_requested")
@@ -575,16 +616,16 @@ class CampaignSteps:
             StatusCode.REJECTED: CampaignState.REJECTED,
             StatusCode.CANCELLED: CampaignState.CANCELLED,
         }[status]
-        event = self._status(
+        event = self.status_event(
             run,
             status,
             counts=counts,
             error=error,
             textlocal_group_id=run.snapshot.optional_int("group_id"),
         )
-        await self._apply(
+        await self.record(
             run,
-            self._fenced(run, run.snapshot.state)
+            self.fenced(run, run.snapshot.state)
             .set_state(state)
             .set(
                 error_code=error.code,
@@ -645,18 +686,23 @@ class CampaignSteps:
     async def discard_working_data(self, key: str) -> None:
         """Drop the recipients and loading progress once they cannot be needed again."""
         await self._store.delete_keys(
-            self._keys.recipients(key), self._keys.batches(key), self._keys.chunks_loaded(key)
+            self._keys.recipients(key),
+            self._keys.batches(key),
+            self._keys.chunks_loaded(key),
+            self._keys.recipient_codes(key),
+            self._keys.distinct_codes(key),
+            self._keys.sub_sends(key),
         )
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _group(self, run: CampaignRun) -> ContactGroup:
+    def contact_group(self, run: CampaignRun) -> ContactGroup:
         group = contact_group_for(run.header.template_name, self._groups)
         if group is None:  # intake checked this; the configuration changed since
             raise TransientError(f"no contact group for template {run.header.template_name!r}")
         return group
 
-    def _fenced(self, run: CampaignRun, state: CampaignState) -> Transition:
+    def fenced(self, run: CampaignRun, state: CampaignState) -> Transition:
         """A change of the campaign under its lease. Recording a step ends any run of transient
         failures, so the back-off starts afresh at the next one."""
         return (
@@ -666,7 +712,7 @@ class CampaignSteps:
             .delete_fields(RETRY_COUNT_FIELD)
         )
 
-    async def _apply(
+    async def record(
         self, run: CampaignRun, transition: Transition, new_state: CampaignState | None = None
     ) -> None:
         result = await self._store.apply(transition, self._clock.now())
@@ -679,7 +725,7 @@ class CampaignSteps:
             raise LeaseLost(f"{run.key}: gone")
         run.snapshot = fresh
 
-    def _status(
+    def status_event(
         self,
         run: CampaignRun,
         status: StatusCode,
@@ -692,6 +738,7 @@ class CampaignSteps:
         message_parts: int | None = None,
         send_at: datetime | None = None,
         error: StatusError | None = None,
+        sends: tuple[SubSendSummary, ...] = (),
     ) -> CampaignStatusEvent:
         snapshot = run.snapshot
         return CampaignStatusEvent(
@@ -707,6 +754,7 @@ class CampaignSteps:
             send_at=send_at or snapshot.optional_time("send_at") or run.header.scheduled_at,
             error=error,
             metadata=run.header.metadata,
+            sends=sends,
         )
 
 
@@ -719,7 +767,7 @@ class RetryAt(TransientError):
 
 
 @contextlib.asynccontextmanager
-async def _first_error_raised() -> AsyncIterator[None]:
+async def first_error_raised() -> AsyncIterator[None]:
     """Task groups raise an ExceptionGroup; the executor handles the error that caused it."""
     try:
         yield
@@ -737,4 +785,5 @@ def counts_of(snapshot: CampaignSnapshot) -> RecipientCounts:
         unmatched=snapshot.int_field("unmatched"),
         invalid_numbers=snapshot.int_field("invalid_numbers"),
         duplicates=snapshot.int_field("duplicates"),
+        skipped=snapshot.int_field("skipped"),
     )

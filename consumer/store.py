@@ -11,6 +11,7 @@ Redis errors are translated into `StoreUnavailable` here; nothing above sees red
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ def event_fingerprint(event_type: str, campaign_key: str, value: bytes | None) -
     return f"{event_type}|{campaign_key}|{digest}"
 
 
+# Distinct per-customer promo codes kept per campaign; beyond, the campaign has "many".
+MAX_DISTINCT_CODES_KEPT = 1_000
 # A run of handler failures older than this is forgotten (the member will have ended by then).
 HANDLER_FAILURES_TTL_S = 7 * 24 * 3600
 
@@ -161,6 +164,11 @@ class Transition:
     def set_state(self, state: CampaignState) -> Transition:
         return self.set(state=state.value)
 
+    def set_in(self, key: str, field_name: str, value: str) -> Transition:
+        """HSET one field of another hash (the campaign's sub-sends) with this change."""
+        self.ops += ["hsetk", self._key_index(key), field_name, value]
+        return self
+
     def delete_fields(self, *names: str) -> Transition:
         self.ops += ["hdel", len(names), *names]
         return self
@@ -251,6 +259,9 @@ while i <= #ARGV do
     local n = tonumber(ARGV[i + 1])
     redis.call('HDEL', hash, unpack(ARGV, i + 2, i + 1 + n))
     i = i + 2 + n
+  elseif op == 'hsetk' then
+    redis.call('HSET', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
   elseif op == 'zadd' then
     redis.call('ZADD', KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2], ARGV[i + 3])
     i = i + 4
@@ -312,6 +323,28 @@ if count > 0 and tonumber(batch_index) >= count then return {'bad-index', state 
 -- The batch's customer ids are kept as the one string they came in (joined by RS): storing is
 -- cheap here, on intake's path; the resolution splits and de-duplicates them, batch by batch.
 if customers > 0 then redis.call('HSET', recipients, batch_index, joined) end
+-- Own promo codes, aligned with the ids; their distinct values are kept up to a bound (past it
+-- the campaign's codes are "many" and its code texts go out personally: see send_plan).
+local codes = ARGV[10]
+if codes ~= '' then
+  redis.call('HSET', KEYS[8], batch_index, codes)
+  if redis.call('HEXISTS', campaign, 'codes_overflow') == 0 then
+    local start = 1
+    while true do
+      local stop = string.find(codes, '\30', start, true)
+      local code = string.sub(codes, start, (stop or 0) - 1)
+      if code ~= '' then
+        redis.call('SADD', KEYS[9], code)
+        if redis.call('SCARD', KEYS[9]) > tonumber(ARGV[11]) then
+          redis.call('HSET', campaign, 'codes_overflow', '1')
+          break
+        end
+      end
+      if not stop then break end
+      start = stop + 1
+    end
+  end
+end
 redis.call('HINCRBY', campaign, 'requested', customers)
 redis.call('HINCRBY', campaign, 'with_promo', with_promo)
 redis.call('SADD', batches, batch_index)
@@ -594,6 +627,8 @@ class CampaignStore:
                     k.work_queue,
                     k.collecting_queue,
                     k.campaigns_index,
+                    k.recipient_codes(key),
+                    k.distinct_codes(key),
                 ],
                 args=[
                     key,
@@ -605,6 +640,8 @@ class CampaignStore:
                     len(event.customer_ids),
                     ID_SEPARATOR.join(event.customer_ids),
                     fingerprint,
+                    ID_SEPARATOR.join(event.promo_codes),
+                    MAX_DISTINCT_CODES_KEPT,
                 ],
             )
         return _outcome(result)
@@ -796,7 +833,26 @@ class CampaignStore:
             members = await self.redis.smembers(self.keys.chunks_loaded(key))
         return {int(as_text(member)) for member in members}
 
-    async def mark_chunk_loaded(self, key: str, index: int) -> None:
+    async def sub_sends(self, key: str) -> dict[str, dict[str, Any]]:
+        """The campaign's send plan and sub-send records (JSON values by name)."""
+        with redis_errors("HGETALL sub-sends"):
+            raw = await self.redis.hgetall(self.keys.sub_sends(key))
+        return {as_text(name): json.loads(as_bytes(value)) for name, value in raw.items()}
+
+    async def distinct_codes(self, key: str) -> tuple[list[str], bool]:
+        """The distinct per-customer promo codes intake kept, and whether there were more."""
+        with redis_errors("SMEMBERS codes"):
+            members = await self.redis.smembers(self.keys.distinct_codes(key))
+            overflow = await self.redis.hexists(self.keys.campaign(key), "codes_overflow")
+        return sorted(as_text(member) for member in members), bool(overflow)
+
+    async def loaded_chunk_names(self, key: str) -> set[str]:
+        """Chunk names ("text:n") of a multi-text campaign TextLocal has accepted."""
+        with redis_errors("SMEMBERS chunks loaded"):
+            members = await self.redis.smembers(self.keys.chunks_loaded(key))
+        return {as_text(member) for member in members}
+
+    async def mark_chunk_loaded(self, key: str, index: int | str) -> None:
         with redis_errors("SADD chunk loaded"):
             await self.redis.sadd(self.keys.chunks_loaded(key), index)
 

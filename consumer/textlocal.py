@@ -82,6 +82,7 @@ from consumer.textlocal_types import (
     TopLevelArraySkipper,
     decode_reply,
     failure_of,
+    parse_api_history,
     parse_balance,
     parse_batch_status,
     parse_bulk,
@@ -582,7 +583,14 @@ class TextLocalClient:
         return await self._call("get_sender_names", [], parse_sender_names)
 
     async def bulk_json(
-        self, messages: Sequence[tuple[str, str]], *, sender: str | None = None, test: bool = False
+        self,
+        messages: Sequence[tuple[str, str]],
+        *,
+        sender: str | None = None,
+        test: bool = False,
+        schedule_time: datetime | None = None,
+        custom: str | None = None,
+        unicode: bool = False,
     ) -> BulkResult:
         """Send personalised messages, (number, text) pairs, in one call. Never repeated blindly."""
         if not messages:
@@ -598,7 +606,32 @@ class TextLocalClient:
             data["sender"] = sender
         if test:
             data["test"] = True
+        if schedule_time is not None:
+            data["schedule_time"] = _unix_s(schedule_time, "schedule_time")
+        if custom is not None:
+            data["custom"] = custom
+        if unicode:
+            data["unicode"] = True
         return await self._call("bulk_json", [("data", _json_text(data))], parse_bulk)
+
+    async def iter_history_api(
+        self, *, min_time: datetime, max_time: datetime, page_size: int = 1000
+    ) -> AsyncIterator[list[tuple[str, str]]]:
+        """Messages sent through the API in the window, page by page: (number, text) pairs."""
+        start = 0
+        params_base = [
+            ("min_time", str(_unix_s(min_time, "min_time"))),
+            ("max_time", str(_unix_s(max_time, "max_time"))),
+            ("sort_order", "asc"),
+        ]
+        while True:
+            params = [*params_base, ("start", str(start)), ("limit", str(page_size))]
+            page = await self._call("get_history_api", params, parse_api_history)
+            if page.entries:
+                yield list(page.entries)
+            start += len(page.entries)
+            if len(page.entries) < page_size or start >= page.total:
+                return
 
     # --- the one path every call takes ---------------------------------------------------------
 

@@ -147,6 +147,14 @@ class HistoryPage:
 
 
 @dataclass(frozen=True)
+class ApiHistoryPage:
+    """A page of `get_history_api`: (number, text) per message (numbers as digits)."""
+
+    total: int
+    entries: tuple[tuple[str, str], ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Balance:
     sms: float
     mms: float
@@ -612,3 +620,21 @@ def skip_top_level_arrays(body: bytes | Sequence[bytes], keys: frozenset[str]) -
     for chunk in [body] if isinstance(body, bytes) else body:
         skipper.feed(chunk)
     return skipper.result()
+
+
+def parse_api_history(reply: JsonObject) -> ApiHistoryPage:
+    """`get_history_api`: messages[{number, content}] (the message text, also as `message`)."""
+    listed = as_list(reply.get("messages") or [], "get_history_api.messages")
+    entries = []
+    for item in listed:
+        if not isinstance(item, dict):
+            continue
+        number = str(item.get("number", "")).strip()
+        text = item.get("content", item.get("message"))
+        if number and isinstance(text, str):
+            entries.append((number, text))
+    total = reply.get("total")
+    return ApiHistoryPage(
+        total=as_int(total, "get_history_api.total") if total is not None else len(entries),
+        entries=tuple(entries),
+    )

@@ -91,6 +91,9 @@ class ContactGroup:
     template_prefix: str
     customer_id_field: str  # "custom1", "custom2" or "custom3"
     sender: str | None = None
+    # The custom field holding a contact's language (for template variants), if any.
+    language_field: str | None = None
+    default_language: str = ""
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,19 @@ def validate_recipients(event: CampaignRecipients) -> StatusError | None:
             f"batch {event.batch_index} has a customer_id of {longest} characters; "
             f"at most {MAX_ID_CHARS} are allowed",
         )
+    if event.promo_codes:
+        longest_code = max(map(len, event.promo_codes))
+        if longest_code > MAX_PROMO_CODE_CHARS:
+            return StatusError(
+                "INVALID_FIELD",
+                f"batch {event.batch_index} has a promo_code of {longest_code} characters; "
+                f"at most {MAX_PROMO_CODE_CHARS} are allowed",
+            )
+        if _CONTROL_CHARACTER.search("".join(event.promo_codes)):
+            return StatusError(
+                "INVALID_FIELD",
+                f"batch {event.batch_index} has a promo_code with a control character",
+            )
     odd = _CONTROL_CHARACTER.search("".join(event.customer_ids))
     if odd is not None:
         return StatusError(

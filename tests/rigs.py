@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
@@ -52,9 +53,11 @@ class WorkflowRig:
         scheduled_at: datetime | None = None,
         promo_codes: Sequence[str] = ("SAVE10",),
         template_id: int | None = None,
+        customer_codes: Mapping[str, str] | None = None,
         **header: object,
     ) -> None:
-        """Record a campaign as intake would: header (with ACCEPTED) and its batches."""
+        """Record a campaign as intake would: header (with ACCEPTED) and its batches
+        (`customer_codes`: customers' own promo codes)."""
         size = -(-len(customer_ids) // batches)
         event = scheduled(
             ref,
@@ -81,7 +84,14 @@ class WorkflowRig:
             fingerprint=f"header|{event.event_id}",
         )
         for index in range(batches):
-            batch = recipients(ref, index, customer_ids[index * size : (index + 1) * size])
+            ids = customer_ids[index * size : (index + 1) * size]
+            batch = recipients(ref, index, ids)
+            if customer_codes and any(i in customer_codes for i in ids):
+                batch = replace(
+                    batch,
+                    promo_codes=tuple(customer_codes.get(i, "") for i in ids),
+                    customers_with_promo_code=sum(1 for i in ids if customer_codes.get(i)),
+                )
             await self.store.record_batch(
                 batch, now, now + timedelta(hours=6), fingerprint=f"batch|{batch.event_id}"
             )
@@ -94,7 +104,7 @@ class WorkflowRig:
     async def state(self, ref: CampaignRef) -> CampaignState:
         return (await self.snapshot(ref)).state
 
-    async def statuses(self, ref: CampaignRef) -> list[dict[str, object]]:
+    async def statuses(self, ref: CampaignRef) -> list[dict[str, Any]]:
         """The campaign's status events in the outbox, decoded, in order."""
         found = []
         for entry in await self.store.outbox_read(100_000):
@@ -127,6 +137,9 @@ async def workflow_rig(
     executor_settings: ExecutorSettings | None = None,
     faults: FaultPoints | None = None,
     client_settings: TextLocalSettings | None = None,
+    more_templates: Sequence[Mapping[str, object]] = (),
+    language_field: str | None = None,
+    default_language: str = "",
 ) -> AsyncIterator[WorkflowRig]:
     """A sandbox account with a master group of generated contacts, and the executor's parts."""
     group_id = await sandbox.admin.generate_contacts(
@@ -134,10 +147,17 @@ async def workflow_rig(
     )
     if extra_contacts:
         await sandbox.admin.seed_contacts(group_id, None, list(extra_contacts))
-    (template_id,) = await sandbox.admin.seed_templates(
-        [{"title": "OPT_Welcome", "body": WELCOME_BODY}]
+    template_id, *_ = await sandbox.admin.seed_templates(
+        [{"title": "OPT_Welcome", "body": WELCOME_BODY}, *more_templates]
     )
-    group = ContactGroup(group_id, "Optimove customers", "OPT_", "custom1")
+    group = ContactGroup(
+        group_id,
+        "Optimove customers",
+        "OPT_",
+        "custom1",
+        language_field=language_field,
+        default_language=default_language,
+    )
     clock = sandbox.clock
     metrics = Metrics(CollectorRegistry())
     store = CampaignStore(redis_client, RedisKeys(prefix=key_prefix), REGISTRY)

@@ -181,6 +181,7 @@ async def test_first_import_publishes_each_prefixed_template(rig: CatalogRig) ->
         "contact_group_id": 1001,
         "sender": "ShopUK",
         "imported_at": records[welcome]["imported_at"],  # type: ignore[index]
+        "languages": [],
     }
     gold_record = records[gold]
     assert gold_record is not None

@@ -60,6 +60,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
             "unmatched": 1,
             "invalid_numbers": 1,
             "duplicates": 0,
+            "skipped": 0,
         },
         "textlocal_group_id": 77,
         "batch_id": 123456,
@@ -68,6 +69,18 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "send_at": WHEN,
         "error": {"code": "X", "message": "y"},
         "metadata": {},
+        "sends": [
+            {
+                "kind": "group",
+                "language": "fr",
+                "promo_code": "SAVE10",
+                "recipients": 3,
+                "textlocal_group_id": 77,
+                "batch_ids": [123456],
+                "cost_credits": 3.0,
+                "already_sent": False,
+            }
+        ],
     },
     "DeliveryMetrics": IDENTITY
     | {
@@ -96,6 +109,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "contact_group_id": 5,
         "sender": None,
         "imported_at": WHEN,
+        "languages": ["de", "fr"],
     },
 }
 
@@ -142,6 +156,25 @@ def test_new_writer_resolves_to_old_reader() -> None:
     assert decoded.writer_version == 2
     assert "validity_hours" not in decoded.fields
     assert decoded.fields["template_name"] == "OPT_Welcome"
+
+
+@pytest.mark.parametrize(
+    ("name", "added"),
+    [("CampaignStatus", {"sends"}), ("Template", {"languages"})],
+)
+def test_readers_of_the_first_version_keep_working(name: str, added: set[str]) -> None:
+    """v2 CampaignStatus and Template read with the v1 reader: the same fields, less the new."""
+    decoded = REGISTRY.decode(REGISTRY.encode(name, SAMPLES[name]), reader_version=1)
+    expected = {k: v for k, v in SAMPLES[name].items() if k not in added}
+    if name == "CampaignStatus":
+        expected["counts"] = {k: v for k, v in expected["counts"].items() if k != "skipped"}
+    assert decoded.fields == expected
+    v1_record = dict(expected)
+    again = REGISTRY.decode(REGISTRY.encode(name, v1_record, version=1))
+    assert again.fields == SAMPLES[name] | {k: [] for k in added} | (
+        {"counts": SAMPLES[name]["counts"] | {"skipped": 0}} if name == "CampaignStatus" else {}
+    )
+    assert REGISTRY.versions(name)[0].fingerprint != REGISTRY.versions(name)[1].fingerprint
 
 
 def test_versions_have_distinct_fingerprints() -> None:

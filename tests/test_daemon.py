@@ -52,6 +52,7 @@ async def test_large_campaign_end_to_end(stack: Stack) -> None:
         "unmatched": 7,
         "invalid_numbers": 3,
         "duplicates": 0,
+        "skipped": 0,
     }
     assert sent["message_parts"] == 1
     assert sent["cost_credits"] == 24_990
@@ -95,7 +96,7 @@ async def test_bad_input_is_refused_and_nothing_after_it_is_lost(stack: Stack) -
     for ref in bad.values():  # other partitions than the good one's, maybe: wait for each
         await stack.wait_for_state(ref, CampaignState.REJECTED)
     dead = consume(stack.bootstrap, stack.topics.dlq, expected=2)
-    assert [m.key() for m in dead] == [b"k1", b"k2"]
+    assert sorted(m.key() for m in dead) == [b"k1", b"k2"]  # two partitions: any order
     reasons = {
         (s["campaign_id"], s["error"]["code"])
         for s in stack.statuses(expected=7)

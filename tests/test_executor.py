@@ -61,6 +61,7 @@ async def test_campaign_is_sent_once_to_each_matched_valid_number(rig: WorkflowR
         "unmatched": 2,
         "invalid_numbers": 3,
         "duplicates": 5,
+        "skipped": 0,
     }
     assert statuses[-1]["batch_id"] == snapshot.int_field("batch_id")
     assert statuses[-1]["metadata"] == {"journey": "welcome"}
@@ -182,8 +183,8 @@ async def test_short_balance_fails_the_campaign_before_sending(rig: WorkflowRig)
     assert await rig.state(ref) == CampaignState.FAILED
     last = (await rig.statuses(ref))[-1]
     assert last["status"] == "FAILED"
-    assert last["error"]["code"] == "INSUFFICIENT_CREDITS"  # type: ignore[index]
-    assert "needs 10 credits" in last["error"]["message"]  # type: ignore[index]
+    assert last["error"]["code"] == "INSUFFICIENT_CREDITS"
+    assert "needs 10 credits" in last["error"]["message"]
     assert (await rig.sandbox.admin.call_counts()).get("send", 0) == 0
     segment_names = [name for name, _ in (await rig.sandbox.admin.groups()).values()]
     assert not [name for name in segment_names if name.startswith("OPT_seg-")]
@@ -195,7 +196,7 @@ async def test_unknown_template_rejects_the_campaign(rig: WorkflowRig) -> None:
     await rig.submit(ref, customer_ids(1, 5), template_id=999_999)
     await rig.executor.run_until_idle()
     assert await rig.state(ref) == CampaignState.REJECTED
-    assert (await rig.statuses(ref))[-1]["error"]["code"] == "UNKNOWN_TEMPLATE"  # type: ignore[index]
+    assert (await rig.statuses(ref))[-1]["error"]["code"] == "UNKNOWN_TEMPLATE"
 
 
 async def test_missing_promo_code_rejects_the_campaign(rig: WorkflowRig) -> None:
@@ -204,7 +205,7 @@ async def test_missing_promo_code_rejects_the_campaign(rig: WorkflowRig) -> None
     await rig.submit(ref, customer_ids(1, 5), promo_codes=())
     await rig.executor.run_until_idle()
     assert await rig.state(ref) == CampaignState.REJECTED
-    assert (await rig.statuses(ref))[-1]["error"]["code"] == "PROMO_CODE_MISSING"  # type: ignore[index]
+    assert (await rig.statuses(ref))[-1]["error"]["code"] == "PROMO_CODE_MISSING"
 
 
 async def test_no_matching_customer_fails_the_campaign(rig: WorkflowRig) -> None:
@@ -213,7 +214,7 @@ async def test_no_matching_customer_fails_the_campaign(rig: WorkflowRig) -> None
     await rig.submit(ref, ["X1", "X2"])
     await rig.executor.run_until_idle()
     assert await rig.state(ref) == CampaignState.FAILED
-    assert (await rig.statuses(ref))[-1]["error"]["code"] == "NO_RECIPIENTS"  # type: ignore[index]
+    assert (await rig.statuses(ref))[-1]["error"]["code"] == "NO_RECIPIENTS"
     assert (await rig.sandbox.admin.call_counts()).get("send", 0) == 0
     names = [name for name, _ in (await rig.sandbox.admin.groups()).values()]
     assert not [name for name in names if name.startswith("OPT_seg-")]
@@ -235,8 +236,8 @@ async def test_incomplete_batches_fail_after_the_collect_timeout(rig: WorkflowRi
     await rig.executor.run_until_idle()
     assert await rig.state(other) == CampaignState.FAILED
     error = (await rig.statuses(other))[-1]["error"]
-    assert error["code"] == "BATCHES_INCOMPLETE"  # type: ignore[index]
-    assert "1 of 2 recipient batches" in error["message"]  # type: ignore[index]
+    assert error["code"] == "BATCHES_INCOMPLETE"
+    assert "1 of 2 recipient batches" in error["message"]
 
 
 async def test_two_replicas_send_each_campaign_once(

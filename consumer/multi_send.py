@@ -1,0 +1,818 @@
+"""The steps of a campaign of several texts: its send plan, one sub-send at a time (DESIGN §4a).
+
+A campaign whose recipients all read one text takes the plain path in `steps.py` (one segment,
+one group send). Any other (language variants, several promo codes, personal fields) is planned
+at READY (`send_plan.plan_sends`; the plan and the bodies it renders are recorded, so a template
+edited later does not change a campaign under way) and then:
+
+    SEGMENT_CREATED ─resolve; each group text's contacts into its own segment, created when its
+                     first chunk is cut; personal texts counted─► CONTACTS_LOADED
+    CONTACTS_LOADED ─credit check on the total─► SEND_PENDING ─every sub-send, each once─► SENT
+
+Each sub-send is exactly-once on its own, recorded in `keys.sub_sends` by fenced transitions:
+- a group text (`g<i>`): `pending` with its attempt time before `send`; after a lost reply or a
+  crash it is looked for (scheduled sends, the group's history) and adopted, and sent again only
+  when TextLocal shows nothing after the reconcile grace — as for a one-text campaign;
+- a chunk of personal texts (`p<n>`, `bulk_chunk_size` messages): `pending` before `bulk_json`;
+  after a lost reply TextLocal's API history around the attempt is searched for the chunk's first
+  (number, text) and the chunk adopted if found (its batch id then unknown: its messages are not
+  in the delivery polls), sent again only when absent after the grace.
+Resolution is deterministic (batches in order, the index version recorded), so the chunks of a
+resumed step are the same and only those not recorded are loaded or sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from consumer.clock import Clock, to_millis
+from consumer.contact_index import ContactIndex, ResolvedContact
+from consumer.errors import TextLocalApiError, TextLocalOutcomeUnknown, TransientError
+from consumer.events import RecipientCounts, StatusCode, StatusError, SubSendSummary
+from consumer.fault_points import FaultPoints
+from consumer.logs import log_event
+from consumer.metrics import Metrics
+from consumer.outbox import status_entry
+from consumer.send_plan import (
+    DEFAULT_VARIANT,
+    Recipient,
+    SendPlan,
+    TemplateFamily,
+    plan_sends,
+    route,
+    template_families,
+)
+from consumer.store import CampaignStore
+from consumer.templates import TemplateCopy
+from consumer.textlocal import TextLocalClient
+from consumer.textlocal_types import Template
+from consumer.workflow import (
+    MAX_CONTACTS_PER_BULK_CALL,
+    CampaignState,
+    message_cost,
+    poll_slot,
+    segment_group_name,
+    short_reference,
+)
+
+if TYPE_CHECKING:
+    from consumer.steps import CampaignRun, CampaignSteps, StepSettings
+
+log = logging.getLogger("consumer.executor")
+
+GROUP_EXISTS = 14
+PLAN_FIELD = "plan"
+PERSONAL_FIELD = "personal"
+PENDING, SENT, PLANNED = "pending", "sent", "planned"
+
+
+class SegmentNameTaken(Exception):
+    """A group of a sub-send's name exists that this campaign never asked for."""
+
+
+@dataclass
+class _LoadTally:
+    per_text: Counter[int] = field(default_factory=Counter)
+    personal: Counter[str] = field(default_factory=Counter)  # by variant
+    personal_parts: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    fallbacks: int = 0
+
+
+class MultiSend:
+    """The steps of a campaign planned with several texts (see the module docstring)."""
+
+    def __init__(
+        self,
+        steps: CampaignSteps,
+        store: CampaignStore,
+        index: ContactIndex,
+        client: TextLocalClient,
+        templates: TemplateCopy,
+        settings: StepSettings,
+        clock: Clock,
+        metrics: Metrics,
+        faults: FaultPoints,
+    ) -> None:
+        self._steps = steps
+        self._store = store
+        self._keys = store.keys
+        self._index = index
+        self._client = client
+        self._templates = templates
+        self._settings = settings
+        self._clock = clock
+        self._metrics = metrics
+        self._faults = faults
+
+    # --- the plan (READY) -----------------------------------------------------------------
+
+    async def plan(self, run: CampaignRun) -> bool:
+        """Plan the campaign's texts. True: one text for all, the plain path goes on."""
+        from consumer.steps import MULTI
+
+        header = run.header
+        template = await self._templates.lookup(header.template_id)
+        if template is None:
+            await self._reject(
+                run,
+                StatusError(
+                    "UNKNOWN_TEMPLATE",
+                    f"template_id {header.template_id} is not among TextLocal's templates",
+                ),
+            )
+            return False
+        families = template_families(await self._templates.stored_all())
+        family = families.get(template.id) or TemplateFamily(template, {})
+        codes, overflow = await self._store.distinct_codes(run.key)
+        plan = plan_sends(
+            family, header.promo_codes, codes, overflow, self._settings.max_group_texts
+        )
+        if isinstance(plan, StatusError):
+            await self._reject(run, plan)
+            return False
+        single = plan.is_single_text and plan.texts[0].promo_code in (None, plan.campaign_code)
+        if single:
+            await self._steps.record(
+                run,
+                self._steps.fenced(run, CampaignState.READY).set(
+                    plan_mode="single", planned_message=plan.texts[0].text
+                ),
+            )
+            return True
+        recorded = {**plan.to_json(), "bodies": family.bodies()}
+        await self._steps.record(
+            run,
+            self._steps.fenced(run, CampaignState.READY)
+            .set_state(CampaignState.SEGMENT_CREATED)
+            .set(plan_mode=MULTI)
+            .set_in(self._keys.sub_sends(run.key), PLAN_FIELD, json.dumps(recorded)),
+            CampaignState.SEGMENT_CREATED,
+        )
+        log_event(
+            log,
+            "campaign.planned",
+            campaign=run.key,
+            group_texts=len(plan.texts),
+            personal_variants=len(plan.personal_variants),
+            languages=len(family.variants),
+        )
+        return False
+
+    # --- loading (SEGMENT_CREATED) --------------------------------------------------------
+
+    async def load(self, run: CampaignRun) -> None:
+        """Resolve once: each group text's contacts into its segment; personal ones counted."""
+        records = await self._store.sub_sends(run.key)
+        plan, family = _plan_of(records)
+        group = self._steps.contact_group(run)
+        version = await self._steps.index_version(run)
+        loaded = await self._store.loaded_chunk_names(run.key)
+        tally = _LoadTally()
+        buffers: dict[int, list[str]] = defaultdict(list)
+        next_chunk: Counter[int] = Counter()
+        ready: asyncio.Queue[tuple[int, int, str, int] | None] = asyncio.Queue(
+            maxsize=2 * self._settings.contact_load_concurrency
+        )
+        locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+        async def cut(text_index: int) -> None:
+            contacts = buffers.pop(text_index, [])
+            number = next_chunk[text_index]
+            next_chunk[text_index] += 1
+            if contacts and f"{text_index}:{number}" not in loaded:
+                await ready.put((text_index, number, "[" + ",".join(contacts) + "]", len(contacts)))
+
+        async def visit(contact: ResolvedContact) -> None:
+            routed = self._route(plan, family, group.default_language, contact)
+            if routed.skipped:
+                tally.skipped[routed.skipped] += 1
+                return
+            tally.fallbacks += routed.fell_back_to_default
+            if routed.text_index is None:
+                tally.personal[routed.variant] += 1
+                tally.personal_parts += message_cost(routed.personal_text or "").parts
+                return
+            tally.per_text[routed.text_index] += 1
+            buffers[routed.text_index].append(contact.bulk_contact(group.customer_id_field))
+            if len(buffers[routed.text_index]) == MAX_CONTACTS_PER_BULK_CALL:
+                await cut(routed.text_index)
+
+        async def loader() -> None:
+            while (item := await ready.get()) is not None:
+                text_index, number, payload, count = item
+                async with locks[text_index]:
+                    group_id = await self._ensure_group(run, records, text_index)
+                run.check_lease()
+                await self._client.create_contacts_bulk_json(group_id, payload, count)
+                await self._store.mark_chunk_loaded(run.key, f"{text_index}:{number}")
+                self._metrics.contacts_loaded.inc(count)
+                self._faults.reached("contacts.chunk_loaded")
+
+        from consumer.steps import first_error_raised
+
+        try:
+            async with first_error_raised(), asyncio.TaskGroup() as tasks:
+                loaders = [
+                    tasks.create_task(loader())
+                    for _ in range(self._settings.contact_load_concurrency)
+                ]
+                found = await self._index.resolve_each(
+                    self._keys.recipients(run.key),
+                    self._keys.recipient_codes(run.key),
+                    run.header.batch_count,
+                    group,
+                    version,
+                    visit,
+                    run.check_lease,
+                )
+                for text_index in sorted(buffers):
+                    await cut(text_index)
+                for _ in loaders:
+                    await ready.put(None)
+        except SegmentNameTaken as taken:
+            await self._fail(
+                run, records, StatusError("SEGMENT_NAME_TAKEN", str(taken)), StatusCode.FAILED
+            )
+            return
+        skipped = sum(tally.skipped.values())
+        sendable = sum(tally.per_text.values()) + sum(tally.personal.values())
+        counts = RecipientCounts(
+            requested=run.snapshot.int_field("requested"),
+            matched=sendable,
+            unmatched=found.unmatched,
+            invalid_numbers=found.invalid_numbers,
+            duplicates=found.duplicates,
+            skipped=skipped,
+        )
+        if sendable == 0:
+            if skipped:
+                problem = StatusError(
+                    "NO_PROMO_CODE",
+                    f"{skipped} matched customers, none with a promo code for the text: "
+                    "the campaign would send nothing",
+                )
+                await self._fail(run, records, problem, StatusCode.REJECTED, counts)
+            else:
+                await self._fail(
+                    run, records, self._steps.nobody(run, counts), StatusCode.FAILED, counts
+                )
+            return
+        transition = self._steps.fenced(run, CampaignState.SEGMENT_CREATED)
+        for text_index, count in tally.per_text.items():
+            entry = {**records.get(_group_name(text_index), {}), "count": count}
+            entry.setdefault("state", PLANNED)
+            records[_group_name(text_index)] = entry
+            transition.set_in(
+                self._keys.sub_sends(run.key), _group_name(text_index), json.dumps(entry)
+            )
+        if tally.personal:
+            personal = {"count": sum(tally.personal.values()), "parts": tally.personal_parts}
+            personal["by_variant"] = dict(tally.personal)  # type: ignore[assignment]
+            records[PERSONAL_FIELD] = personal
+            transition.set_in(self._keys.sub_sends(run.key), PERSONAL_FIELD, json.dumps(personal))
+        event = self._steps.status_event(
+            run,
+            StatusCode.SEGMENT_CREATED,
+            counts=counts,
+            sends=_summaries(plan, records),
+        )
+        await self._steps.record(
+            run,
+            transition.set_state(CampaignState.CONTACTS_LOADED)
+            .set(**vars(counts), language_fallbacks=tally.fallbacks)
+            .emit(self._keys.outbox, status_entry(self._steps.registry, event)),
+            CampaignState.CONTACTS_LOADED,
+        )
+        self._metrics.unmatched_customers.labels("unmatched").inc(counts.unmatched)
+        self._metrics.unmatched_customers.labels("invalid_number").inc(counts.invalid_numbers)
+        for reason, count in tally.skipped.items():
+            self._metrics.unmatched_customers.labels(reason).inc(count)
+        self._metrics.unmatched_customers.labels("default_language").inc(tally.fallbacks)
+        log_event(
+            log,
+            "campaign.contacts_loaded",
+            campaign=run.key,
+            group_texts=len(tally.per_text),
+            personal=sum(tally.personal.values()),
+            language_fallbacks=tally.fallbacks,
+            **{f"skipped_{reason}": count for reason, count in tally.skipped.items()},
+            **vars(counts),
+        )
+
+    def _route(
+        self,
+        plan: SendPlan,
+        family: TemplateFamily,
+        default_language: str,
+        contact: ResolvedContact,
+    ) -> Any:
+        language = contact.language or default_language
+        variant, _ = family.body_for(language)
+        first = last = ""
+        if variant in plan.personal_variants:
+            first, last = contact.names()
+        return route(plan, family, Recipient(language, contact.promo_code, first, last))
+
+    async def _ensure_group(
+        self, run: CampaignRun, records: dict[str, dict[str, Any]], text_index: int
+    ) -> int:
+        """The sub-send's segment: created on first need, its name recorded before asking."""
+        name_field = _group_name(text_index)
+        entry = records.get(name_field, {})
+        if entry.get("group_id"):
+            return int(entry["group_id"])
+        name = segment_group_name(
+            self._steps.contact_group(run), run.header.ref, f"{run.header.event_id}#{text_index}"
+        )
+        attempted_before = entry.get("group_name") == name
+        if not attempted_before:
+            entry = {**entry, "group_name": name, "state": PLANNED}
+            await self._set_record(run, records, name_field, entry, CampaignState.SEGMENT_CREATED)
+        try:
+            group_id = (await self._client.create_group(name)).id
+        except TextLocalApiError as exc:
+            if exc.code != GROUP_EXISTS:
+                raise
+            if not attempted_before:
+                raise SegmentNameTaken(
+                    f"TextLocal already has a group named {name!r} that this campaign did not "
+                    "create; it is not used"
+                ) from None
+            group_id = await self._steps.existing_group(name)
+        except TextLocalOutcomeUnknown:
+            raise TransientError(f"create_group for {run.key}: outcome unknown") from None
+        self._faults.reached("segment.created")
+        await self._set_record(
+            run,
+            records,
+            name_field,
+            {**entry, "group_id": group_id},
+            CampaignState.SEGMENT_CREATED,
+        )
+        return group_id
+
+    # --- sending (CONTACTS_LOADED, SEND_PENDING) ------------------------------------------
+
+    async def send(self, run: CampaignRun) -> None:
+        """Credit check, then every sub-send exactly once, then SENT."""
+        records = await self._store.sub_sends(run.key)
+        plan, family = _plan_of(records)
+        if run.snapshot.state == CampaignState.CONTACTS_LOADED and not await self._start_sending(
+            run, plan, records
+        ):
+            return
+        for text_index, planned in enumerate(plan.texts):
+            entry = records.get(_group_name(text_index))
+            if entry and entry.get("count"):
+                await self._send_group(run, records, text_index, planned.text)
+        if records.get(PERSONAL_FIELD, {}).get("count"):
+            await self._send_personal(run, records, plan, family)
+        await self._record_sent(run, plan, records)
+
+    async def _start_sending(
+        self, run: CampaignRun, plan: SendPlan, records: dict[str, dict[str, Any]]
+    ) -> bool:
+        needed = records.get(PERSONAL_FIELD, {}).get("parts", 0)
+        for text_index, planned in enumerate(plan.texts):
+            count = records.get(_group_name(text_index), {}).get("count", 0)
+            needed += count * message_cost(planned.text).parts
+        if not run.header.test_mode:
+            balance = await self._client.balance()
+            if balance.sms < needed:
+                await self._fail(
+                    run,
+                    records,
+                    StatusError(
+                        "INSUFFICIENT_CREDITS",
+                        f"the campaign's texts need {needed} credits; the balance is "
+                        f"{balance.sms:g}",
+                    ),
+                    StatusCode.FAILED,
+                )
+                return False
+        now = self._clock.now()
+        scheduled = run.header.scheduled_at > now + self._settings.schedule_margin
+        await self._steps.record(
+            run,
+            self._steps.fenced(run, CampaignState.CONTACTS_LOADED)
+            .set_state(CampaignState.SEND_PENDING)
+            .set(
+                send_at=to_millis(run.header.scheduled_at if scheduled else now),
+                scheduled="1" if scheduled else "0",
+                estimated_cost=needed,
+            ),
+            CampaignState.SEND_PENDING,
+        )
+        return True
+
+    async def _send_group(
+        self, run: CampaignRun, records: dict[str, dict[str, Any]], text_index: int, text: str
+    ) -> None:
+        name_field = _group_name(text_index)
+        entry = records[name_field]
+        if entry.get("state") == SENT:
+            return
+        group_id = int(entry["group_id"])
+        if entry.get("state") == PENDING:
+            found = await self._steps.find_group_send(group_id, _time(entry.get("attempted_at")))
+            if found is not None:
+                log_event(log, "campaign.send_adopted", campaign=run.key, batch_id=found.batch_id)
+                await self._set_record(
+                    run,
+                    records,
+                    name_field,
+                    {**entry, "state": SENT, "batch_ids": [found.batch_id], "cost": found.cost},
+                    CampaignState.SEND_PENDING,
+                )
+                return
+            self._wait_out_grace(entry)
+        send_at, scheduled = self._send_time(run)
+        entry = {**entry, "state": PENDING, "attempted_at": to_millis(self._clock.now())}
+        await self._set_record(run, records, name_field, entry, CampaignState.SEND_PENDING)
+        cost = message_cost(text)
+        run.check_lease()
+        try:
+            result = await self._client.send(
+                message=text,
+                group_id=group_id,
+                sender=run.header.sender or self._steps.contact_group(run).sender,
+                schedule_time=send_at if scheduled else None,
+                validity=_validity(run, send_at),
+                custom=short_reference(run.header.ref),
+                optouts=True,
+                test=run.header.test_mode,
+                unicode=cost.unicode,
+            )
+        except TextLocalOutcomeUnknown:
+            log_event(log, "campaign.send_outcome_unknown", logging.WARNING, campaign=run.key)
+            raise self._retry_after_grace(entry) from None
+        except TextLocalApiError as exc:
+            await self._set_record(
+                run,
+                records,
+                name_field,
+                {**entry, "state": SENT, "error": f"TEXTLOCAL_{exc.code}", "batch_ids": []},
+                CampaignState.SEND_PENDING,
+            )
+            return
+        self._faults.reached("send.returned")
+        self._metrics.sms_accepted.inc(result.num_messages)
+        self._metrics.credits_spent.inc(result.cost)
+        await self._set_record(
+            run,
+            records,
+            name_field,
+            {**entry, "state": SENT, "batch_ids": [result.batch_id], "cost": result.cost},
+            CampaignState.SEND_PENDING,
+        )
+
+    async def _send_personal(
+        self,
+        run: CampaignRun,
+        records: dict[str, dict[str, Any]],
+        plan: SendPlan,
+        family: TemplateFamily,
+    ) -> None:
+        """Resolve again (deterministically) and send each chunk of personal texts once."""
+        group = self._steps.contact_group(run)
+        version = await self._steps.index_version(run)
+        chunk: list[tuple[str, str]] = []
+        number = 0
+
+        async def visit(contact: ResolvedContact) -> None:
+            nonlocal chunk, number
+            routed = self._route(plan, family, group.default_language, contact)
+            if routed.personal_text is None:
+                return
+            chunk.append((contact.number, routed.personal_text))
+            if len(chunk) == self._settings.bulk_chunk_size:
+                await self._send_chunk(run, records, number, chunk)
+                chunk, number = [], number + 1
+
+        await self._index.resolve_each(
+            self._keys.recipients(run.key),
+            self._keys.recipient_codes(run.key),
+            run.header.batch_count,
+            group,
+            version,
+            visit,
+            run.check_lease,
+        )
+        if chunk:
+            await self._send_chunk(run, records, number, chunk)
+
+    async def _send_chunk(
+        self,
+        run: CampaignRun,
+        records: dict[str, dict[str, Any]],
+        number: int,
+        messages: list[tuple[str, str]],
+    ) -> None:
+        name_field = f"p{number}"
+        entry = records.get(name_field, {"state": PLANNED})
+        if entry.get("state") == SENT:
+            return
+        if entry.get("state") == PENDING:
+            if await self._chunk_in_history(messages[0], _time(entry.get("attempted_at"))):
+                log_event(log, "campaign.chunk_adopted", campaign=run.key, chunk=number)
+                await self._set_record(
+                    run,
+                    records,
+                    name_field,
+                    {**entry, "state": SENT, "count": len(messages), "batch_ids": []},
+                    CampaignState.SEND_PENDING,
+                )
+                return
+            self._wait_out_grace(entry)
+        send_at, scheduled = self._send_time(run)
+        entry = {"state": PENDING, "attempted_at": to_millis(self._clock.now())}
+        await self._set_record(run, records, name_field, entry, CampaignState.SEND_PENDING)
+        run.check_lease()
+        try:
+            result = await self._client.bulk_json(
+                messages,
+                sender=run.header.sender or self._steps.contact_group(run).sender,
+                test=run.header.test_mode,
+                schedule_time=send_at if scheduled else None,
+                custom=short_reference(run.header.ref),
+                unicode=any(message_cost(text).unicode for _, text in messages),
+            )
+        except TextLocalOutcomeUnknown:
+            log_event(log, "campaign.chunk_outcome_unknown", logging.WARNING, campaign=run.key)
+            raise self._retry_after_grace(entry) from None
+        self._faults.reached("personal.chunk_sent")
+        self._metrics.sms_accepted.inc(result.num_messages)
+        if result.cost is not None:
+            self._metrics.credits_spent.inc(result.cost)
+        await self._set_record(
+            run,
+            records,
+            name_field,
+            {
+                **entry,
+                "state": SENT,
+                "count": len(messages),
+                "batch_ids": list(result.batch_ids),
+                "cost": result.cost,
+            },
+            CampaignState.SEND_PENDING,
+        )
+
+    async def _chunk_in_history(
+        self, first: tuple[str, str], attempted_at: datetime | None
+    ) -> bool:
+        now = self._clock.now()
+        attempted_at = attempted_at or now
+        async for page in self._client.iter_history_api(
+            min_time=attempted_at - timedelta(minutes=10), max_time=now + timedelta(minutes=10)
+        ):
+            if first in page:
+                return True
+        return False
+
+    async def _record_sent(
+        self, run: CampaignRun, plan: SendPlan, records: dict[str, dict[str, Any]]
+    ) -> None:
+        batch_ids: list[int] = []
+        cost = 0.0
+        messages = 0
+        for name, entry in sorted(records.items()):
+            if name in (PLAN_FIELD, PERSONAL_FIELD):
+                continue
+            batch_ids += [int(b) for b in entry.get("batch_ids", [])]
+            cost += float(entry.get("cost") or 0)
+        for name, entry in records.items():
+            if name.startswith("g"):
+                messages += int(entry.get("count", 0))
+        messages += int(records.get(PERSONAL_FIELD, {}).get("count", 0))
+        send_at = run.snapshot.optional_time("send_at") or self._clock.now()
+        now = self._clock.now()
+        window = timedelta(
+            days=run.header.metrics_window_days or self._settings.default_window_days
+        )
+        status = self._steps.status_event(
+            run,
+            StatusCode.SCHEDULED if send_at > now else StatusCode.SENT,
+            batch_id=batch_ids[0] if batch_ids else None,
+            cost_credits=cost,
+            send_at=send_at,
+            sends=_summaries(plan, records),
+        )
+        group_ids = sorted(
+            int(entry["group_id"]) for entry in records.values() if entry.get("group_id")
+        )
+        transition = (
+            self._steps.fenced(run, CampaignState.SEND_PENDING)
+            .set(
+                batch_id=batch_ids[0] if batch_ids else None,
+                batch_ids=json.dumps(batch_ids),
+                group_ids=json.dumps(group_ids),
+                cost=cost,
+                num_messages=messages,
+                sent_at=to_millis(send_at),
+                window_ends_at=to_millis(send_at + window),
+                polls_done=0,
+            )
+            .dequeue(self._keys.work_queue, run.key)
+            .emit(self._keys.outbox, status_entry(self._steps.registry, status))
+        )
+        if run.header.test_mode or not batch_ids:
+            transition.set_state(CampaignState.DONE).set(ended_at=to_millis(now))
+            transition.expire(self._keys.campaign(run.key), _retention_s())
+            new_state = CampaignState.DONE
+        else:
+            first_poll = poll_slot(send_at, self._settings.poll_interval, window, 1)
+            transition.set_state(CampaignState.SENT)
+            transition.enqueue(self._keys.poll_queue, run.key, first_poll.due_at)
+            new_state = CampaignState.SENT
+        await self._steps.record(run, transition, new_state)
+        self._faults.reached("send.recorded")
+        log_event(
+            log,
+            "campaign.sent",
+            campaign=run.key,
+            sub_sends=len(batch_ids),
+            recipients=messages,
+            cost=cost,
+        )
+        await self._steps.discard_working_data(run.key)
+        if new_state == CampaignState.DONE:
+            for group_id in group_ids:
+                await self._steps.delete_segment(group_id)
+
+    # --- cancellation ---------------------------------------------------------------------
+
+    async def cancel(self, run: CampaignRun) -> None:
+        """Before the sends: delete every segment. After: cancel what is still scheduled."""
+        records = await self._store.sub_sends(run.key)
+        state = run.snapshot.state
+        if state.before_send:
+            await self._fail(
+                run,
+                records,
+                StatusError("CANCELLED_BY_OPTIMOVE", run.snapshot.text("cancel_reason") or "-"),
+                StatusCode.CANCELLED,
+            )
+            return
+        if state == CampaignState.SEND_PENDING:
+            # Finish recording (never starting a new sub-send) before deciding.
+            for entry in records.values():
+                if entry.get("state") == PENDING:
+                    raise _RetrySoon("cancelling: a sub-send may still be in flight", self._clock)
+        batch_ids = json.loads(run.snapshot.text("batch_ids") or "[]") or [
+            b for entry in records.values() for b in entry.get("batch_ids", [])
+        ]
+        send_at = run.snapshot.optional_time("send_at") or run.snapshot.optional_time("sent_at")
+        gone = 0
+        for batch_id in batch_ids:
+            if send_at is None or not await self._steps.cancel_scheduled_send(
+                int(batch_id), send_at
+            ):
+                gone += 1
+        if gone == 0:
+            await self._fail(
+                run,
+                records,
+                StatusError("CANCELLED_BY_OPTIMOVE", run.snapshot.text("cancel_reason") or "-"),
+                StatusCode.CANCELLED,
+            )
+            return
+        log_event(
+            log, "campaign.cancel_partly_refused", logging.WARNING, campaign=run.key, gone=gone
+        )
+        await self._steps.refuse_cancel(run)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    async def _fail(
+        self,
+        run: CampaignRun,
+        records: dict[str, dict[str, Any]],
+        error: StatusError,
+        status: StatusCode,
+        counts: RecipientCounts | None = None,
+    ) -> None:
+        await self._steps.fail(run, error, status=status, counts=counts, delete_segment=False)
+        for entry in records.values():
+            if entry.get("group_id"):
+                try:
+                    await self._steps.delete_segment(int(entry["group_id"]))
+                except TransientError as exc:
+                    log_event(
+                        log,
+                        "campaign.segment_not_deleted",
+                        logging.WARNING,
+                        campaign=run.key,
+                        group_id=entry["group_id"],
+                        error=str(exc),
+                    )
+
+    async def _reject(self, run: CampaignRun, problem: StatusError) -> None:
+        await self._steps.fail(run, problem, status=StatusCode.REJECTED, delete_segment=False)
+
+    async def _set_record(
+        self,
+        run: CampaignRun,
+        records: dict[str, dict[str, Any]],
+        name: str,
+        entry: dict[str, Any],
+        state: CampaignState,
+    ) -> None:
+        await self._steps.record(
+            run,
+            self._steps.fenced(run, state).set_in(
+                self._keys.sub_sends(run.key), name, json.dumps(entry)
+            ),
+        )
+        records[name] = entry
+
+    def _send_time(self, run: CampaignRun) -> tuple[datetime, bool]:
+        now = self._clock.now()
+        scheduled = run.header.scheduled_at > now + self._settings.schedule_margin
+        return (run.header.scheduled_at if scheduled else now), scheduled
+
+    def _wait_out_grace(self, entry: dict[str, Any]) -> None:
+        attempted_at = _time(entry.get("attempted_at")) or self._clock.now()
+        settles_at = attempted_at + self._settings.send_reconcile_grace
+        if self._clock.now() < settles_at:
+            from consumer.steps import RetryAt
+
+            raise RetryAt(settles_at, "a sub-send attempt may still be in flight")
+
+    def _retry_after_grace(self, entry: dict[str, Any]) -> Exception:
+        from consumer.steps import RetryAt
+
+        attempted_at = _time(entry.get("attempted_at")) or self._clock.now()
+        return RetryAt(attempted_at + self._settings.send_reconcile_grace, "reply lost")
+
+
+def _RetrySoon(reason: str, clock: Clock) -> Exception:  # noqa: N802 - reads as the exception
+    from consumer.steps import RetryAt
+
+    return RetryAt(clock.now() + timedelta(seconds=5), reason)
+
+
+def _plan_of(records: dict[str, dict[str, Any]]) -> tuple[SendPlan, TemplateFamily]:
+    raw = records[PLAN_FIELD]
+    bodies: dict[str, str] = dict(raw["bodies"])
+    default = Template(id=0, title="", body=bodies.pop(DEFAULT_VARIANT), sender_name=None)
+    return SendPlan.from_json(raw), TemplateFamily(default, bodies)
+
+
+def _summaries(plan: SendPlan, records: dict[str, dict[str, Any]]) -> tuple[SubSendSummary, ...]:
+    summaries = []
+    for text_index, planned in enumerate(plan.texts):
+        entry = records.get(_group_name(text_index))
+        if not entry or not entry.get("count"):
+            continue
+        summaries.append(
+            SubSendSummary(
+                kind="group",
+                language=planned.variant,
+                promo_code=planned.promo_code,
+                recipients=int(entry["count"]),
+                textlocal_group_id=entry.get("group_id"),
+                batch_ids=tuple(int(b) for b in entry.get("batch_ids", [])),
+                cost_credits=entry.get("cost"),
+            )
+        )
+    personal = records.get(PERSONAL_FIELD)
+    if personal and personal.get("count"):
+        chunks = [e for name, e in records.items() if name.startswith("p") and name[1:].isdigit()]
+        summaries.append(
+            SubSendSummary(
+                kind="personal",
+                language=",".join(sorted(personal.get("by_variant", {}))),
+                promo_code=None,
+                recipients=int(personal["count"]),
+                batch_ids=tuple(int(b) for e in chunks for b in e.get("batch_ids", [])),
+                cost_credits=sum(float(e.get("cost") or 0) for e in chunks) if chunks else None,
+            )
+        )
+    return tuple(summaries)
+
+
+def _group_name(text_index: int) -> str:
+    return f"g{text_index}"
+
+
+def _time(millis: object) -> datetime | None:
+    return None if millis in (None, "") else datetime.fromtimestamp(int(str(millis)) / 1000, UTC)
+
+
+def _validity(run: CampaignRun, send_at: datetime) -> datetime | None:
+    hours = run.header.validity_hours
+    return send_at + timedelta(hours=hours) if hours else None
+
+
+def _retention_s() -> int:
+    from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S
+
+    return FINISHED_CAMPAIGN_RETENTION_S

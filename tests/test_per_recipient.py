@@ -1,0 +1,234 @@
+"""Per-recipient content against real Redis and the sandbox over HTTP: each SMS still once.
+
+Language variants, customers' own promo codes and personal fields: the executor plans the
+campaign's texts, sends each group text to its own segment and the personal ones through
+`bulk_json`, and every number gets exactly one SMS, in its language, with its own code and name
+(checked from the sandbox's message log, number → text).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+import redis.asyncio as aioredis
+
+from consumer.sandbox import FaultRule, SandboxHandle
+from consumer.steps import StepSettings
+from consumer.workflow import CampaignState
+from tests.helpers import new_ref
+from tests.rigs import WorkflowRig, customer_ids, workflow_rig
+
+pytestmark = pytest.mark.integration
+
+FIRST_EXTRA = 447_800_000_000
+BODIES = {
+    "": "Hi from Shop! Your code: [%PROMO_CODE%]",
+    "fr": "Bonjour de Shop ! Votre code : [%PROMO_CODE%]",
+    "de": "Hallo von Shop! Ihr Code: [%PROMO_CODE%]",
+    "it": "Ciao [%FIRST_NAME|amico%]! Codice [%PROMO_CODE%]",
+}
+LANGUAGES = {"fr": 30, "de": 20, "es": 10, "it": 12}  # es has no variant: the default
+
+
+def extra_contacts() -> list[dict[str, object]]:
+    contacts: list[dict[str, object]] = []
+    number = FIRST_EXTRA
+    for language, count in LANGUAGES.items():
+        for i in range(count):
+            contacts.append(
+                {
+                    "number": number,
+                    "custom1": f"L-{language}-{i}",
+                    "custom2": language.upper() if i % 2 else language,
+                    "first_name": "" if i == 0 else f"N{language}{i}",
+                }
+            )
+            number += 1
+    return contacts
+
+
+@pytest.fixture
+async def rig(
+    sandbox: SandboxHandle, redis_client: aioredis.Redis, key_prefix: str
+) -> AsyncIterator[WorkflowRig]:
+    async with workflow_rig(
+        sandbox,
+        redis_client,
+        key_prefix,
+        contacts=200,
+        extra_contacts=extra_contacts(),
+        more_templates=[
+            {"title": f"OPT_Welcome [{language}]", "body": body}
+            for language, body in BODIES.items()
+            if language
+        ],
+        language_field="custom2",
+        step_settings=StepSettings(
+            send_reconcile_grace=timedelta(seconds=1), max_group_texts=3, bulk_chunk_size=7
+        ),
+    ) as assembled:
+        await assembled.templates.refresh()
+        yield assembled
+
+
+def targeted() -> list[str]:
+    ids = customer_ids(1, 50)
+    for language, count in LANGUAGES.items():
+        ids += [f"L-{language}-{i}" for i in range(count)]
+    return ids
+
+
+def number_of(customer_id: str) -> int:
+    if customer_id.startswith("C"):
+        return 447_700_000_000 + int(customer_id[1:]) - 1
+    _, language, index = customer_id.split("-")
+    offset = 0
+    for name, count in LANGUAGES.items():
+        if name == language:
+            return FIRST_EXTRA + offset + int(index)
+        offset += count
+    raise AssertionError(customer_id)
+
+
+def expected_text(customer_id: str, code: str) -> str:
+    language = customer_id.split("-")[1] if customer_id.startswith("L-") else ""
+    body = BODIES.get(language, BODIES[""])
+    first = "" if customer_id.endswith("-0") else f"N{language}{customer_id.split('-')[-1]}"
+    return body.replace("[%PROMO_CODE%]", code).replace("[%FIRST_NAME|amico%]", first or "amico")
+
+
+async def texts_by_number(rig: WorkflowRig) -> dict[int, str]:
+    messages = await rig.sandbox.admin.messages()
+    per_number = Counter(m.number for m in messages)
+    assert max(per_number.values()) == 1, "a number got two SMS"
+    return {m.number: m.text for m in messages}
+
+
+async def test_languages_codes_and_names_each_reach_their_recipient_once(
+    rig: WorkflowRig,
+) -> None:
+    """Four variants plus default, own codes and a campaign code: one SMS each, all correct."""
+    ref = new_ref()
+    ids = targeted()
+    own = {cid: f"OWN{i % 2}" for i, cid in enumerate(ids) if i % 3 == 0}
+    await rig.submit(ref, ids, batches=3, promo_codes=("SAVE10",), customer_codes=own)
+    await rig.executor.run_until_idle()
+
+    snapshot = await rig.snapshot(ref)
+    assert snapshot.state == CampaignState.SENT
+    texts = await texts_by_number(rig)
+    assert len(texts) == len(ids)
+    for cid in ids:
+        assert texts[number_of(cid)] == expected_text(cid, own.get(cid, "SAVE10")), cid
+    calls = await rig.sandbox.admin.call_counts()
+    # Group texts: (default, fr, de) × (OWN0, OWN1, SAVE10); Italian has names: personal.
+    assert calls["create_group"] == 9
+    assert calls["send"] == 9
+    assert calls["bulk_json"] == 2  # 12 Italian recipients in chunks of 7
+    assert calls["balance"] == 1
+    sent = (await rig.statuses(ref))[-1]
+    assert sent["status"] == "SENT"
+    assert sent["counts"]["matched"] == len(ids)
+    kinds = Counter(send["kind"] for send in sent["sends"])
+    assert kinds == {"group": 9, "personal": 1}
+    assert sum(send["recipients"] for send in sent["sends"]) == len(ids)
+    assert {send["language"] for send in sent["sends"] if send["kind"] == "group"} == {
+        "",
+        "fr",
+        "de",
+    }
+
+
+async def test_many_distinct_codes_go_out_personally(rig: WorkflowRig) -> None:
+    """More distinct own codes than max_group_texts: each recipient's text through bulk_json."""
+    ref = new_ref()
+    ids = customer_ids(1, 20)
+    own = {cid: f"U{i}" for i, cid in enumerate(ids)}
+    await rig.submit(ref, ids, promo_codes=(), customer_codes=own)
+    await rig.executor.run_until_idle()
+    assert await rig.state(ref) == CampaignState.SENT
+    texts = await texts_by_number(rig)
+    assert {texts[number_of(cid)] for cid in ids} == {expected_text(cid, own[cid]) for cid in ids}
+    calls = await rig.sandbox.admin.call_counts()
+    assert calls.get("send", 0) == 0
+    assert calls.get("create_group", 0) == 0
+    assert calls["bulk_json"] == 3  # 20 in chunks of 7
+
+
+async def test_customers_without_a_code_are_skipped_and_counted(rig: WorkflowRig) -> None:
+    """No campaign code: customers without their own are not sent to, and counted as skipped."""
+    ref = new_ref()
+    ids = customer_ids(1, 10)
+    own = {cid: "ONLY" for cid in ids[:4]}
+    await rig.submit(ref, ids, promo_codes=(), customer_codes=own)
+    await rig.executor.run_until_idle()
+    assert await rig.state(ref) == CampaignState.SENT
+    texts = await texts_by_number(rig)
+    assert set(texts) == {number_of(cid) for cid in ids[:4]}
+    sent = (await rig.statuses(ref))[-1]
+    assert sent["counts"]["skipped"] == 6
+    assert sent["counts"]["matched"] == 4
+
+
+async def test_a_campaign_that_would_send_nothing_is_rejected(rig: WorkflowRig) -> None:
+    """Codes only for customers nobody can reach: nothing to send, REJECTED NO_PROMO_CODE."""
+    ref = new_ref()
+    ids = [*customer_ids(1, 5), "UNKNOWN-1"]
+    await rig.submit(ref, ids, promo_codes=(), customer_codes={"UNKNOWN-1": "LOST"})
+    await rig.executor.run_until_idle()
+    snapshot = await rig.snapshot(ref)
+    assert snapshot.state == CampaignState.REJECTED
+    assert snapshot.text("error_code") == "NO_PROMO_CODE"
+    calls = await rig.sandbox.admin.call_counts()
+    assert calls.get("send", 0) == 0
+    assert calls.get("bulk_json", 0) == 0
+
+
+async def test_lost_replies_of_sub_sends_are_reconciled_not_resent(rig: WorkflowRig) -> None:
+    """A group send and a bulk chunk applied but their replies lost: adopted, never repeated."""
+    await rig.sandbox.admin.set_faults(
+        [
+            FaultRule("drop_after", command="send", limit=1),
+            FaultRule("drop_after", command="bulk_json", limit=1),
+        ]
+    )
+    ref = new_ref()
+    ids = targeted()
+    await rig.submit(ref, ids, batches=2, promo_codes=("SAVE10",))
+    for _ in range(6):
+        await rig.executor.run_until_idle()
+        if await rig.state(ref) == CampaignState.SENT:
+            break
+        rig.clock.advance(timedelta(seconds=5))
+    assert await rig.state(ref) == CampaignState.SENT
+    texts = await texts_by_number(rig)
+    assert len(texts) == len(ids)
+    for cid in ids:
+        assert texts[number_of(cid)] == expected_text(cid, "SAVE10"), cid
+    calls = await rig.sandbox.admin.call_counts()
+    assert calls["send"] == 3  # default, fr, de: the lost one adopted
+    assert calls["bulk_json"] == 2  # the Italian chunks: the lost one adopted
+
+
+async def test_cancelling_a_scheduled_multi_text_campaign_sends_nothing(rig: WorkflowRig) -> None:
+    """Scheduled sub-sends are all cancelled at TextLocal; nothing is ever delivered."""
+    ref = new_ref()
+    ids = targeted()
+    await rig.submit(
+        ref,
+        ids,
+        promo_codes=("SAVE10",),
+        scheduled_at=rig.clock.now() + timedelta(hours=2),
+    )
+    await rig.executor.run_until_idle()
+    assert await rig.state(ref) == CampaignState.SENT
+    assert (await rig.statuses(ref))[-1]["status"] == "SCHEDULED"
+    await rig.request_cancel(ref)
+    await rig.executor.run_until_idle()
+    snapshot = await rig.snapshot(ref)
+    assert snapshot.state == CampaignState.CANCELLED
+    await rig.sandbox.admin.advance_clock(timedelta(hours=3))
+    assert await rig.sandbox.admin.messages() == []

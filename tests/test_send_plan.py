@@ -1,0 +1,122 @@
+"""The send plan's pure rules: template families, rendering, who reads which text."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumer.events import StatusError
+from consumer.send_plan import (
+    Recipient,
+    SendPlan,
+    plan_sends,
+    render,
+    route,
+    template_families,
+    title_language,
+)
+from consumer.textlocal_types import Template
+
+
+def template(template_id: int, title: str, body: str) -> Template:
+    return Template(id=template_id, title=title, body=body, sender_name=None)
+
+
+FAMILY = template_families(
+    [
+        template(1, "OPT_Welcome", "Hi [%PROMO_CODE%]"),
+        template(2, "OPT_Welcome [fr]", "Salut [%PROMO_CODE%]"),
+        template(3, "OPT_Welcome [PT-br]", "Olá [%FIRST_NAME|você%] [%PROMO_CODE%]"),
+        template(4, "OPT_Other", "Plain"),
+        template(5, "OPT_Orphan [de]", "Hallo"),
+    ]
+)[1]
+
+
+@pytest.mark.parametrize(
+    ("title", "expected"),
+    [
+        ("OPT_Welcome", ("OPT_Welcome", "")),
+        ("OPT_Welcome [fr]", ("OPT_Welcome", "fr")),
+        ("OPT_Welcome [pt-BR]", ("OPT_Welcome", "pt-br")),
+        ("OPT_Welcome[fr]", ("OPT_Welcome[fr]", "")),  # the space is part of the convention
+        ("OPT_Sale [x1]", ("OPT_Sale [x1]", "")),
+    ],
+)
+def test_titles_name_their_family_and_language(title: str, expected: tuple[str, str]) -> None:
+    """A variant is the family title, a space and a language code in brackets."""
+    assert title_language(title) == expected
+
+
+def test_families_group_variants_under_their_default() -> None:
+    """Variants join the untagged default; a variant without one stands alone."""
+    families = template_families(
+        [template(5, "OPT_Orphan [de]", "Hallo"), template(1, "OPT_Welcome", "Hi")]
+    )
+    assert set(families) == {1, 5}
+    assert FAMILY.languages == ["fr", "pt-br"]
+    assert FAMILY.body_for("FR") == ("fr", "Salut [%PROMO_CODE%]")
+    assert FAMILY.body_for("es") == ("", "Hi [%PROMO_CODE%]")
+
+
+def test_names_render_with_their_fallback() -> None:
+    """An empty name takes the placeholder's fallback; none given leaves nothing."""
+    assert render("Hi [%FIRST_NAME|there%]!", None, "", "") == "Hi there!"
+    assert render("Hi [%FIRST_NAME|there%]!", None, " Ann ", "") == "Hi Ann!"
+    assert render("Dear [%FIRST_NAME%] [%LAST_NAME%]", None, "Ann", "") == "Dear Ann "
+    assert render("Code [%PROMO_CODE%]", "X1") == "Code X1"
+
+
+def test_a_plan_lists_group_texts_and_personal_variants() -> None:
+    """Texts per (variant, code) for plain variants; a variant with names goes personal."""
+    plan = plan_sends(FAMILY, ["SAVE"], ["A", "B"], False, max_group_texts=20)
+    assert isinstance(plan, SendPlan)
+    assert plan.personal_variants == ("pt-br",)
+    assert [(t.variant, t.promo_code) for t in plan.texts] == [
+        ("", "A"),
+        ("", "B"),
+        ("", "SAVE"),
+        ("fr", "A"),
+        ("fr", "B"),
+        ("fr", "SAVE"),
+    ]
+    assert plan.campaign_code == "SAVE"
+    assert SendPlan.from_json(plan.to_json()) == plan
+
+
+def test_too_many_codes_make_a_variant_personal() -> None:
+    """Beyond max_group_texts distinct codes, code texts go out one by one."""
+    plan = plan_sends(FAMILY, [], [f"C{i}" for i in range(5)], False, max_group_texts=4)
+    assert isinstance(plan, SendPlan)
+    assert set(plan.personal_variants) == {"", "fr", "pt-br"}
+    assert plan.texts == ()
+    overflow = plan_sends(FAMILY, [], ["C1"], True, max_group_texts=20)
+    assert isinstance(overflow, SendPlan)
+    assert set(overflow.personal_variants) == {"", "fr", "pt-br"}
+
+
+@pytest.mark.parametrize(
+    ("campaign_codes", "code"),
+    [((), "PROMO_CODE_MISSING"), (("A", "B"), "PROMO_CODE_AMBIGUOUS")],
+)
+def test_no_code_for_anyone_is_refused(campaign_codes: tuple[str, ...], code: str) -> None:
+    """A code text with no code anywhere cannot be sent to anybody."""
+    problem = plan_sends(FAMILY, campaign_codes, [], False, max_group_texts=20)
+    assert isinstance(problem, StatusError)
+    assert problem.code == code
+
+
+def test_own_codes_win_and_the_rest_take_the_campaign_code() -> None:
+    """A customer's own code first, the single campaign code second, else skipped."""
+    plan = plan_sends(FAMILY, ["SAVE"], ["OWN"], False, max_group_texts=20)
+    assert isinstance(plan, SendPlan)
+    own = route(plan, FAMILY, Recipient("fr", "OWN"))
+    assert plan.texts[own.text_index or 0].text == "Salut OWN"
+    fallback = route(plan, FAMILY, Recipient("", None))
+    assert plan.texts[fallback.text_index or 0].text == "Hi SAVE"
+    personal = route(plan, FAMILY, Recipient("pt-BR", None, "", ""))
+    assert personal.personal_text == "Olá você SAVE"
+    no_campaign_code = plan_sends(FAMILY, [], ["OWN"], False, max_group_texts=20)
+    assert isinstance(no_campaign_code, SendPlan)
+    assert route(no_campaign_code, FAMILY, Recipient("", None)).skipped == "no_promo_code"
+    unmatched = route(plan, FAMILY, Recipient("es", None))
+    assert unmatched.fell_back_to_default
