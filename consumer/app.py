@@ -162,6 +162,8 @@ async def build_parts(
             poll_interval=workflow.poll_interval,
             default_window_days=workflow.metrics_window_days,
             send_reconcile_grace=workflow.send_reconcile_grace,
+            max_group_texts=workflow.max_group_texts,
+            bulk_chunk_size=workflow.bulk_chunk_size,
         ),
         clock,
         metrics,

@@ -138,7 +138,15 @@ def _contact_group(entry: object, position: int) -> ContactGroup:
     where = f"group #{position + 1}"
     if not isinstance(entry, dict):
         raise ValueError(f"{where} must be a mapping with id, name, template_prefix, ...")
-    known = {"id", "name", "template_prefix", "customer_id_field", "sender"}
+    known = {
+        "id",
+        "name",
+        "template_prefix",
+        "customer_id_field",
+        "sender",
+        "language_field",
+        "default_language",
+    }
     unknown = sorted(set(entry) - known)
     if unknown:
         raise ValueError(f"{where} has unknown field {unknown[0]!r} (known: {sorted(known)})")
@@ -232,6 +240,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("workflow.send_reconcile_grace_s", 180.0, _positive_float, "After a send whose outcome is unknown, how long TextLocal may take to show it before it is sent again."),
     Option("workflow.segment_retention_s", 0.0, _non_negative_float, "Keep a campaign's segment group this long after its last poll."),
     Option("workflow.drain_timeout_s", 25.0, _positive_float, "On SIGTERM, time to finish in-flight steps before handing them back."),
+    Option("workflow.max_group_texts", 20, _positive_int, "A template variant needing more distinct promo codes than this goes out personally (bulk_json) instead of one segment per code."),
+    Option("workflow.bulk_chunk_size", 1000, _positive_int, "Personal texts (names, many promo codes) per bulk_json call (at most 10,000)."),
     Option("workflow.max_handler_failures", 5, _positive_int, "Unexpected errors in a row on one campaign (executor, poller) before it ends FAILED INTERNAL_ERROR."),
     Option("workflow.max_metadata_bytes", 16384, _positive_int, "Largest campaign metadata (echoed on every output event); larger is REJECTED METADATA_TOO_LARGE."),
     # Process
@@ -316,6 +326,8 @@ class WorkflowSettings:
     drain_timeout_s: float = 25.0
     max_handler_failures: int = 5
     max_metadata_bytes: int = 16_384
+    max_group_texts: int = 20
+    bulk_chunk_size: int = 1_000
 
     @property
     def intake_limits(self) -> IntakeLimits:
@@ -422,6 +434,8 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             segment_retention=timedelta(seconds=values["workflow.segment_retention_s"]),
             drain_timeout_s=values["workflow.drain_timeout_s"],
             max_handler_failures=values["workflow.max_handler_failures"],
+            max_group_texts=values["workflow.max_group_texts"],
+            bulk_chunk_size=min(values["workflow.bulk_chunk_size"], 10_000),
             max_metadata_bytes=values["workflow.max_metadata_bytes"],
         ),
         roles=values["roles"],

@@ -30,6 +30,7 @@ POINTS = frozenset(
         "segment.created",  # create_group answered; the group id is not recorded yet
         "contacts.chunk_loaded",  # a chunk was accepted and recorded; more remain
         "send.returned",  # TextLocal accepted the send; its batch id is not recorded yet
+        "personal.chunk_sent",  # TextLocal accepted a bulk_json chunk; not recorded yet
         "send.recorded",  # SENT is recorded with its status event, not yet published
     }
 )
