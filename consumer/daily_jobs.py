@@ -37,6 +37,7 @@ from consumer.clock import Clock, monotonic_s, pause
 from consumer.contact_index import ContactIndex
 from consumer.dependencies import FailureStreak
 from consumer.errors import ConsumerError
+from consumer.leased_work import Lease, keep_lease
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.store import CampaignStore
@@ -186,7 +187,9 @@ class DailyJobs:
         self, name: str, lock: str, token: str, force: bool, progress: JobProgress | None
     ) -> JobOutcome:
         self._metrics.leases_held.labels("daily").inc()
-        renewal = asyncio.create_task(self._keep_lock(lock, token))
+        renewal = asyncio.create_task(
+            keep_lease(self._store, Lease(lock, token), _ms(self._settings.lock_ttl))
+        )
         started_s = monotonic_s()
         log_event(log, "daily.job_started", job=name, forced=force)
         try:
@@ -261,15 +264,6 @@ class DailyJobs:
             return await self._store.count_handler_failure("daily", name)
         except ConsumerError:
             return 0  # Redis away: not counted, and the lock's back-off holds anyway
-
-    async def _keep_lock(self, lock: str, token: str) -> None:
-        ttl_ms = _ms(self._settings.lock_ttl)
-        while True:
-            await asyncio.sleep(self._settings.lock_ttl.total_seconds() / 3)
-            with contextlib.suppress(ConsumerError):
-                if not await self._store.renew_lease(lock, token, ttl_ms):
-                    log_event(log, "daily.lock_lost", logging.WARNING, lock=lock)
-                    return
 
     async def _publish_last_successes(self) -> None:
         """Set the gauges from Redis, so a restarted replica reports what others did."""

@@ -345,7 +345,19 @@ class TemplateRecord:
 
 
 def output_event_id(ref: CampaignRef, *parts: str) -> str:
-    return str(uuid.uuid5(EVENT_ID_NAMESPACE, "/".join((ref.key, *parts))))
+    """UUIDv5 of the campaign key and the parts, joined by "/".
+
+    "%" and "/" inside a part are escaped, so no two (key, parts) share a name — a qualifier is
+    an input event id, which a producer chooses. Ids of parts without them are what they were.
+    """
+    name = "/".join(_escape_part(part) for part in (ref.key, *parts))
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
+
+
+def _escape_part(part: str) -> str:
+    if "%" not in part and "/" not in part:
+        return part
+    return part.replace("%", "%25").replace("/", "%2F")
 
 
 def _ref_fields(ref: CampaignRef) -> dict[str, Any]:

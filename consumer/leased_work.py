@@ -26,7 +26,7 @@ import contextlib
 import logging
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -56,6 +56,39 @@ class Lease:
     def check(self) -> None:
         if self.lost.is_set():
             raise LeaseLost(self.key)
+
+
+async def keep_lease(store: CampaignStore, lease: Lease, ttl_ms: int) -> None:
+    """Renew `lease` every third of its time to live, with its own token, until cancelled.
+
+    The one renewal loop of every lease holder (leased work, the outbox, the daily jobs). A
+    renewal that finds the lease gone sets `lease.lost` and stops; a Redis error is retried at
+    the next turn (the lease outlives two missed renewals).
+    """
+    while True:
+        await asyncio.sleep(ttl_ms / 3000)
+        try:
+            held = await store.renew_lease(lease.key, lease.token, ttl_ms)
+        except TransientError as exc:
+            # DEBUG: an outage is reported once, by consumer.dependencies.
+            log_event(log, "lease.renewal_failed", logging.DEBUG, lease=lease.key, error=str(exc))
+            continue
+        if not held:
+            log_event(log, "lease.lost", logging.WARNING, lease=lease.key)
+            lease.lost.set()
+            return
+
+
+@contextlib.asynccontextmanager
+async def renewing(store: CampaignStore, lease: Lease, ttl_ms: int) -> AsyncIterator[Lease]:
+    """Hold `lease` renewed for the block (`keep_lease`)."""
+    renewal = asyncio.create_task(keep_lease(store, lease, ttl_ms))
+    try:
+        yield lease
+    finally:
+        renewal.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewal
 
 
 Handler = Callable[[str, Lease], Awaitable[None]]
@@ -145,7 +178,7 @@ class LeasedWorkers:
         return len(still_running)
 
     async def _run(self, member: str, lease: Lease) -> None:
-        renewal = asyncio.create_task(self._keep(lease))
+        renewal = asyncio.create_task(keep_lease(self._store, lease, self._lease_ttl_ms))
         try:
             await self._handle(member, lease)
         except asyncio.CancelledError:
@@ -229,21 +262,6 @@ class LeasedWorkers:
             )
             return
         self._metrics.handler_gave_up.labels(self._kind).inc()
-
-    async def _keep(self, lease: Lease) -> None:
-        while True:
-            await asyncio.sleep(self._lease_ttl_ms / 3000)
-            try:
-                held = await self._store.renew_lease(lease.key, lease.token, self._lease_ttl_ms)
-            except TransientError as exc:
-                # DEBUG: an outage is reported once, by consumer.dependencies.
-                log_event(
-                    log, "lease.renewal_failed", logging.DEBUG, lease=lease.key, error=str(exc)
-                )
-                continue  # try again; the lease outlives two missed renewals
-            if not held:
-                lease.lost.set()
-                return
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         for member, running in list(self._running.items()):

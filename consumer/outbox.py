@@ -33,6 +33,7 @@ from consumer.dependencies import FailureStreak
 from consumer.errors import KafkaRecordRefused, TransientError
 from consumer.events import CampaignStatusEvent, DeliveryMetricsEvent, TemplateRecord
 from consumer.kafka_io import OutboundRecord
+from consumer.leased_work import Lease, renewing
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.store import CampaignStore, OutboxEntry
@@ -139,19 +140,12 @@ class OutboxPublisher:
         """Publish what is pending while holding the lease, renewing it meanwhile."""
         if not await self._hold_lease():
             return 0
-        renewal = asyncio.create_task(self._keep_lease())
-        try:
-            return await self.publish_pending()
-        finally:
-            renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
-
-    async def _keep_lease(self) -> None:
-        while True:
-            await asyncio.sleep(self._lease_ttl_ms / 3000)
-            with contextlib.suppress(TransientError):
-                await self._hold_lease()
+        lease = Lease(self._store.keys.outbox_lease, self._token)
+        async with renewing(self._store, lease, self._lease_ttl_ms):
+            published = await self.publish_pending()
+        if lease.lost.is_set():
+            self._holding = False
+        return published
 
     async def _failed(self, error: Exception) -> None:
         self._failures += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -9,7 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.events import CampaignRef, CampaignScheduled, StatusError
+from consumer.events import (
+    EVENT_ID_NAMESPACE,
+    CampaignRef,
+    CampaignScheduled,
+    StatusError,
+    output_event_id,
+)
 from consumer.workflow import (
     CampaignState,
     ContactGroup,
@@ -289,3 +296,13 @@ def test_retry_delay_grows_and_is_capped() -> None:
     """Backoff doubles per failure and stops at five minutes."""
     assert [retry_delay(n).total_seconds() for n in (1, 2, 3)] == [2, 4, 8]
     assert retry_delay(40) == timedelta(minutes=5)
+
+
+def test_output_event_ids_cannot_be_forged_through_separators() -> None:
+    """A campaign id or qualifier containing '/' never yields another event's id."""
+    first = output_event_id(CampaignRef(1, "a", 2), "status", "REJECTED", "x/status/SENT")
+    second = output_event_id(CampaignRef(1, "a", 2), "status", "REJECTED/x", "status/SENT")
+    assert first != second
+    # Ids of parts without separators are unchanged (re-emissions after an upgrade match).
+    plain = output_event_id(CampaignRef(1, "a", 2), "status", "SENT", "")
+    assert plain == str(uuid.uuid5(EVENT_ID_NAMESPACE, "1:a:2/status/SENT/"))
