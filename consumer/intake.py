@@ -156,8 +156,8 @@ class Intake:
             try:
                 await self._source.commit()
             except KafkaUnavailable as exc:
-                # Stored offsets are committed by the next owner's reads being idempotent
-                # anyway; a broker away at shutdown is no reason to exit with an error.
+                # What is not committed is read again by the next owner, and handling is
+                # idempotent: a broker away at shutdown is no reason to exit with an error.
                 log_event(log, "intake.commit_failed", logging.WARNING, error=str(exc))
 
     def _beat(self) -> None:
