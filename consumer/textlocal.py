@@ -289,12 +289,16 @@ class TextLocalObserver(Protocol):
     `request_finished` is called once per HTTP attempt with `outcome` one of "ok", "api_error",
     "http_error", "unavailable", "rate_limited", "outcome_unknown"; `retry_scheduled` before each
     backoff, with `reason` the error's class name ("TextLocalUnavailable" or
-    "TextLocalRateLimited"), so both stay bounded sets fit for metric labels.
+    "TextLocalRateLimited"), so both stay bounded sets fit for metric labels. `balance_checked`
+    after every successful `balance` call, with the credits and when (Unix time, the client's
+    clock).
     """
 
     def request_finished(self, command: str, outcome: str, duration_s: float) -> None: ...
 
     def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None: ...
+
+    def balance_checked(self, sms: float, mms: float, at_s: float) -> None: ...
 
 
 class _SilentObserver:
@@ -302,6 +306,9 @@ class _SilentObserver:
         pass
 
     def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None:
+        pass
+
+    def balance_checked(self, sms: float, mms: float, at_s: float) -> None:
         pass
 
 
@@ -576,7 +583,9 @@ class TextLocalClient:
                 return
 
     async def balance(self) -> Balance:
-        return await self._call("balance", [], parse_balance)
+        balance = await self._call("balance", [], parse_balance)
+        self._observer.balance_checked(balance.sms, balance.mms, self._clock.now().timestamp())
+        return balance
 
     async def get_sender_names(self) -> SenderNames:
         return await self._call("get_sender_names", [], parse_sender_names)
