@@ -9,7 +9,8 @@ passed in, so tests read a fresh one with `get_sample_value`; the process (`proc
 The alert rules (deploy/prometheus/alerts.yaml) count increases of some counters. Prometheus does
 not count a series' first sample as an increase, so a labelled series created at its first
 event would hide that event: the labels they watch are created at 0 up front (every campaign
-state here; the work roles where the roles are built).
+state here; the dead-letter reasons in intake; the work roles and outbox kinds where those are
+built).
 """
 
 from __future__ import annotations
