@@ -95,6 +95,7 @@ from consumer.textlocal_types import (
     parse_sender_names,
     parse_templates,
 )
+from consumer.workflow import quote as quote_value
 
 __all__ = [
     "MAX_CONTACTS_PER_BULK_CALL",
@@ -266,17 +267,20 @@ class TextLocalSettings:
 
 
 def _checked_api_url(api_url: str) -> str:
-    """The URL with a trailing slash; credentials or a query in it are refused (never echoed)."""
+    """The URL with a trailing slash; credentials or a query in it are refused (never echoed:
+    they may hold a key). A URL without either is quoted when its scheme or host is wrong."""
     try:
         url = yarl.URL(api_url)
     except (TypeError, ValueError) as exc:
         raise ConfigError("textlocal.api_url", "is not a URL") from exc
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError("textlocal.api_url", "must be an http(s) URL with a host")
     if url.user is not None or url.password is not None:
         raise ConfigError("textlocal.api_url", "must not carry credentials")
     if url.query_string or url.fragment:
         raise ConfigError("textlocal.api_url", "must not have a query or fragment")
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(
+            "textlocal.api_url", f"must be an http(s) URL with a host, got {quote_value(api_url)}"
+        )
     return api_url if api_url.endswith("/") else api_url + "/"
 
 

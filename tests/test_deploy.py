@@ -714,6 +714,34 @@ def test_probes_and_port_match_the_daemons_http_server(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_pod_names_itself_and_gets_no_service_links(overlay: str) -> None:
+    """The pod's name (downward API) is its instance id and its static consumer-group
+    membership; Kubernetes' service-link variables stay out of the environment."""
+    objects = rendered(overlay)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    env = {e["name"]: e for e in container_of(objects).get("env", [])}
+    for path in ("instance_id", "kafka.group_instance_id"):
+        variable = option(path).env
+        assert env[variable] == {
+            "name": variable,
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+        }
+        assert variable not in config_data(objects)
+    settings = load_settings(
+        {
+            **config_data(objects),
+            **yaml.safe_load((K8S / "secret.example.yaml").read_text(encoding="utf-8"))[
+                "stringData"
+            ],
+            option("instance_id").env: "textlocal-consumer-7d9f-abcde",
+            option("kafka.group_instance_id").env: "textlocal-consumer-7d9f-abcde",
+        }
+    )
+    assert settings.kafka.consumer_config()["group.instance.id"] == "textlocal-consumer-7d9f-abcde"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pods_run_with_the_restricted_security_context(overlay: str) -> None:
     """Every container: non-root, read-only root filesystem, no privilege escalation, all
     capabilities dropped, RuntimeDefault seccomp (the Pod Security "restricted" profile, which
