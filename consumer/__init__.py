@@ -2,4 +2,11 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    # The installed distribution's version (pyproject.toml), so `--version`, the User-Agent
+    # sent to TextLocal and the image label cannot disagree.
+    __version__ = version("textlocal-consumer")
+except PackageNotFoundError:  # a checkout on sys.path that was never installed
+    __version__ = "0+unknown"

@@ -11,7 +11,9 @@
     textlocal-consumer publish-sample          publish a sample campaign to the input topic
 
 Settings come from TEXTLOCAL_CONSUMER_* variables and/or a YAML file (--config or
-TEXTLOCAL_CONSUMER_CONFIG_FILE). Exit status: 0 success, 1 failure, 2 bad settings.
+TEXTLOCAL_CONSUMER_CONFIG_FILE); an unknown TEXTLOCAL_CONSUMER_* variable is reported (a warning
+at start, a line of `check`) with the nearest setting. `python -m consumer` is the same command.
+Exit status: 0 success, 1 failure, 2 bad settings.
 """
 
 from __future__ import annotations
@@ -30,16 +32,18 @@ from pathlib import Path
 from consumer import __version__
 from consumer.app import build_parts, daily_jobs, run_daemon
 from consumer.codec import SchemaRegistry
-from consumer.config import Settings, describe_settings, load_settings
+from consumer.config import Settings, describe_settings, load_settings, unknown_variables
 from consumer.errors import ConfigError, ConsumerError
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled
 from consumer.fault_points import fault_points_from_env
 from consumer.kafka_io import KafkaPublisher
-from consumer.logs import configure_logging
+from consumer.logs import configure_logging, log_event
 from consumer.outbox import OutboxPublisher
 from consumer.progress import ProgressLine
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_SETTINGS = 0, 1, 2
+
+log = logging.getLogger("consumer.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", type=Path, help="YAML settings file (default: $TEXTLOCAL_CONSUMER_CONFIG_FILE)"
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", help="what to do (default: run)"
+    )
     run = commands.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
     run.add_argument(
         "--roles",
@@ -79,17 +85,43 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser(
         "publish-sample", help="publish a sample campaign (header + recipient batches)"
     )
-    sample.add_argument("--tenant", type=int, default=1)
+    sample.add_argument("--tenant", type=int, default=1, help="Optimove tenant id (default 1)")
     sample.add_argument("--campaign", default=None, help="campaign id (default: random)")
-    sample.add_argument("--channel", type=int, default=505)
+    sample.add_argument(
+        "--channel", type=int, default=505, help="Optimove channel id (default 505)"
+    )
     sample.add_argument("--template-id", type=int, required=True, help="TextLocal template id")
-    sample.add_argument("--template-name", default="OPT_Promo", help="its name (prefix!)")
-    sample.add_argument("--customers", type=int, default=100, help="C00001.. (default 100)")
-    sample.add_argument("--id-width", type=int, default=5, help="digits in customer ids")
-    sample.add_argument("--batch-size", type=int, default=10_000)
-    sample.add_argument("--in-minutes", type=float, default=0.0, help="send time from now")
-    sample.add_argument("--promo-code", default="DEMO20")
-    sample.add_argument("--window-days", type=int, default=None)
+    sample.add_argument(
+        "--template-name",
+        default="OPT_Promo",
+        help="its name; the prefix picks the contact group (default OPT_Promo)",
+    )
+    sample.add_argument(
+        "--customers", type=int, default=100, help="how many customers, C00001.. (default 100)"
+    )
+    sample.add_argument(
+        "--id-width", type=int, default=5, help="digits in customer ids (default 5)"
+    )
+    sample.add_argument(
+        "--batch-size",
+        type=int,
+        default=10_000,
+        help="customers per CampaignRecipients record (default 10000, the most allowed)",
+    )
+    sample.add_argument(
+        "--in-minutes", type=float, default=0.0, help="send time, minutes from now (default 0)"
+    )
+    sample.add_argument(
+        "--promo-code",
+        default="DEMO20",
+        help='campaign promo code for [%%PROMO_CODE%%] (default DEMO20; "" for none)',
+    )
+    sample.add_argument(
+        "--window-days",
+        type=int,
+        default=None,
+        help="days of delivery polls (default: the daemon's workflow.metrics_window_days)",
+    )
     return parser
 
 
@@ -108,6 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"textlocal-consumer: bad setting: {exc}", file=sys.stderr)
         return EXIT_BAD_SETTINGS
     configure_logging(settings.log_format, settings.log_level)
+    for unknown in unknown_variables(environ):
+        log_event(
+            log,
+            "config.unknown_variable",
+            logging.WARNING,
+            variable=unknown.name,
+            did_you_mean=unknown.nearest,
+        )
     try:
         if command == "run":
             return asyncio.run(run_daemon(settings, fault_points_from_env(os.environ)))
@@ -123,6 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _check(settings: Settings, _args: argparse.Namespace) -> int:
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        print(f"Settings   ok, {len(unknown)} unknown variable{'s' if len(unknown) > 1 else ''}:")
+        for variable in unknown:
+            print(f"  warning: {variable}")
+    else:
+        print("Settings   ok")
     parts = await build_parts(settings)  # refuses a Redis without persistence unless allowed
     try:
         balance = await parts.client.balance()

@@ -3,15 +3,23 @@
 Every setting has a YAML path (`kafka.bootstrap_servers`) and an environment variable
 (`TEXTLOCAL_CONSUMER_KAFKA_BOOTSTRAP_SERVERS`); the environment wins over the file, the file over
 the default. Settings are validated once at start, and an error names the variable, the YAML path
-and what is wrong (never a secret's value). librdkafka properties pass through unchanged from
+and what is wrong, quoting the bad value (for a structured setting such as the contact groups,
+only the bad part; never a secret's value). librdkafka properties pass through unchanged from
 `kafka.properties` or `TEXTLOCAL_CONSUMER_KAFKA_PROPERTY_<NAME>` (`SASL_MECHANISMS` →
 `sasl.mechanisms`). `textlocal-consumer settings` prints the table.
+
+An unknown setting in the YAML file is an error. An unknown `TEXTLOCAL_CONSUMER_*` variable is
+reported (`unknown_variables`, with the nearest known name) but does not stop the daemon: the
+environment also carries what Kubernetes adds for a Service named `textlocal-consumer`
+(`TEXTLOCAL_CONSUMER_SERVICE_HOST`, `..._PORT_9108_TCP`, ...), which are recognised and ignored.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,17 +31,29 @@ from urllib.parse import urlsplit
 import yaml
 
 from consumer.errors import ConfigError
+from consumer.fault_points import KILL_AT_ENV
 from consumer.textlocal import TextLocalCredentials, TextLocalSettings
-from consumer.workflow import ContactGroup, IntakeLimits, sender_problem
+from consumer.workflow import ContactGroup, IntakeLimits, quote, sender_problem
 
 ENV_PREFIX = "TEXTLOCAL_CONSUMER_"
 CONFIG_FILE_ENV = f"{ENV_PREFIX}CONFIG_FILE"
 KAFKA_PROPERTY_ENV = f"{ENV_PREFIX}KAFKA_PROPERTY_"
 ROLES = ("intake", "executor", "poller", "daily")
 _SECRET_WORDS = ("password", "secret", "key", "token", "credentials")
+# What Kubernetes puts in a pod's environment for a Service named textlocal-consumer (service
+# links; the Deployment turns them off, but another Service of that name may bring them back).
+_SERVICE_LINK = re.compile(
+    ENV_PREFIX
+    + r"(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
 
 
 # --- value parsers: each raises ValueError with a sentence saying what is expected ---------------
+
+
+class _QuotedValueError(ValueError):
+    """A parser's error that already quotes the part of the value at fault, so the whole value
+    (a JSON list of groups, say) is not quoted after it."""
 
 
 def _text(raw: object) -> str:
@@ -103,8 +123,11 @@ def _time_of_day(raw: object) -> time:
 def _roles(raw: object) -> frozenset[str]:
     names = [part.strip() for part in _text(raw).split(",") if part.strip()]
     unknown = sorted(set(names) - set(ROLES))
-    if unknown or not names:
-        raise ValueError(f"must be a comma-separated subset of {', '.join(ROLES)}")
+    expected = f"must be a comma-separated subset of {', '.join(ROLES)}"
+    if not names:
+        raise _QuotedValueError(f"{expected}; none given")
+    if unknown:
+        raise _QuotedValueError(f"{expected}; {quote(unknown[0])} is not a role")
     return frozenset(names)
 
 
@@ -123,21 +146,30 @@ def _contact_groups(raw: object) -> tuple[ContactGroup, ...]:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"must be a JSON list of groups ({exc.msg})") from None
+            near = quote(exc.doc[exc.pos : exc.pos + 20])
+            raise _QuotedValueError(
+                f"must be a JSON list of groups ({exc.msg} at character {exc.pos}: {near})"
+            ) from None
     if not isinstance(raw, list) or not raw:
-        raise ValueError("must be a non-empty list of contact groups")
+        got = "an empty list" if raw == [] else f"a {_json_kind(raw)}"
+        raise _QuotedValueError(f"must be a non-empty list of contact groups, got {got}")
     groups = [_contact_group(entry, position) for position, entry in enumerate(raw)]
     prefixes = [group.template_prefix for group in groups]
     duplicates = sorted({p for p in prefixes if prefixes.count(p) > 1})
     if duplicates:
-        raise ValueError(f"template prefix {duplicates[0]!r} is used by more than one group")
+        raise _QuotedValueError(
+            f"template prefix {quote(duplicates[0])} is used by more than one group"
+        )
     return tuple(groups)
 
 
 def _contact_group(entry: object, position: int) -> ContactGroup:
     where = f"group #{position + 1}"
     if not isinstance(entry, dict):
-        raise ValueError(f"{where} must be a mapping with id, name, template_prefix, ...")
+        raise _QuotedValueError(
+            f"{where} must be a mapping with id, name, template_prefix, ..., "
+            f"got a {_json_kind(entry)}"
+        )
     known = {
         "id",
         "name",
@@ -147,37 +179,67 @@ def _contact_group(entry: object, position: int) -> ContactGroup:
         "language_field",
         "default_language",
     }
-    unknown = sorted(set(entry) - known)
+    unknown = sorted(set(entry) - known, key=str)
     if unknown:
-        raise ValueError(f"{where} has unknown field {unknown[0]!r} (known: {sorted(known)})")
+        raise _QuotedValueError(
+            f"{where} has unknown field {quote(str(unknown[0]))} (known: {sorted(known)})"
+        )
+
+    def text(name: str, default: str) -> str:
+        value = entry.get(name, default)
+        try:
+            return _text(value)
+        except ValueError as exc:
+            raise _QuotedValueError(f"{where} {name} {exc}, got a {_json_kind(value)}") from None
+
+    if "id" not in entry:
+        raise _QuotedValueError(f"{where} needs an id (the TextLocal group id)")
     try:
         group_id = _positive_int(entry["id"])
-    except KeyError:
-        raise ValueError(f"{where} needs an id (the TextLocal group id)") from None
     except ValueError as exc:
-        raise ValueError(f"{where} id {exc}") from None
-    field_name = _text(entry.get("customer_id_field", "custom1"))
+        raise _QuotedValueError(f"{where} id {exc}, got {quote(str(entry['id']))}") from None
+    field_name = text("customer_id_field", "custom1")
     if field_name not in {"custom1", "custom2", "custom3"}:
-        raise ValueError(f"{where} customer_id_field must be custom1, custom2 or custom3")
-    sender = _optional_text(entry.get("sender", ""))
+        raise _QuotedValueError(
+            f"{where} customer_id_field must be custom1, custom2 or custom3, "
+            f"got {quote(field_name)}"
+        )
+    sender = text("sender", "") or None
     if sender is not None and (problem := sender_problem(sender)):
-        raise ValueError(f"{where} {problem}")
-    language_field = _optional_text(entry.get("language_field", ""))
+        raise _QuotedValueError(f"{where} {problem}")
+    language_field = text("language_field", "") or None
     if language_field is not None and language_field not in {"custom1", "custom2", "custom3"}:
-        raise ValueError(
-            f"{where} language_field {language_field!r} must be custom1, custom2 or custom3"
+        raise _QuotedValueError(
+            f"{where} language_field must be custom1, custom2 or custom3, got {quote(language_field)}"
         )
     if language_field == field_name:
-        raise ValueError(f"{where} language_field {language_field!r} is the customer_id_field too")
+        raise _QuotedValueError(
+            f"{where} language_field {quote(language_field)} is the customer_id_field too"
+        )
     return ContactGroup(
         group_id=group_id,
-        name=_text(entry.get("name", f"group {group_id}")),
-        template_prefix=_text(entry.get("template_prefix", "")),
+        name=text("name", f"group {group_id}"),
+        template_prefix=text("template_prefix", ""),
         customer_id_field=field_name,
         sender=sender,
         language_field=language_field,
-        default_language=_text(entry.get("default_language", "")).lower(),
+        default_language=text("default_language", "").lower(),
     )
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON/YAML value is, for an error that should not quote all of it."""
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if value is None:
+        return "null"
+    return "string" if isinstance(value, str) else type(value).__name__
 
 
 @dataclass(frozen=True)
@@ -447,6 +509,38 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
     )
 
 
+@dataclass(frozen=True)
+class UnknownVariable:
+    """A `TEXTLOCAL_CONSUMER_*` variable that is no setting, and the setting it may mean."""
+
+    name: str
+    nearest: str | None
+
+    def __str__(self) -> str:
+        hint = f" (did you mean {self.nearest}?)" if self.nearest else ""
+        return f"{self.name} is not a setting and is ignored{hint}"
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[UnknownVariable]:
+    """The `TEXTLOCAL_CONSUMER_*` variables that are neither a setting, a librdkafka property
+    (`..._KAFKA_PROPERTY_<NAME>`), the config file, the tests' kill point, nor a Kubernetes
+    service link of a Service named textlocal-consumer; each with the nearest setting."""
+    known = {option.env for option in OPTIONS} | {CONFIG_FILE_ENV, KILL_AT_ENV}
+    suffixes = {name[len(ENV_PREFIX) :]: name for name in known}
+    found = []
+    for name in sorted(environ):
+        if (
+            not name.startswith(ENV_PREFIX)
+            or name in known
+            or name.startswith(KAFKA_PROPERTY_ENV)
+            or _SERVICE_LINK.fullmatch(name)
+        ):
+            continue
+        close = difflib.get_close_matches(name[len(ENV_PREFIX) :], suffixes, n=1, cutoff=0.6)
+        found.append(UnknownVariable(name, suffixes[close[0]] if close else None))
+    return found
+
+
 def describe_settings() -> str:
     """The settings table, for `textlocal-consumer settings` and the README."""
     lines = []
@@ -486,7 +580,9 @@ def _value(option: Option, environ: Mapping[str, str], from_file: Mapping[str, A
     try:
         return option.parse(raw)
     except ValueError as exc:
-        shown = "" if option.secret else f", got {str(raw)[:80]!r}"
+        # A secret's value is never shown (no secret's parser quotes a part of it either).
+        quoted = option.secret or isinstance(exc, _QuotedValueError)
+        shown = "" if quoted else f", got {quote(str(raw))}"
         raise ConfigError(f"{option.env} ({option.path})", f"{exc}{shown}") from None
 
 

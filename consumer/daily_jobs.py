@@ -8,6 +8,11 @@ latest scheduled time at or before its start; a job is due when its last success
 that time, which also makes a fresh deployment (no success recorded) and a replica coming back
 after missing the time run it at once.
 
+The template import also reads the account's credit balance (the `textlocal_credit_balance`
+gauge, and `sms_credits` in the job's summary), so the gauge is at most a day old even on days
+without a send; a failed read is logged (`daily.balance_check_failed`) and does not fail the
+import.
+
 On success the job records its last success (`keys.daily_job_last_success`, Unix ms, and the
 `daily_job_last_success_timestamp_seconds` gauge) and releases the lock. On failure it keeps the
 lock for `retry_after`, so no replica tries again before then; the next attempt is that much
@@ -128,6 +133,9 @@ class DailyJobs:
         self._clock = clock
         self._metrics = metrics
         self._owner = owner
+        # At 0 from the start, so the first failure is an increase (see consumer.metrics).
+        metrics.handler_failures.labels("daily")
+        metrics.handler_gave_up.labels("daily")
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Run each job when due, until `stopping` (a job in progress is finished first)."""
@@ -245,7 +253,7 @@ class DailyJobs:
             imported = await self._catalog.import_templates()
             if progress is not None:
                 progress(TEMPLATES_JOB, imported.templates, imported.templates)
-            return dict(vars(imported))
+            return {**vars(imported), **await self._read_balance()}
         summary: dict[str, int] = {}
         for group in self._groups:
             stage = f"group {group.group_id}"
@@ -257,6 +265,22 @@ class DailyJobs:
             build = await self._index.rebuild(self._client, group, self._clock.now(), report)
             summary[f"group_{group.group_id}_contacts"] = build.contacts
         return summary
+
+    async def _read_balance(self) -> dict[str, int]:
+        """The account's SMS credits, read once a day so the balance gauge is never older than
+        a day even when nothing is sent; not being able to read it does not fail the import."""
+        try:
+            balance = await self._client.balance()
+        except ConsumerError as exc:
+            log_event(
+                log,
+                "daily.balance_check_failed",
+                logging.WARNING,
+                error_class=type(exc).__name__,
+                error=str(exc)[:500],
+            )
+            return {}
+        return {"sms_credits": int(balance.sms)}
 
     async def _count_failure(self, name: str) -> int:
         self._metrics.handler_failures.labels("daily").inc()

@@ -7,7 +7,9 @@
 - `/readyz` (readiness): Redis and Kafka answer (as `consumer.dependencies` last saw them), and
   the intake role (if run here) has joined its consumer group. Each answers 200 or 503 with a JSON
   body saying which check failed.
-- `/metrics`: the Prometheus exposition of the registry passed in.
+- `/metrics`: the registry passed in, served by prometheus_client's own aiohttp handler: the
+  Prometheus text format, or OpenMetrics when the scraper's Accept header asks for it; gzip when
+  accepted; `?name[]=` selects metrics.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from consumer.clock import Clock
 
@@ -95,16 +98,10 @@ def health_app(
                 failing[name] = why
         return _answer(not failing, {"failing": failing})
 
-    async def metrics(_request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(registry))
-        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        response.charset = "utf-8"
-        return response
-
     app = web.Application()
     app.router.add_get(HEALTH_PATH, healthz)
     app.router.add_get(READY_PATH, readyz)
-    app.router.add_get(METRICS_PATH, metrics)
+    app.router.add_get(METRICS_PATH, make_aiohttp_handler(registry))
     return app
 
 

@@ -140,6 +140,9 @@ class Intake:
         self._clock = clock
         self._metrics = metrics
         self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-decode")
+        # At 0 from the start, so the first dead letter is an increase (see consumer.metrics).
+        for reason in DEAD_LETTER_REASONS:
+            metrics.events_dead_lettered.labels(reason)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set; then commit what was handled."""
@@ -627,20 +630,31 @@ def _dead_letter_copies(
     return copies
 
 
+# What the codec's messages say, most specific first; as labels, with "_" for " ".
+_CODEC_REASONS = (
+    "truncated header",
+    "bad marker",
+    "unknown schema fingerprint",
+    "unexpected record",
+    "truncated",
+    "malformed",
+    "trailing bytes",
+    "no value",
+)
+# Every `reason` of events_dead_lettered_total.
+DEAD_LETTER_REASONS = (
+    *(reason.replace(" ", "_") for reason in _CODEC_REASONS),
+    "undecodable",
+    "invalid_identity",
+    "handler_error",
+    "refused_by_kafka",
+)
+
+
 def _dead_letter_reason(error: CodecError) -> str:
     """A bounded label for the metric, from the codec's message."""
     text = str(error)
-    reasons = (
-        "truncated header",
-        "bad marker",
-        "unknown schema fingerprint",
-        "unexpected record",
-        "truncated",
-        "malformed",
-        "trailing bytes",
-        "no value",
-    )
-    for reason in reasons:
+    for reason in _CODEC_REASONS:
         if reason in text:
             return reason.replace(" ", "_")
     return "undecodable"

@@ -129,6 +129,10 @@ class LeasedWorkers:
         self._max_failures = max_failures
         self._running: dict[str, asyncio.Task[None]] = {}
         self._started: dict[str, datetime] = {}
+        # At 0 from the start, so the first failure is an increase (see consumer.metrics).
+        metrics.handler_failures.labels(kind)
+        metrics.handler_gave_up.labels(kind)
+        metrics.work_oldest_running.labels(kind).set_function(self._oldest_running_s)
 
     @property
     def running(self) -> int:
@@ -137,6 +141,10 @@ class LeasedWorkers:
     def oldest_running_since(self) -> datetime | None:
         """When the longest-running member in hand was claimed (for the liveness check)."""
         return min(self._started.values(), default=None)
+
+    def _oldest_running_s(self) -> float:
+        since = self.oldest_running_since()
+        return 0.0 if since is None else max(0.0, (self._clock.now() - since).total_seconds())
 
     async def claim_and_start(self) -> int:
         """Claim as many due members as there are free slots and start their handlers."""

@@ -3,14 +3,31 @@
 Names follow `textlocal_consumer_<what>_<unit>`: counters end in `_total`, durations are
 `_seconds`, timestamps `_timestamp_seconds`. Labels are bounded: event type, reason code, state,
 TextLocal command and outcome, delivery status letter, job name, partition number. The registry is
-passed in, so tests read a fresh one with `get_sample_value`.
+passed in, so tests read a fresh one with `get_sample_value`; the process (`process_*`), platform
+(`python_info`) and garbage-collector (`python_gc_*`) collectors are registered on it too.
+
+The alert rules (deploy/prometheus/alerts.yaml) count increases of some counters. Prometheus does
+not count a series' first sample as an increase, so a labelled series created at its first
+event would hide that event: the labels they watch are created at 0 up front (every campaign
+state here; the dead-letter reasons in intake; the work roles and outbox kinds where those are
+built).
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+from consumer.workflow import CampaignState
 
 PREFIX = "textlocal_consumer"
 
@@ -26,6 +43,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(f"{PREFIX}_{name}", doc, labels, registry=registry)
@@ -67,6 +87,8 @@ class Metrics:
             "Campaign state changes made here, by new state.",
             ("state",),
         )
+        for state in CampaignState:
+            self.campaign_transitions.labels(state.value)
         self.sms_accepted = counter(
             "sms_accepted_total", "Messages TextLocal accepted for sending (num_messages)."
         )
@@ -101,6 +123,16 @@ class Metrics:
         self.textlocal_rate_limit_unavailable = counter(
             "textlocal_rate_limit_unavailable_total",
             "Times Redis did not answer the shared rate limit (no TextLocal call went out then).",
+        )
+        self.textlocal_credit_balance = gauge(
+            "textlocal_credit_balance",
+            "The TextLocal account's credits at its last balance check here, by kind (sms, mms).",
+            ("kind",),
+        )
+        self.textlocal_credit_balance_checked = gauge(
+            "textlocal_credit_balance_checked_timestamp_seconds",
+            "When this replica last checked the TextLocal balance (Unix time; the replica that "
+            "checked last has the current balance).",
         )
         # delivery polls
         self.polls = counter("polls_total", "Delivery polls, by outcome.", ("outcome",))
@@ -160,6 +192,12 @@ class Metrics:
             "Roles restarted in-process after an unexpected error.",
             ("role",),
         )
+        self.work_oldest_running = gauge(
+            "work_oldest_running_seconds",
+            "How long the longest-running item in hand here has been running, by kind "
+            "(campaign: an executor step; poll: a delivery poll); 0 when none runs.",
+            ("kind",),
+        )
         self.loop_last_iteration = gauge(
             "loop_last_iteration_timestamp_seconds",
             "When each role's loop last completed an iteration (Unix time).",
@@ -173,6 +211,11 @@ class Metrics:
 
     def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None:
         self.textlocal_retries.labels(command, reason).inc()
+
+    def balance_checked(self, sms: float, mms: float, at_s: float) -> None:
+        self.textlocal_credit_balance.labels("sms").set(sms)
+        self.textlocal_credit_balance.labels("mms").set(mms)
+        self.textlocal_credit_balance_checked.set(at_s)
 
     def rate_limit_waited(self, wait_s: float) -> None:
         self.textlocal_rate_limit_wait.observe(wait_s)

@@ -111,6 +111,11 @@ class OutboxPublisher:
         self._last_id = "0-0"
         self._refusals: dict[str, int] = {}  # entry id → refusals in a row
         self._failures = 0  # unexpected errors in a row
+        # At 0 from the start, so the first one is an increase (see consumer.metrics).
+        metrics.handler_failures.labels("outbox")
+        metrics.handler_gave_up.labels("outbox")
+        for kind in self._topics:
+            metrics.outbox_set_aside.labels(kind)
         self._streak = FailureStreak(log, "outbox.publish_failed")
 
     async def run(self, stopping: asyncio.Event) -> None:

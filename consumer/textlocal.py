@@ -96,6 +96,7 @@ from consumer.textlocal_types import (
     parse_sender_names,
     parse_templates,
 )
+from consumer.workflow import quote as quote_value
 
 __all__ = [
     "MAX_CONTACTS_PER_BULK_CALL",
@@ -267,17 +268,20 @@ class TextLocalSettings:
 
 
 def _checked_api_url(api_url: str) -> str:
-    """The URL with a trailing slash; credentials or a query in it are refused (never echoed)."""
+    """The URL with a trailing slash; credentials or a query in it are refused (never echoed:
+    they may hold a key). A URL without either is quoted when its scheme or host is wrong."""
     try:
         url = yarl.URL(api_url)
     except (TypeError, ValueError) as exc:
         raise ConfigError("textlocal.api_url", "is not a URL") from exc
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError("textlocal.api_url", "must be an http(s) URL with a host")
     if url.user is not None or url.password is not None:
         raise ConfigError("textlocal.api_url", "must not carry credentials")
     if url.query_string or url.fragment:
         raise ConfigError("textlocal.api_url", "must not have a query or fragment")
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(
+            "textlocal.api_url", f"must be an http(s) URL with a host, got {quote_value(api_url)}"
+        )
     return api_url if api_url.endswith("/") else api_url + "/"
 
 
@@ -290,12 +294,16 @@ class TextLocalObserver(Protocol):
     `request_finished` is called once per HTTP attempt with `outcome` one of "ok", "api_error",
     "http_error", "unavailable", "rate_limited", "outcome_unknown"; `retry_scheduled` before each
     backoff, with `reason` the error's class name ("TextLocalUnavailable" or
-    "TextLocalRateLimited"), so both stay bounded sets fit for metric labels.
+    "TextLocalRateLimited"), so both stay bounded sets fit for metric labels. `balance_checked`
+    after every successful `balance` call, with the credits and when (Unix time, the client's
+    clock).
     """
 
     def request_finished(self, command: str, outcome: str, duration_s: float) -> None: ...
 
     def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None: ...
+
+    def balance_checked(self, sms: float, mms: float, at_s: float) -> None: ...
 
 
 class _SilentObserver:
@@ -303,6 +311,9 @@ class _SilentObserver:
         pass
 
     def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None:
+        pass
+
+    def balance_checked(self, sms: float, mms: float, at_s: float) -> None:
         pass
 
 
@@ -577,7 +588,9 @@ class TextLocalClient:
                 return
 
     async def balance(self) -> Balance:
-        return await self._call("balance", [], parse_balance)
+        balance = await self._call("balance", [], parse_balance)
+        self._observer.balance_checked(balance.sms, balance.mms, self._clock.now().timestamp())
+        return balance
 
     async def get_sender_names(self) -> SenderNames:
         return await self._call("get_sender_names", [], parse_sender_names)

@@ -2,31 +2,88 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import subprocess
+import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
+from consumer.cli import build_parser
 from consumer.sandbox import SandboxHandle
-from tests.daemon import CONSOLE_SCRIPT, DaemonTopics, daemon_environment, free_port
+from consumer.sandbox.__main__ import build_parser as build_sandbox_parser
+from tests.daemon import CHECKOUT, CONSOLE_SCRIPT, DaemonTopics, daemon_environment, free_port
 from tests.helpers import REGISTRY, consume, new_ref
 from tests.rigs import customer_ids, workflow_rig
 
 
-async def cli(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+async def cli(
+    env: Mapping[str, str], *args: str, command: tuple[str, ...] = (CONSOLE_SCRIPT,)
+) -> subprocess.CompletedProcess[str]:
+    """Run the command line with `env` (and this checkout's `consumer` first on the path)."""
     return await asyncio.to_thread(
         subprocess.run,
-        [CONSOLE_SCRIPT, *args],
-        env=dict(env),
+        [*command, *args],
+        env={"PYTHONPATH": str(CHECKOUT), **env},
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parser and every subcommand's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from parsers(sub)
+
+
+@pytest.mark.parametrize("parser", [build_parser(), build_sandbox_parser()], ids=["cli", "sandbox"])
+def test_every_option_and_command_has_help_text(parser: argparse.ArgumentParser) -> None:
+    """Every option, argument and subcommand of `textlocal-consumer` (and of the sandbox) says
+    what it is in --help."""
+    missing = []
+    for each in parsers(parser):
+        for action in each._actions:
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{each.prog}: {action.option_strings or action.dest}")
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {choice.dest for choice in action._choices_actions if choice.help}
+                missing += [f"{each.prog} {name}" for name in action.choices if name not in helped]
+    assert missing == []
+
+
+async def test_version_comes_from_the_package_metadata() -> None:
+    """`textlocal-consumer --version` and `python -m consumer --version` print the installed
+    distribution's version."""
+    expected = f"textlocal-consumer {version('textlocal-consumer')}"
+    for command in ((CONSOLE_SCRIPT,), (sys.executable, "-m", "consumer")):
+        shown = await cli({}, "--version", command=command)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.strip() == expected
+
+
+async def test_python_dash_m_consumer_is_the_command_line() -> None:
+    """`python -m consumer` runs the same command line: --help lists the commands, and a bad
+    setting exits 2 naming it."""
+    helped = await cli({}, "--help", command=(sys.executable, "-m", "consumer"))
+    assert helped.returncode == 0
+    assert "campaign-status" in helped.stdout
+    refused = await cli(
+        {"TEXTLOCAL_CONSUMER_TEXTLOCAL_API_KEY": "abcd"},
+        "run",
+        command=(sys.executable, "-m", "consumer"),
+    )
+    assert refused.returncode == 2
+    assert "TEXTLOCAL_CONSUMER_CONTACT_GROUPS" in refused.stderr
 
 
 async def test_help_and_settings_need_no_services() -> None:
@@ -93,8 +150,27 @@ async def test_operator_commands_against_the_local_stack(
         http_port=free_port(),
     )
 
-    checked = await cli(env, "check")
+    typo = {
+        "TEXTLOCAL_CONSUMER_WORKFLOW_POLL_INTERVAL": "3600",
+        # What Kubernetes adds for a Service named textlocal-consumer: not reported.
+        "TEXTLOCAL_CONSUMER_SERVICE_HOST": "10.0.0.11",
+        "TEXTLOCAL_CONSUMER_PORT_9108_TCP_ADDR": "10.0.0.11",
+    }
+    checked = await cli({**env, **typo}, "check")
     assert checked.returncode == 0, checked.stderr
+    assert "Settings   ok, 1 unknown variable:" in checked.stdout
+    assert (
+        "warning: TEXTLOCAL_CONSUMER_WORKFLOW_POLL_INTERVAL is not a setting and is ignored "
+        "(did you mean TEXTLOCAL_CONSUMER_WORKFLOW_POLL_INTERVAL_S?)"
+    ) in checked.stdout
+    [warning] = [
+        json.loads(line)
+        for line in checked.stderr.splitlines()
+        if '"config.unknown_variable"' in line
+    ]
+    assert warning["variable"] == "TEXTLOCAL_CONSUMER_WORKFLOW_POLL_INTERVAL"
+    assert warning["did_you_mean"] == "TEXTLOCAL_CONSUMER_WORKFLOW_POLL_INTERVAL_S"
+    assert warning["level"] == "warning"
     assert "Redis      ok (AOF on)" in checked.stdout
     assert f"group {group_id} (OPT_): 0 indexed" in checked.stdout
 

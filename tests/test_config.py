@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.config import describe_settings, load_settings
+from consumer.config import UnknownVariable, describe_settings, load_settings, unknown_variables
 from consumer.errors import ConfigError
 
 GROUPS = json.dumps([{"id": 5, "name": "UK", "template_prefix": "OPT_", "sender": "ShopCo"}])
@@ -127,3 +127,106 @@ def test_settings_table_lists_every_variable() -> None:
         in table
     )
     assert "TEXTLOCAL_CONSUMER_TEXTLOCAL_API_KEY\n    textlocal.api_key = (secret)" in table
+
+
+@pytest.mark.parametrize(
+    ("changes", "message", "absent"),
+    [
+        (
+            {"customer_id_field": "custom9"},
+            "group #1 customer_id_field must be custom1, custom2 or custom3, got 'custom9'",
+            ["ShopCo", "OPT_"],
+        ),
+        ({"id": "five"}, "group #1 id must be a whole number, got 'five'", ["ShopCo"]),
+        ({"name": ["UK"]}, "group #1 name must be text, got a list", ["ShopCo"]),
+        ({"sender": "Shop Co!"}, "group #1 sender 'Shop Co!': use 3–11", ["OPT_"]),
+        ({"colour": "red"}, "group #1 has unknown field 'colour'", ["ShopCo", "red"]),
+    ],
+)
+def test_a_bad_contact_group_field_quotes_only_that_value(
+    changes: dict[str, object], message: str, absent: list[str]
+) -> None:
+    """An error in one field of TEXTLOCAL_CONSUMER_CONTACT_GROUPS quotes that field's value,
+    not the whole JSON setting."""
+    group = {"id": 5, "name": "UK", "template_prefix": "OPT_", "sender": "ShopCo", **changes}
+    with pytest.raises(ConfigError) as error:
+        load_settings({**BASE, "TEXTLOCAL_CONSUMER_CONTACT_GROUPS": json.dumps([group])})
+    shown = str(error.value)
+    assert shown.startswith("TEXTLOCAL_CONSUMER_CONTACT_GROUPS (contact_groups): ")
+    assert message in shown
+    assert ", got '[" not in shown
+    for text in absent:
+        assert text not in shown
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("TEXTLOCAL_CONSUMER_CONTACT_GROUPS", '[{"id": 5}, oops]', "at character 12: 'oops]'"),
+        (
+            "TEXTLOCAL_CONSUMER_CONTACT_GROUPS",
+            '{"id": 5}',
+            "non-empty list of contact groups, got a mapping",
+        ),
+        ("TEXTLOCAL_CONSUMER_ROLES", "intake,sender,poller", "daily; 'sender' is not a role"),
+        ("TEXTLOCAL_CONSUMER_TEXTLOCAL_API_URL", "ftp://api.example", "got 'ftp://api.example'"),
+        ("TEXTLOCAL_CONSUMER_HTTP_PORT", "9" * 100, f"got '{'9' * 60}'… (100 characters)"),
+    ],
+)
+def test_errors_quote_the_bad_value_once_and_cut_short(
+    variable: str, value: str, message: str
+) -> None:
+    """A bad value is quoted once, at most 60 characters of it, and a structured setting's
+    error quotes the part at fault rather than the whole setting."""
+    with pytest.raises(ConfigError) as error:
+        load_settings({**BASE, variable: value})
+    shown = str(error.value)
+    assert message in shown
+    assert shown.count("got ") <= 1
+
+
+def test_an_api_url_holding_a_key_is_never_echoed() -> None:
+    """A TextLocal URL with credentials or a query (which may hold the API key) is refused
+    without quoting it, whatever else is wrong with it."""
+    for url in ("ftp://user:pa55word@api.example/", "ftp://api.example/?apikey=k3y-in-url"):
+        with pytest.raises(ConfigError) as error:
+            load_settings({**BASE, "TEXTLOCAL_CONSUMER_TEXTLOCAL_API_URL": url})
+        assert "pa55word" not in str(error.value)
+        assert "k3y-in-url" not in str(error.value)
+
+
+def test_unknown_variables_are_named_with_the_nearest_setting() -> None:
+    """A TEXTLOCAL_CONSUMER_* variable that is no setting is reported with the closest known
+    name (or none); settings, librdkafka properties, the config file, the tests' kill point and
+    Kubernetes' service-link variables for a Service named textlocal-consumer are not."""
+    environ = {
+        **BASE,
+        "TEXTLOCAL_CONSUMER_KAFKA_BOOTSTRAP_SERVER": "typo:9092",
+        "TEXTLOCAL_CONSUMER_LOGLEVEL": "debug",
+        "TEXTLOCAL_CONSUMER_ZZZ": "1",
+        "TEXTLOCAL_CONSUMER_KAFKA_PROPERTY_SASL_MECHANISMS": "PLAIN",
+        "TEXTLOCAL_CONSUMER_CONFIG_FILE": "/etc/tlc.yaml",
+        "TEXTLOCAL_CONSUMER_TEST_KILL_AT": "send.returned",
+        "TEXTLOCAL_CONSUMER_SERVICE_HOST": "10.96.0.12",
+        "TEXTLOCAL_CONSUMER_SERVICE_PORT": "9108",
+        "TEXTLOCAL_CONSUMER_SERVICE_PORT_HTTP": "9108",
+        "TEXTLOCAL_CONSUMER_PORT": "tcp://10.96.0.12:9108",
+        "TEXTLOCAL_CONSUMER_PORT_9108_TCP": "tcp://10.96.0.12:9108",
+        "TEXTLOCAL_CONSUMER_PORT_9108_TCP_PROTO": "tcp",
+        "TEXTLOCAL_CONSUMER_PORT_9108_TCP_PORT": "9108",
+        "TEXTLOCAL_CONSUMER_PORT_9108_TCP_ADDR": "10.96.0.12",
+        "OTHER_SERVICE_HOST": "10.96.0.13",
+    }
+    assert unknown_variables(environ) == [
+        UnknownVariable(
+            "TEXTLOCAL_CONSUMER_KAFKA_BOOTSTRAP_SERVER",
+            "TEXTLOCAL_CONSUMER_KAFKA_BOOTSTRAP_SERVERS",
+        ),
+        UnknownVariable("TEXTLOCAL_CONSUMER_LOGLEVEL", "TEXTLOCAL_CONSUMER_LOG_LEVEL"),
+        UnknownVariable("TEXTLOCAL_CONSUMER_ZZZ", None),
+    ]
+    assert str(unknown_variables(environ)[1]) == (
+        "TEXTLOCAL_CONSUMER_LOGLEVEL is not a setting and is ignored "
+        "(did you mean TEXTLOCAL_CONSUMER_LOG_LEVEL?)"
+    )
+    assert unknown_variables(BASE) == []

@@ -276,6 +276,26 @@ async def test_an_on_demand_run_waits_for_a_running_one(rig: JobsRig) -> None:
 
 
 @pytest.mark.integration
+async def test_the_template_import_reads_the_credit_balance(rig: JobsRig) -> None:
+    """After importing the templates the job reads the balance (for the credit gauge) and
+    reports the SMS credits; a balance TextLocal does not give does not fail the import."""
+    rig.clock.set(utc(5, 9))
+    jobs, _ = rig.replica("r1")
+    await rig.sandbox.admin.set_balance(sms=7_654)
+    done = await jobs.run_job(TEMPLATES_JOB, force=True)
+    assert (done.ok, done.reason) == (True, "done")
+    assert done.summary["sms_credits"] == 7_654
+    assert await rig.calls("balance") == 1
+
+    await rig.sandbox.admin.set_faults([FaultRule("http_5xx", command="balance")])
+    still_done = await jobs.run_job(TEMPLATES_JOB, force=True)
+    await rig.sandbox.admin.clear_faults()
+    assert (still_done.ok, still_done.reason) == (True, "done")
+    assert "sms_credits" not in still_done.summary
+    assert still_done.summary["templates"] == 2
+
+
+@pytest.mark.integration
 async def test_an_unknown_job_name_is_refused(rig: JobsRig) -> None:
     """Only "templates" and "contacts" exist."""
     jobs, _ = rig.replica("cli")

@@ -4,10 +4,11 @@ Pure checks, no cluster and no services. Every overlay is rendered twice: by a s
 the kustomize subset the manifests use (always, so a CI without kubectl still checks them) and by
 `kubectl kustomize` where kubectl is installed, which must agree with it. The rendered objects
 are validated against the Kubernetes OpenAPI schemas of KUBERNETES_VERSIONS (kubernetes-validate,
-strict: unknown fields fail) and the CRDs (PodMonitor, ScaledObject, TriggerAuthentication)
-against schemas written down here from their published CRDs. Then the manifests are held to the
-daemon's own facts: its HTTP port and probe paths (consumer.config, consumer.health), its drain
-timeout, its settings table, and the metric names the dashboard queries (consumer.metrics).
+strict: unknown fields fail) and the CRDs (PodMonitor, PrometheusRule, ScaledObject,
+TriggerAuthentication) against schemas written down here from their published CRDs. Then the
+manifests are held to the daemon's own facts: its HTTP port and probe paths (consumer.config,
+consumer.health), its drain timeout, its settings table, and the metric names the dashboard
+queries (consumer.metrics). The alert rules are checked in tests/test_alerts.py.
 """
 
 from __future__ import annotations
@@ -359,6 +360,7 @@ def test_overlay_renders_with_the_test_renderer(overlay: str) -> None:
         "NetworkPolicy",
         "PodDisruptionBudget",
         "PodMonitor",
+        "PrometheusRule",
         "ServiceAccount",
     ]
     if overlay == "prod":
@@ -438,9 +440,10 @@ def _crd(api_version: str, kind: str, spec: Manifest) -> Manifest:
     }
 
 
-# Subsets of the published CRDs (prometheus-operator monitoring.coreos.com_podmonitors,
-# keda.sh_scaledobjects, keda.sh_triggerauthentications): the fields used here, their types and
-# the required ones; closed objects, so a misspelt field fails.
+# Subsets of the published CRDs (prometheus-operator monitoring.coreos.com_podmonitors and
+# monitoring.coreos.com_prometheusrules, keda.sh_scaledobjects, keda.sh_triggerauthentications):
+# the fields used here, their types and the required ones; closed objects, so a misspelt field
+# fails.
 CRD_SCHEMAS: dict[str, Manifest] = {
     "PodMonitor": _crd(
         "monitoring.coreos.com/v1",
@@ -472,6 +475,49 @@ CRD_SCHEMAS: dict[str, Manifest] = {
                             "honorLabels": {"type": "boolean"},
                             "relabelings": {"type": "array"},
                             "metricRelabelings": {"type": "array"},
+                        },
+                    },
+                },
+            },
+        },
+    ),
+    "PrometheusRule": _crd(
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "limit": {"type": "integer"},
+                            "partial_response_strategy": {"type": "string"},
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        # IntOrString in the CRD.
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": {"type": "string", "pattern": _DURATION},
+                                        "keep_firing_for": {"type": "string", "pattern": _DURATION},
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                },
+                            },
                         },
                     },
                 },
@@ -665,6 +711,34 @@ def test_probes_and_port_match_the_daemons_http_server(overlay: str) -> None:
 
     ingress = only(objects, "NetworkPolicy")["spec"]["ingress"]
     assert [p["port"] for rule in ingress for p in rule["ports"]] == [port.default]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_pod_names_itself_and_gets_no_service_links(overlay: str) -> None:
+    """The pod's name (downward API) is its instance id and its static consumer-group
+    membership; Kubernetes' service-link variables stay out of the environment."""
+    objects = rendered(overlay)
+    pod = only(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["enableServiceLinks"] is False
+    env = {e["name"]: e for e in container_of(objects).get("env", [])}
+    for path in ("instance_id", "kafka.group_instance_id"):
+        variable = option(path).env
+        assert env[variable] == {
+            "name": variable,
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+        }
+        assert variable not in config_data(objects)
+    settings = load_settings(
+        {
+            **config_data(objects),
+            **yaml.safe_load((K8S / "secret.example.yaml").read_text(encoding="utf-8"))[
+                "stringData"
+            ],
+            option("instance_id").env: "textlocal-consumer-7d9f-abcde",
+            option("kafka.group_instance_id").env: "textlocal-consumer-7d9f-abcde",
+        }
+    )
+    assert settings.kafka.consumer_config()["group.instance.id"] == "textlocal-consumer-7d9f-abcde"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -1042,7 +1116,8 @@ def test_dashboard_queries_only_metrics_the_daemon_exposes() -> None:
 
 def test_dashboard_covers_every_topic_of_the_issue() -> None:
     """Panels exist for throughput, rejections and DLQ, TextLocal latency and errors, campaigns by
-    state, delivery rate, lag and daily jobs."""
+    state, delivery rate, lag, daily jobs, the credit balance, the dependencies and the oldest
+    work in hand."""
     queries = " ".join(dashboard_queries(load_dashboard()))
     for metric in (
         "events_consumed_total",
@@ -1058,6 +1133,9 @@ def test_dashboard_covers_every_topic_of_the_issue() -> None:
         "consumer_lag_messages",
         "daily_job_last_success_timestamp_seconds",
         "daily_job_runs_total",
+        "textlocal_credit_balance",
+        "dependency_up",
+        "work_oldest_running_seconds",
     ):
         assert re.search(rf"\btextlocal_consumer_{metric}\b", queries), metric
 

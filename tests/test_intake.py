@@ -160,7 +160,15 @@ async def test_redelivered_events_change_nothing(rig: IntakeRig) -> None:
 async def test_garbage_goes_to_the_dead_letter_topic_and_nothing_after_it_is_lost(
     rig: IntakeRig,
 ) -> None:
-    """Undecodable bytes and an unknown fingerprint are dead-lettered with the DLQ headers."""
+    """Undecodable bytes and an unknown fingerprint are dead-lettered with the DLQ headers, and
+    counted by reason (every reason's series exists at 0 before the first dead letter)."""
+
+    def dead_lettered(reason: str) -> float | None:
+        name = "textlocal_consumer_events_dead_lettered_total"
+        return rig.metrics.registry.get_sample_value(name, {"reason": reason})
+
+    assert dead_lettered("unknown_schema_fingerprint") == 0
+    assert dead_lettered("invalid_identity") == 0
     ref = new_ref()
     unknown_fingerprint = b"\xc3\x01" + bytes.fromhex("0011223344556677") + b"\x02"
     rig.publish(
@@ -188,6 +196,8 @@ async def test_garbage_goes_to_the_dead_letter_topic_and_nothing_after_it_is_los
         "dlq.source.timestamp",
         "dlq.consumer.group",
     } <= set(headers)
+    assert dead_lettered("unknown_schema_fingerprint") == 1
+    assert dead_lettered("invalid_identity") == 0
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from consumer.clock import SystemClock
+from consumer.clock import ManualClock, SystemClock
 from consumer.errors import StoreUnavailable
 from consumer.keys import RedisKeys
 from consumer.leased_work import Lease, LeasedWorkers
@@ -146,6 +146,50 @@ async def test_transient_failures_are_not_counted(
         await eventually(lambda: _true(pool.running == 0))
     assert recorder.gave_up == []
     assert await redis_client.hget(store.keys.handler_failures("test"), "m1") is None
+
+
+async def test_the_oldest_running_gauge_tells_how_long_the_longest_item_has_run(
+    store: CampaignStore, redis_client: aioredis.Redis
+) -> None:
+    """work_oldest_running_seconds{kind} is 0 with nothing in hand, then the age of the
+    longest-running member (what the step-running-too-long alert watches), 0 again after it."""
+    clock = ManualClock(SystemClock().now())
+    metrics = Metrics(CollectorRegistry())
+    recorder = Recorder()
+    pool = LeasedWorkers(
+        store,
+        queue=store.keys.prefix + QUEUE,
+        lease_prefix=store.keys.prefix + "lease:",
+        handle=recorder.handle,
+        give_up=recorder.give_up,
+        kind="campaign",
+        concurrency=4,
+        lease_ttl=timedelta(seconds=30),
+        clock=clock,
+        metrics=metrics,
+        owner="replica-a",
+    )
+
+    def age_s() -> float | None:
+        name = "textlocal_consumer_work_oldest_running_seconds"
+        return metrics.registry.get_sample_value(name, {"kind": "campaign"})
+
+    assert age_s() == 0
+    for name in ("handler_failures_total", "handler_gave_up_total"):
+        value = metrics.registry.get_sample_value(
+            f"textlocal_consumer_{name}", {"role": "campaign"}
+        )
+        assert value == 0, name
+    await redis_client.zadd(store.keys.prefix + QUEUE, {"m1": 0})
+    assert await pool.claim_and_start() == 1
+    clock.advance(timedelta(minutes=20))
+    await redis_client.zadd(store.keys.prefix + QUEUE, {"m2": 0})
+    assert await pool.claim_and_start() == 1
+    clock.advance(timedelta(minutes=5))
+    assert age_s() == pytest.approx(25 * 60, abs=5)  # the manual clock runs with real time
+    recorder.release.set()
+    await pool.drain(5)
+    assert age_s() == 0
 
 
 async def _true(value: bool) -> bool:

@@ -1,4 +1,6 @@
-"""Metrics move as a campaign runs and pass promtool; health and readiness say what is wrong."""
+"""Metrics move as a campaign runs and pass promtool; /metrics is prometheus_client's own
+exposition (with the process collectors, and OpenMetrics on request); health and readiness say
+what is wrong."""
 
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ async def test_metrics_move_as_a_campaign_runs(rig: WorkflowRig) -> None:
     """Running one campaign moves the contact, SMS, credit, transition and request metrics."""
     metrics = rig.metrics
     assert sample(metrics, "sms_accepted_total") == 0
+    assert (
+        metrics.registry.get_sample_value(PREFIX + "textlocal_credit_balance", {"kind": "sms"})
+        is None
+    )
+    await rig.sandbox.admin.set_balance(sms=54_321)
     ref = new_ref()
     await rig.submit(ref, [*customer_ids(1, 1600), "NOBODY"])
     await rig.executor.run_until_idle()
@@ -56,6 +63,9 @@ async def test_metrics_move_as_a_campaign_runs(rig: WorkflowRig) -> None:
     assert sample(metrics, "textlocal_request_duration_seconds_count", send_requests) == 1
     bulk = {"command": "create_contacts_bulk", "outcome": "ok"}
     assert sample(metrics, "textlocal_request_duration_seconds_count", bulk) == 2
+    # The balance checked before the send.
+    assert sample(metrics, "textlocal_credit_balance", {"kind": "sms"}) == 54_321
+    assert sample(metrics, "textlocal_credit_balance_checked_timestamp_seconds") > 0
 
 
 @pytest.mark.integration
@@ -77,6 +87,20 @@ async def test_exposition_passes_promtool(rig: WorkflowRig) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_registry_carries_the_process_platform_and_gc_collectors() -> None:
+    """The registry passed to Metrics also holds prometheus_client's process, platform and GC
+    collectors, so /metrics shows memory, CPU, file descriptors and the Python version."""
+    registry = CollectorRegistry()
+    Metrics(registry)
+    assert registry.get_sample_value("process_cpu_seconds_total") is not None
+    assert registry.get_sample_value("process_resident_memory_bytes") is not None
+    assert any(s.name == "python_info" for m in registry.collect() for s in m.samples)
+    assert registry.get_sample_value("python_gc_objects_collected_total", {"generation": "0"})
+    assert (
+        sample(Metrics(CollectorRegistry()), "campaign_transitions_total", {"state": "FAILED"}) == 0
+    )
 
 
 def health_state(clock: ManualClock, metrics: Metrics) -> HealthState:
@@ -145,6 +169,39 @@ async def test_endpoints_answer_200_or_503_with_reasons() -> None:
                 assert "intake loop silent" in (await response.json())["problems"][0]
             async with http.get(METRICS_PATH) as response:
                 assert response.status == 200
+                assert response.content_type == "text/plain"
                 assert "textlocal_consumer_sms_accepted_total" in await response.text()
+    finally:
+        await runner.cleanup()
+
+
+async def test_metrics_endpoint_answers_openmetrics_when_asked() -> None:
+    """An OpenMetrics Accept header gets OpenMetrics (ending in `# EOF`); without one, the
+    Prometheus text format; `name[]` selects metrics."""
+    clock = ManualClock(datetime.now(UTC))
+    metrics = Metrics(CollectorRegistry())
+    metrics.sms_accepted.inc(3)
+    runner = web.AppRunner(health_app(health_state(clock, metrics), {}, metrics.registry))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    openmetrics = "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            async with http.get(METRICS_PATH, headers={"Accept": openmetrics}) as response:
+                assert response.status == 200
+                assert response.content_type == "application/openmetrics-text"
+                text = await response.text()
+                assert text.endswith("# EOF\n")
+                assert "textlocal_consumer_sms_accepted_total 3.0" in text
+            async with http.get(METRICS_PATH) as response:
+                assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                assert "# EOF" not in await response.text()
+            selected = {"name[]": "textlocal_consumer_sms_accepted_total"}
+            async with http.get(METRICS_PATH, params=selected) as response:
+                text = await response.text()
+                assert "textlocal_consumer_sms_accepted_total 3.0" in text
+                assert "process_cpu_seconds_total" not in text
     finally:
         await runner.cleanup()

@@ -233,6 +233,9 @@ class RecordingObserver:
     def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None:
         self.retries.append((command, reason, delay_s))
 
+    def balance_checked(self, sms: float, mms: float, at_s: float) -> None:
+        pass
+
 
 async def no_sleep(seconds: float) -> None:
     """Backoffs and rate-limit waits pass at once; the observer records what they were."""

@@ -35,6 +35,9 @@ class RecordingObserver:
     def retry_scheduled(self, command: str, reason: str, delay_s: float) -> None:
         self.retry_delays_s.append(delay_s)
 
+    def balance_checked(self, sms: float, mms: float, at_s: float) -> None:
+        pass
+
 
 async def skip_waiting(seconds: float) -> None:
     """Backoff and Retry-After waits are recorded by the observer, not slept through."""
