@@ -51,11 +51,13 @@ fmt: venv  ## format and autofix
 run: stack-up  ## the demo: sandbox + daemon + a sample campaign on the local stack (Ctrl-C stops)
 	$(PY) deploy/local/demo.py $(ARGS)
 
-bench: stack-up  ## benchmarks: 1M-recipient campaign, 10,000 daily polls, the sandbox, history
+bench: stack-up  ## benchmarks: 1M-recipient campaign, polls, sandbox, history, load, takeover
 	$(PY) bench/bench_campaign.py
 	$(PY) bench/bench_polls.py
 	$(PY) bench/bench_sandbox.py
 	$(PY) bench/bench_history.py
+	$(PY) bench/bench_load.py
+	$(PY) bench/bench_takeover.py
 
 clean: stack-down  ## stop the stack and remove caches (keeps Maven's jar cache)
 	rm -rf .cache/stack .mypy_cache .ruff_cache .pytest_cache
