@@ -109,7 +109,11 @@ class Executor:
                     self._clock.now().timestamp()
                 )
                 if not claimed:
-                    await pause(stopping, self._settings.idle_wait_s)
+                    if self._workers.full:
+                        # A free slot is what to wait for: claim again as soon as one is.
+                        await self._workers.wait_for_one(self._settings.idle_wait_s)
+                    else:
+                        await pause(stopping, self._settings.idle_wait_s)
         finally:
             await self.drain(drain_timeout_s)
 

@@ -161,7 +161,9 @@ class KafkaEventSource:
         for message in messages:
             error = message.error()
             if error is not None:
-                if error.fatal():
+                # _FATAL arrives as an event that is not itself "fatal": a static member fenced by
+                # another with the same group.instance.id. This consumer reads nothing more.
+                if error.fatal() or error.code() == KafkaError._FATAL:
                     raise KafkaUnavailable(f"Kafka consumer failed: {error.str()}")
                 # Brokers away: librdkafka reconnects by itself. One warning per streak.
                 self._consume_errors += 1

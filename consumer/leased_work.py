@@ -169,10 +169,17 @@ class LeasedWorkers:
         self._metrics.leases_held.labels(self._kind).set(len(self._running))
         return len(claims)
 
-    async def wait_for_one(self) -> None:
-        """Until any running handler finishes (returns at once when none runs)."""
+    @property
+    def full(self) -> bool:
+        """Every slot has a member in hand: claiming now would claim nothing."""
+        return len(self._running) >= self._concurrency
+
+    async def wait_for_one(self, timeout_s: float | None = None) -> None:
+        """Until any running handler finishes, or `timeout_s` passes (at once when none runs)."""
         if self._running:
-            await asyncio.wait(list(self._running.values()), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                list(self._running.values()), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
 
     async def drain(self, timeout_s: float) -> int:
         """Let handlers finish for up to `timeout_s`; cancel and hand back the rest (counted)."""
