@@ -10,13 +10,13 @@ STAMP := $(VENV)/.installed
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sandbox/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e ./sandbox
 	touch $(STAMP)
 
-venv: $(STAMP)  ## virtualenv with the package and its dev tools
+venv: $(STAMP)  ## virtualenv with the daemon, the sandbox and the dev tools
 
 system-deps:  ## Debian packages: redis-server, Java, Maven, promtool (apt-get when missing)
 	./deploy/local/install-system-deps.sh

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from consumer.sandbox import SandboxHandle
 from tests.daemon import CONSOLE_SCRIPT, DaemonTopics, daemon_environment, free_port
 from tests.helpers import REGISTRY, consume, new_ref
 from tests.rigs import customer_ids, workflow_rig
+from textlocal_sandbox import SandboxHandle
 
 
 async def cli(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
