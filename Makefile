@@ -4,19 +4,37 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Lock files (pinned, with hashes; `make lock` writes them): dev is everything the venv holds,
+# runtime the daemon's image, sandbox the sandbox's image, build the build backend (hatchling).
+LOCKS := requirements/dev.txt requirements/runtime.txt requirements/sandbox.txt requirements/build.txt
+PIP := $(PY) -m pip --disable-pip-version-check
+UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 \
+	--generate-hashes --custom-compile-command "make lock"
 
-.PHONY: help deps system-deps venv stack-up stack-down stack-status test test-unit lint fmt run bench clean
+.PHONY: help deps system-deps venv lock stack-up stack-down stack-status test test-unit lint fmt run bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-$(STAMP): pyproject.toml sandbox/pyproject.toml
+# Exactly the locked versions, hash-checked; then the two projects themselves, editable, built
+# with the locked hatchling (no build isolation, so nothing unpinned is fetched).
+$(STAMP): pyproject.toml sandbox/pyproject.toml $(LOCKS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]' -e ./sandbox
+	$(PIP) install -q --require-hashes -r requirements/dev.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e . -e ./sandbox
 	touch $(STAMP)
 
-venv: $(STAMP)  ## virtualenv with the daemon, the sandbox and the dev tools
+venv: $(STAMP)  ## virtualenv with the daemon, the sandbox and the dev tools, from the lock
+
+# LOCK_ARGS=--upgrade moves every pin to the newest version the bounds allow;
+# LOCK_ARGS="--upgrade-package aiohttp" only that one. Without it, pins move only where a bound
+# in pyproject.toml no longer admits them. The other locks are cut from the dev lock.
+lock: venv  ## recompile the lock files (requirements/*.txt) from the pyproject.toml bounds
+	$(UV_COMPILE) $(LOCK_ARGS) --extra dev pyproject.toml sandbox/pyproject.toml \
+		requirements/build.in -o requirements/dev.txt
+	$(UV_COMPILE) -c requirements/dev.txt pyproject.toml -o requirements/runtime.txt
+	$(UV_COMPILE) -c requirements/dev.txt sandbox/pyproject.toml -o requirements/sandbox.txt
+	$(UV_COMPILE) -c requirements/dev.txt requirements/build.in -o requirements/build.txt
 
 system-deps:  ## Debian packages: redis-server, Java, Maven, promtool (apt-get when missing)
 	./deploy/local/install-system-deps.sh

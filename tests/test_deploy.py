@@ -950,13 +950,17 @@ def assert_slim_python_without_build_tools(stage: list[tuple[str, str]]) -> None
 
 
 def test_dockerfile_builds_a_wheel_and_runs_it_as_the_pods_user() -> None:
-    """Multi-stage, the daemon's image last (the default target): its builder runs `pip wheel .`;
-    the image is a slim Python 3.11 that installs the wheels offline, has no build tools, runs
-    `textlocal-consumer run` as the uid the Deployment expects, and exposes the daemon's port."""
+    """Multi-stage, the daemon's image last (the default target): its builder wheels exactly the
+    runtime lock (hash-checked) and the package with the locked build backend; the image is a slim
+    Python 3.11 that installs the wheels offline, has no build tools, runs `textlocal-consumer
+    run` as the uid the Deployment expects, and exposes the daemon's port."""
     stages = named_stages()
     assert list(stages)[-1] == "runtime"
     builder, runtime = stages["builder"], stages["runtime"]
-    assert "pip wheel --wheel-dir /wheels ." in runs_of(builder)
+    builds = runs_of(builder)
+    assert "pip install --require-hashes -r requirements/build.txt" in builds
+    assert "pip wheel --require-hashes --wheel-dir /wheels -r requirements/runtime.txt" in builds
+    assert "pip wheel --no-deps --no-build-isolation --wheel-dir /wheels ." in builds
     assert "sandbox" not in " ".join(arg for _, arg in builder)
     assert_slim_python_without_build_tools(runtime)
     assert "from=builder," in runs_of(runtime)
@@ -974,14 +978,17 @@ def test_dockerfile_builds_a_wheel_and_runs_it_as_the_pods_user() -> None:
 
 
 def test_dockerfile_sandbox_target_is_its_own_image() -> None:
-    """`--target sandbox` builds the sandbox alone: its builder wheels the sandbox project and
-    its dependencies; the image installs only `textlocal-sandbox` offline, runs it as a non-root
-    uid on all interfaces, and exposes its port."""
+    """`--target sandbox` builds the sandbox alone: its builder wheels the sandbox lock
+    (hash-checked) and the sandbox project; the image installs only `textlocal-sandbox`
+    offline, runs it as a non-root uid on all interfaces, and exposes its port."""
     stages = named_stages()
     builder, image = stages["sandbox-builder"], stages["sandbox"]
-    assert "pip wheel --wheel-dir /wheels ./sandbox" in runs_of(builder)
+    builds = runs_of(builder)
+    assert "pip install --require-hashes -r requirements/build.txt" in builds
+    assert "pip wheel --require-hashes --wheel-dir /wheels -r requirements/sandbox.txt" in builds
+    assert "pip wheel --no-deps --no-build-isolation --wheel-dir /wheels ./sandbox" in builds
     copied = {arg.split()[0] for kind, arg in builder if kind == "COPY"}
-    assert copied == {"sandbox/"}, "the sandbox is built without the daemon"
+    assert copied == {"requirements/", "sandbox/"}, "the sandbox is built without the daemon"
     assert_slim_python_without_build_tools(image)
     assert "from=sandbox-builder," in runs_of(image)
     assert "pip install --no-index --find-links=/wheels textlocal-sandbox" in runs_of(image)
@@ -1005,12 +1012,12 @@ def test_dockerignore_keeps_exactly_the_build_inputs() -> None:
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     sources = copy_sources()
     assert sources == included
-    assert {"pyproject.toml", "consumer", "schemas", "sandbox"} <= sources
+    assert {"pyproject.toml", "consumer", "schemas", "requirements", "sandbox"} <= sources
 
 
 def test_every_build_input_exists() -> None:
     """Every file the builders copy exists, including the readme pyproject.toml names (without
-    it hatchling, and so `pip wheel .`, fails)."""
+    it hatchling, and so `pip wheel .`, fails) and the lock files they install from."""
     sources = copy_sources()
     with (REPO / "pyproject.toml").open("rb") as file:
         readme = tomllib.load(file)["project"]["readme"]
@@ -1019,6 +1026,8 @@ def test_every_build_input_exists() -> None:
         pytest.skip(f"{readme} does not exist yet: the image build fails until it does")
     for source in sources:
         assert (REPO / source).exists(), source
+    for lock in ("build", "runtime", "sandbox"):
+        assert (REPO / "requirements" / f"{lock}.txt").is_file(), lock
 
 
 # --- Grafana dashboard ---------------------------------------------------------------------------

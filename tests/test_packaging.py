@@ -1,7 +1,7 @@
 """The two distributions: the daemon's wheel holds the daemon only, the sandbox's the sandbox only.
 
-The wheels are built here with `pip wheel --no-deps` (hatchling in pip's isolated build
-environment), then opened.
+The wheels are built here as the image builders build them (`pip wheel --no-deps
+--no-build-isolation`, with the locked hatchling of the venv; no network), then opened.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def build_wheel(project: Path, out: Path) -> zipfile.ZipFile:
             "wheel",
             "--quiet",
             "--no-deps",
+            "--no-build-isolation",
             "--wheel-dir",
             str(out),
             str(project),
