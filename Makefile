@@ -10,8 +10,11 @@ LOCKS := requirements/dev.txt requirements/runtime.txt requirements/sandbox.txt 
 PIP := $(PY) -m pip --disable-pip-version-check
 UV_COMPILE := $(VENV)/bin/uv pip compile --quiet --universal --python-version 3.11 \
 	--generate-hashes --custom-compile-command "make lock"
+# The AsyncAPI CLI (npm), which validates docs/asyncapi.yaml in the tests.
+NODE_TOOLS := tools/asyncapi
+NODE_STAMP := $(NODE_TOOLS)/node_modules/.installed
 
-.PHONY: help deps system-deps venv lock stack-up stack-down stack-status test test-unit lint fmt run bench clean
+.PHONY: help deps system-deps venv node-tools lock stack-up stack-down stack-status test test-unit lint fmt run bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -36,10 +39,16 @@ lock: venv  ## recompile the lock files (requirements/*.txt) from the pyproject.
 	$(UV_COMPILE) -c requirements/dev.txt sandbox/pyproject.toml -o requirements/sandbox.txt
 	$(UV_COMPILE) -c requirements/dev.txt requirements/build.in -o requirements/build.txt
 
-system-deps:  ## Debian packages: redis-server, Java, Maven, promtool (apt-get when missing)
+$(NODE_STAMP): $(NODE_TOOLS)/package.json $(NODE_TOOLS)/package-lock.json
+	cd $(NODE_TOOLS) && npm ci --no-audit --no-fund --ignore-scripts --omit=optional --loglevel=error
+	touch $(NODE_STAMP)
+
+node-tools: system-deps $(NODE_STAMP)  ## the AsyncAPI CLI, from tools/asyncapi/package-lock.json
+
+system-deps:  ## Debian packages: redis-server, Java, Maven, promtool, npm (apt-get when missing)
 	./deploy/local/install-system-deps.sh
 
-deps: system-deps venv  ## everything the tests and the demo need
+deps: system-deps venv node-tools  ## everything the tests and the demo need
 	$(PY) deploy/local/stack.py fetch
 
 stack-up: deps  ## start the local Kafka broker and Redis (idempotent)
@@ -54,7 +63,7 @@ stack-status:  ## is the local stack up?
 test: stack-up  ## the whole test suite against the real broker, Redis and the sandbox
 	$(PY) -m pytest
 
-test-unit: venv  ## only the tests that need no service
+test-unit: venv node-tools  ## only the tests that need no service
 	$(PY) -m pytest -m "not integration"
 
 lint: venv  ## ruff (lint + format check) and mypy strict
