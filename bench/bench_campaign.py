@@ -35,8 +35,8 @@ from confluent_kafka import Producer
 from consumer.codec import SchemaRegistry
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled
 from consumer.keys import RedisKeys
-from consumer.sandbox import SandboxAdminClient
 from consumer.store import as_text
+from textlocal_sandbox import SandboxAdminClient
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -187,7 +187,7 @@ async def main() -> int:
         [
             str(BIN / "python"),
             "-m",
-            "consumer.sandbox",
+            "textlocal_sandbox",
             "--port",
             str(sandbox_port),
             "--api-key",

@@ -52,15 +52,15 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
+sys.path[:0] = [str(REPO), str(REPO / "sandbox")]  # runnable as a plain script from any directory
 
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
-from consumer.sandbox import SandboxAdminClient  # noqa: E402
 from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S  # noqa: E402
 from consumer.store import CampaignStore, Transition, as_text  # noqa: E402
 from consumer.workflow import CampaignState  # noqa: E402
+from textlocal_sandbox import SandboxAdminClient  # noqa: E402
 
 RECIPIENTS = 10_000
 API_KEY = "bench-key"
@@ -429,7 +429,7 @@ async def main_async(args: argparse.Namespace) -> int:
     sandbox_url = f"http://127.0.0.1:{sandbox_port}/"
     sandbox = subprocess.Popen(
         [
-            sys.executable, "-m", "consumer.sandbox", "--port", str(sandbox_port),
+            sys.executable, "-m", "textlocal_sandbox", "--port", str(sandbox_port),
             "--api-key", API_KEY, "--balance", str(RECIPIENTS * 100), "--log-level", "WARNING",
         ],
         cwd=REPO,

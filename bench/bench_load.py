@@ -63,8 +63,8 @@ sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
-from consumer.sandbox import SandboxAdminClient  # noqa: E402
 from consumer.store import as_text  # noqa: E402
+from textlocal_sandbox import SandboxAdminClient  # noqa: E402
 
 API_KEY = "bench-key"
 WORK = REPO / ".cache" / "bench"

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_polls.py [--campaigns 10000]
         [--rate-limit-per-s 10] [--max-concurrency 4] [--poll-concurrency 4]
 
-1. Starts the sandbox as its own process (`python -m consumer.sandbox`), so the memory measured
+1. Starts the sandbox as its own process (`python -m textlocal_sandbox`), so the memory measured
    here is the poller's alone, and makes one real `send` per campaign (two numbers each) with a
    fast set-up client.
 2. Records each campaign in Redis as the executor leaves it at SENT (state, encoded header,
@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
+sys.path[:0] = [str(REPO), str(REPO / "sandbox")]  # runnable as a plain script from any directory
 
 from consumer.clock import ManualClock, to_millis  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
@@ -48,7 +48,6 @@ from consumer.events import CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
 from consumer.metrics import Metrics  # noqa: E402
 from consumer.poller import Poller, PollerSettings  # noqa: E402
-from consumer.sandbox import SandboxAdminClient  # noqa: E402
 from consumer.store import CampaignStore, as_text  # noqa: E402
 from consumer.textlocal import (  # noqa: E402
     TextLocalClient,
@@ -56,6 +55,7 @@ from consumer.textlocal import (  # noqa: E402
     TextLocalSettings,
 )
 from consumer.workflow import CampaignState, poll_slot  # noqa: E402
+from textlocal_sandbox import SandboxAdminClient  # noqa: E402
 
 INTERVAL = timedelta(days=1)
 WINDOW = timedelta(days=7)
@@ -179,7 +179,7 @@ async def main_async(args: argparse.Namespace) -> None:
     api_key = secrets.token_hex(16)
     port = free_port()
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer.sandbox", "--port", str(port), "--api-key", api_key,
+        sys.executable, "-m", "textlocal_sandbox", "--port", str(port), "--api-key", api_key,
         "--balance", str(args.campaigns * 4), "--log-level", "WARNING",
         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip

@@ -4,7 +4,7 @@
 
 1. Memory: one ContactGroup holding N contacts with names and a customer id, measured with
    tracemalloc (bytes allocated by the group), in this process.
-2. Throughput: a sandbox started as its own process (`python -m consumer.sandbox`), loaded with
+2. Throughput: a sandbox started as its own process (`python -m textlocal_sandbox`), loaded with
    N contacts by create_contacts_bulk calls of 1,500 contacts each, sent urlencoded as form
    clients do, with a few calls in flight; prints calls/s and contacts/s. Then, on that group:
    the time of one group send to every contact and of status_batch on it, and the server's RSS.
@@ -28,14 +28,14 @@ from urllib.parse import urlencode
 import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
+sys.path[:0] = [str(REPO), str(REPO / "sandbox")]  # runnable as a plain script from any directory
 
-from consumer.sandbox.commands import COMMANDS, CommandContext  # noqa: E402
-from consumer.sandbox.config import SandboxConfig  # noqa: E402
-from consumer.sandbox.contacts import Contact, ContactGroup  # noqa: E402
-from consumer.sandbox.reply import render_success  # noqa: E402
-from consumer.sandbox.state import SandboxState  # noqa: E402
-from consumer.sandbox.wire import RequestParams  # noqa: E402
+from textlocal_sandbox.commands import COMMANDS, CommandContext  # noqa: E402
+from textlocal_sandbox.config import SandboxConfig  # noqa: E402
+from textlocal_sandbox.contacts import Contact, ContactGroup  # noqa: E402
+from textlocal_sandbox.reply import render_success  # noqa: E402
+from textlocal_sandbox.state import SandboxState  # noqa: E402
+from textlocal_sandbox.wire import RequestParams  # noqa: E402
 
 CHUNK = 1_500
 FIRST_NUMBER = 447_000_000_000
@@ -131,7 +131,7 @@ async def measure_http(count: int, concurrency: int) -> None:
     api_key = secrets.token_hex(16)
     port = free_port()
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer.sandbox", "--port", str(port), "--api-key", api_key,
+        sys.executable, "-m", "textlocal_sandbox", "--port", str(port), "--api-key", api_key,
         "--balance", str(count * 2), "--log-level", "WARNING",
         cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip

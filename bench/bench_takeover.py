@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
-from consumer.sandbox import SandboxAdminClient  # noqa: E402
+from textlocal_sandbox import SandboxAdminClient  # noqa: E402
 
 API_KEY = "bench-key"
 WORK = REPO / ".cache" / "bench"

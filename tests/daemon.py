@@ -22,10 +22,10 @@ import redis.asyncio as aioredis
 
 from consumer.events import CampaignRef, InputEvent
 from consumer.keys import RedisKeys
-from consumer.sandbox import SandboxHandle
 from consumer.store import CampaignStore
 from consumer.workflow import CampaignState
 from tests.helpers import REGISTRY, consume, eventually, produce, recipients, scheduled
+from textlocal_sandbox import SandboxHandle
 
 CONSOLE_SCRIPT = str(Path(sys.executable).parent / "textlocal-consumer")
 # The checkout these tests belong to: daemons import `consumer` from here (PYTHONPATH), not from

@@ -13,7 +13,7 @@ import aiohttp
 import pytest_asyncio
 import yarl
 
-from consumer.sandbox import SandboxHandle, running_sandbox
+from textlocal_sandbox import SandboxHandle, running_sandbox
 
 Fields = Sequence[tuple[str, str]] | Mapping[str, str]
 Encoding = Literal["urlencoded", "multipart", "query", "get"]

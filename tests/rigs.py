@@ -11,7 +11,6 @@ from typing import Any
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from consumer.clock import ManualClock
 from consumer.contact_index import ContactIndex
 from consumer.events import CampaignRef, CampaignStatusEvent, RecipientCounts, StatusCode
 from consumer.executor import Executor, ExecutorSettings
@@ -19,13 +18,13 @@ from consumer.fault_points import FaultPoints, NoFaultPoints
 from consumer.keys import RedisKeys
 from consumer.metrics import Metrics
 from consumer.outbox import status_entry
-from consumer.sandbox import SandboxHandle
 from consumer.steps import CampaignSteps, StepSettings
 from consumer.store import CampaignSnapshot, CampaignStore
 from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient, TextLocalCredentials, TextLocalSettings
 from consumer.workflow import CampaignState, ContactGroup
 from tests.helpers import REGISTRY, recipients, scheduled
+from textlocal_sandbox import ManualClock, SandboxHandle
 
 WELCOME_BODY = "Hi from Shop! Your code: [%PROMO_CODE%]"
 

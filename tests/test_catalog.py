@@ -18,18 +18,17 @@ from consumer.catalog import (
     fingerprint,
     templates_topic_spec,
 )
-from consumer.clock import ManualClock
 from consumer.kafka_io import KafkaPublisher
 from consumer.keys import RedisKeys
 from consumer.metrics import Metrics
 from consumer.outbox import OutboxPublisher
-from consumer.sandbox import SandboxHandle
 from consumer.store import CampaignStore, OutboxEntry
 from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient, TextLocalCredentials, TextLocalSettings
 from consumer.textlocal_types import Template
 from consumer.workflow import ContactGroup
 from tests.helpers import REGISTRY, consume, decode_value
+from textlocal_sandbox import ManualClock, SandboxHandle
 
 NOW = datetime(2025, 3, 1, 3, 0, tzinfo=UTC)
 UK = ContactGroup(1001, "UK customers", "OPT_", "custom1", sender="ShopUK")

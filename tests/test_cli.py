@@ -16,11 +16,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from consumer.cli import build_parser
-from consumer.sandbox import SandboxHandle
-from consumer.sandbox.__main__ import build_parser as build_sandbox_parser
 from tests.daemon import CHECKOUT, CONSOLE_SCRIPT, DaemonTopics, daemon_environment, free_port
 from tests.helpers import REGISTRY, consume, new_ref
 from tests.rigs import customer_ids, workflow_rig
+from textlocal_sandbox import SandboxHandle
+from textlocal_sandbox.__main__ import build_parser as build_sandbox_parser
 
 
 async def cli(

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from consumer.events import InputEvent
-from consumer.sandbox import FaultRule
 from consumer.workflow import CampaignState
 from tests.daemon import (
     FIRST_NUMBER,
@@ -24,6 +23,7 @@ from tests.daemon import (
     customer_ids,
 )
 from tests.helpers import consume, new_ref
+from textlocal_sandbox import FaultRule
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from consumer.catalog import TemplateCatalog
-from consumer.clock import ManualClock, to_millis
+from consumer.clock import to_millis
 from consumer.contact_index import ContactIndex
 from consumer.daily_jobs import (
     CONTACTS_JOB,
@@ -25,12 +25,12 @@ from consumer.daily_jobs import (
 )
 from consumer.keys import RedisKeys
 from consumer.metrics import Metrics
-from consumer.sandbox import FaultRule, SandboxHandle
 from consumer.store import CampaignStore
 from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient, TextLocalCredentials, TextLocalSettings
 from consumer.workflow import ContactGroup
 from tests.helpers import REGISTRY, eventually
+from textlocal_sandbox import FaultRule, ManualClock, SandboxHandle
 
 AT_3 = time(3, 0)
 

@@ -981,23 +981,64 @@ def dockerfile_stages() -> list[list[tuple[str, str]]]:
     return stages
 
 
-def test_dockerfile_builds_a_wheel_and_runs_it_as_the_pods_user() -> None:
-    """Multi-stage: the builder runs `pip wheel .`; the runtime is a slim Python 3.11 that
-    installs the wheels offline, has no build tools, runs `textlocal-consumer run` as the uid the
-    Deployment expects, and exposes the daemon's port."""
-    preamble, *stages = dockerfile_stages()
-    assert len(stages) >= 2
+def named_stages() -> dict[str, list[tuple[str, str]]]:
+    """Every stage by its `AS` name (a stage without one is an error here)."""
+    named: dict[str, list[tuple[str, str]]] = {}
+    for stage in dockerfile_stages()[1:]:
+        kind, argument = stage[0]
+        assert kind == "FROM"
+        match = re.fullmatch(r"\S+\s+AS\s+(\S+)", argument, re.IGNORECASE)
+        assert match, f"unnamed stage: FROM {argument}"
+        named[match.group(1)] = stage
+    return named
+
+
+def runs_of(stage: list[tuple[str, str]]) -> str:
+    return " ".join(arg for kind, arg in stage if kind == "RUN")
+
+
+def copy_sources() -> set[str]:
+    """Every path the stages COPY from the build context (not from another stage)."""
+    return {
+        source.rstrip("/")
+        for stage in dockerfile_stages()[1:]
+        for kind, arg in stage
+        if kind == "COPY" and "--from" not in arg
+        for source in arg.split()[:-1]
+    }
+
+
+def assert_slim_python_without_build_tools(stage: list[tuple[str, str]]) -> None:
+    """A slim Python 3.11 that installs wheels offline and has nothing to build or fetch with."""
+    preamble = dockerfile_stages()[0]
     args = dict(a.split("=", 1) for kind, a in preamble if kind == "ARG")
-    builder, runtime = stages[0], stages[-1]
-    base = runtime[0][1].split()[0]
+    base = stage[0][1].split()[0]
     base = args.get(base.strip("${}"), base)
     assert re.fullmatch(r"python:3\.11[.\d]*-slim(-\w+)?", base), base
-    assert any(kind == "RUN" and "pip wheel" in arg for kind, arg in builder)
-    runs = " ".join(arg for kind, arg in runtime if kind == "RUN")
+    runs = runs_of(stage)
     assert "--no-index" in runs
+    assert "pip uninstall --yes pip" in runs
     for tool in ("apt-get install", "gcc", "build-essential", "pip wheel"):
-        assert tool not in runs, f"{tool} in the runtime stage"
-    assert not [arg for kind, arg in runtime if kind == "COPY" and "--from" not in arg]
+        assert tool not in runs, f"{tool} in an image stage"
+    assert not [arg for kind, arg in stage if kind == "COPY" and "--from" not in arg]
+
+
+def test_dockerfile_builds_a_wheel_and_runs_it_as_the_pods_user() -> None:
+    """Multi-stage, the daemon's image last (the default target): its builder wheels exactly the
+    runtime lock (hash-checked) and the package with the locked build backend; the image is a slim
+    Python 3.11 that installs the wheels offline, has no build tools, runs `textlocal-consumer
+    run` as the uid the Deployment expects, and exposes the daemon's port."""
+    stages = named_stages()
+    assert list(stages)[-1] == "runtime"
+    builder, runtime = stages["builder"], stages["runtime"]
+    builds = runs_of(builder)
+    assert "pip install --require-hashes -r requirements/build.txt" in builds
+    assert "pip wheel --require-hashes --wheel-dir /wheels -r requirements/runtime.txt" in builds
+    assert "pip wheel --no-deps --no-build-isolation --wheel-dir /wheels ." in builds
+    assert "sandbox" not in " ".join(arg for _, arg in builder)
+    assert_slim_python_without_build_tools(runtime)
+    assert "from=builder," in runs_of(runtime)
+    assert "pip install --no-index --find-links=/wheels textlocal-consumer" in runs_of(runtime)
     instructions = dict(runtime)
     uid = int(instructions["USER"].split(":")[0])
     assert uid != 0
@@ -1010,8 +1051,31 @@ def test_dockerfile_builds_a_wheel_and_runs_it_as_the_pods_user() -> None:
     assert int(instructions["EXPOSE"]) == option("http.port").default
 
 
+def test_dockerfile_sandbox_target_is_its_own_image() -> None:
+    """`--target sandbox` builds the sandbox alone: its builder wheels the sandbox lock
+    (hash-checked) and the sandbox project; the image installs only `textlocal-sandbox`
+    offline, runs it as a non-root uid on all interfaces, and exposes its port."""
+    stages = named_stages()
+    builder, image = stages["sandbox-builder"], stages["sandbox"]
+    builds = runs_of(builder)
+    assert "pip install --require-hashes -r requirements/build.txt" in builds
+    assert "pip wheel --require-hashes --wheel-dir /wheels -r requirements/sandbox.txt" in builds
+    assert "pip wheel --no-deps --no-build-isolation --wheel-dir /wheels ./sandbox" in builds
+    copied = {arg.split()[0] for kind, arg in builder if kind == "COPY"}
+    assert copied == {"requirements/", "sandbox/"}, "the sandbox is built without the daemon"
+    assert_slim_python_without_build_tools(image)
+    assert "from=sandbox-builder," in runs_of(image)
+    assert "pip install --no-index --find-links=/wheels textlocal-sandbox" in runs_of(image)
+    instructions = dict(image)
+    assert int(instructions["USER"].split(":")[0]) != 0
+    entrypoint = json.loads(instructions["ENTRYPOINT"])
+    assert entrypoint[0] == "textlocal-sandbox"
+    assert entrypoint[entrypoint.index("--host") + 1] == "0.0.0.0"
+    assert int(instructions["EXPOSE"]) == int(entrypoint[entrypoint.index("--port") + 1])
+
+
 def test_dockerignore_keeps_exactly_the_build_inputs() -> None:
-    """The build context is only what the builder copies: .dockerignore excludes everything,
+    """The build context is only what the builders copy: .dockerignore excludes everything,
     then re-includes each COPY source (so .venv, .git, caches and tests stay out)."""
     lines = [
         line.strip()
@@ -1020,27 +1084,15 @@ def test_dockerignore_keeps_exactly_the_build_inputs() -> None:
     ]
     assert lines[0] == "*"
     included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    builder = dockerfile_stages()[1]
-    sources = {
-        source.rstrip("/")
-        for kind, arg in builder
-        if kind == "COPY" and "--from" not in arg
-        for source in arg.split()[:-1]
-    }
+    sources = copy_sources()
     assert sources == included
-    assert {"pyproject.toml", "consumer", "schemas"} <= sources
+    assert {"pyproject.toml", "consumer", "schemas", "requirements", "sandbox"} <= sources
 
 
 def test_every_build_input_exists() -> None:
-    """Every file the builder copies exists, including the readme pyproject.toml names (without
-    it hatchling, and so `pip wheel .`, fails)."""
-    builder = dockerfile_stages()[1]
-    sources = {
-        source.rstrip("/")
-        for kind, arg in builder
-        if kind == "COPY" and "--from" not in arg
-        for source in arg.split()[:-1]
-    }
+    """Every file the builders copy exists, including the readme pyproject.toml names (without
+    it hatchling, and so `pip wheel .`, fails) and the lock files they install from."""
+    sources = copy_sources()
     with (REPO / "pyproject.toml").open("rb") as file:
         readme = tomllib.load(file)["project"]["readme"]
     assert readme in sources
@@ -1048,6 +1100,8 @@ def test_every_build_input_exists() -> None:
         pytest.skip(f"{readme} does not exist yet: the image build fails until it does")
     for source in sources:
         assert (REPO / source).exists(), source
+    for lock in ("build", "runtime", "sandbox"):
+        assert (REPO / "requirements" / f"{lock}.txt").is_file(), lock
 
 
 # --- Grafana dashboard ---------------------------------------------------------------------------

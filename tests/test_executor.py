@@ -13,11 +13,11 @@ import redis.asyncio as aioredis
 from consumer.errors import TransientError
 from consumer.executor import Executor, ExecutorSettings
 from consumer.leased_work import Lease
-from consumer.sandbox import FaultRule, SandboxHandle
 from consumer.steps import CampaignRun, StepSettings
 from consumer.workflow import CampaignState, segment_group_name
 from tests.helpers import REGISTRY, new_ref
 from tests.rigs import WorkflowRig, customer_ids, workflow_rig
+from textlocal_sandbox import FaultRule, SandboxHandle
 
 pytestmark = pytest.mark.integration
 

@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from consumer.clock import ManualClock
 from consumer.health import HEALTH_PATH, METRICS_PATH, READY_PATH, HealthState, health_app
 from consumer.metrics import Metrics
-from consumer.sandbox import SandboxHandle
 from tests.helpers import new_ref
 from tests.rigs import WorkflowRig, customer_ids, workflow_rig
+from textlocal_sandbox import SandboxHandle
 
 PREFIX = "textlocal_consumer_"
 

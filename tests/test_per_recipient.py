@@ -15,11 +15,11 @@ from datetime import timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from consumer.sandbox import FaultRule, SandboxHandle
 from consumer.steps import StepSettings
 from consumer.workflow import CampaignState
 from tests.helpers import new_ref
 from tests.rigs import WorkflowRig, customer_ids, workflow_rig
+from textlocal_sandbox import FaultRule, SandboxHandle
 
 pytestmark = pytest.mark.integration
 

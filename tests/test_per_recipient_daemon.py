@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from consumer.events import CampaignRecipients, CampaignRef, InputEvent
-from consumer.sandbox import FaultRule
 from consumer.workflow import CampaignState
 from tests.daemon import FIRST_NUMBER, PROMO_BODY, Stack, customer_ids
 from tests.helpers import new_ref, recipients, scheduled
+from textlocal_sandbox import FaultRule
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

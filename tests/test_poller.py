@@ -13,16 +13,16 @@ import redis.asyncio as aioredis
 
 from consumer.events import CampaignRef
 from consumer.poller import Poller, PollerSettings
-from consumer.sandbox import (
+from consumer.workflow import CampaignState, due_poll, poll_slot
+from tests.helpers import REGISTRY, eventually, new_ref
+from tests.rigs import WorkflowRig, customer_ids, workflow_rig
+from textlocal_sandbox import (
     DeliveryModel,
     FaultRule,
     SandboxConfig,
     SandboxHandle,
     running_sandbox,
 )
-from consumer.workflow import CampaignState, due_poll, poll_slot
-from tests.helpers import REGISTRY, eventually, new_ref
-from tests.rigs import WorkflowRig, customer_ids, workflow_rig
 
 DAY = timedelta(days=1)
 T0 = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)

@@ -20,11 +20,11 @@ from consumer.config import load_settings
 from consumer.errors import ConfigError, RateLimitUnavailable
 from consumer.keys import RedisKeys
 from consumer.rate_limit import AccountRateLimiter
-from consumer.sandbox import SandboxHandle
 from consumer.store import CampaignStore
 from consumer.textlocal import TextLocalClient, TextLocalCredentials, TextLocalSettings
 from tests.daemon import free_port
 from tests.helpers import REGISTRY, eventually
+from textlocal_sandbox import SandboxHandle
 
 integration = pytest.mark.integration
 ACCOUNT = "0123456789abcdef"

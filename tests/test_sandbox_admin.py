@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer.sandbox import (
+from tests.fixtures_sandbox import call, error_code
+from textlocal_sandbox import (
     FaultRule,
     SandboxAdminClient,
     SandboxAdminError,
@@ -22,9 +23,8 @@ from consumer.sandbox import (
     running_sandbox,
     seed_demo,
 )
-from consumer.sandbox.config import SandboxConfig as Config
-from consumer.sandbox.state import SandboxState
-from tests.fixtures_sandbox import call, error_code
+from textlocal_sandbox.config import SandboxConfig as Config
+from textlocal_sandbox.state import SandboxState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,11 +207,11 @@ def free_port() -> int:
 
 
 def test_cli_help() -> None:
-    """`python -m consumer.sandbox --help` describes the options."""
+    """`python -m textlocal_sandbox --help` describes the options."""
     import subprocess
 
     result = subprocess.run(
-        [sys.executable, "-m", "consumer.sandbox", "--help"],
+        [sys.executable, "-m", "textlocal_sandbox", "--help"],
         capture_output=True, text=True, cwd=REPO, check=True,
     )  # fmt: skip
     for option in ("--port", "--api-key", "--host", "--seed-demo", "--balance", "--settle-delay-s"):
@@ -224,7 +224,7 @@ async def test_cli_serves_logs_url_without_key_and_stops_cleanly(stop_signal: in
     port = free_port()
     key = "cli-secret-key-123"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer.sandbox", "--port", str(port), "--api-key", key,
+        sys.executable, "-m", "textlocal_sandbox", "--port", str(port), "--api-key", key,
         "--seed-demo", "--balance", "777",
         cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

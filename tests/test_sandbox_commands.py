@@ -8,8 +8,8 @@ from urllib.parse import quote
 
 import pytest
 
-from consumer.sandbox import SandboxConfig, SandboxHandle, running_sandbox
 from tests.fixtures_sandbox import call, error_code
+from textlocal_sandbox import SandboxConfig, SandboxHandle, running_sandbox
 
 NUMBER = "447700900101"
 

@@ -10,14 +10,14 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from consumer.sandbox import (
+from tests.fixtures_sandbox import call, error_code
+from textlocal_sandbox import (
     DeliveryMix,
     DeliveryModel,
     SandboxConfig,
     SandboxHandle,
     running_sandbox,
 )
-from tests.fixtures_sandbox import call, error_code
 
 # Last two digits pick the outcome (00–89 D, 90–93 U, 94–95 I, 96–97 E, 98–99 ?); the two before
 # pick the delay (00 → 60 s … 99 → 120 s with the defaults).

@@ -8,8 +8,8 @@ import time
 import aiohttp
 import pytest
 
-from consumer.sandbox import FaultRule, SandboxHandle
 from tests.fixtures_sandbox import call, raw_call
+from textlocal_sandbox import FaultRule, SandboxHandle
 
 SEND = {"numbers": "447700900101", "message": "x"}
 
@@ -118,7 +118,7 @@ async def test_faulted_requests_are_counted(sandbox: SandboxHandle) -> None:
 
 async def test_bad_fault_rules_are_refused(sandbox: SandboxHandle) -> None:
     """Unknown kinds and rates outside 0..1 are refused, locally and by the admin API."""
-    from consumer.sandbox import SandboxAdminError
+    from textlocal_sandbox import SandboxAdminError
 
     with pytest.raises(ValueError, match="unknown fault kind"):
         FaultRule("gremlins")

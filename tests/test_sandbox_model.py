@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from consumer.sandbox.contacts import Contact, ContactGroup
-from consumer.sandbox.credits import count_parts, max_length
-from consumer.sandbox.delivery import DeliveryMix, DeliveryModel
-from consumer.sandbox.numbers import invalid_positions, is_valid_number, parse_number
-from consumer.sandbox.wire import params_from_pairs
+from textlocal_sandbox.contacts import Contact, ContactGroup
+from textlocal_sandbox.credits import count_parts, max_length
+from textlocal_sandbox.delivery import DeliveryMix, DeliveryModel
+from textlocal_sandbox.numbers import invalid_positions, is_valid_number, parse_number
+from textlocal_sandbox.wire import params_from_pairs
 
 
 @pytest.mark.parametrize(
@@ -104,6 +104,6 @@ def test_form_parsing_matches_urllib(text: str) -> None:
     """The fast form parser reads bodies exactly as urllib's parse_qsl does."""
     from urllib.parse import parse_qsl
 
-    from consumer.sandbox.wire import parse_urlencoded
+    from textlocal_sandbox.wire import parse_urlencoded
 
     assert parse_urlencoded(text) == parse_qsl(text, keep_blank_values=True, errors="replace")

@@ -12,10 +12,10 @@ from urllib.parse import quote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.sandbox import SandboxHandle
-from consumer.sandbox.codes import ALL_ERRORS, PUBLISHED_ERRORS
-from consumer.sandbox.commands import COMMANDS
 from tests.fixtures_sandbox import php_multipart, raw_call
+from textlocal_sandbox import SandboxHandle
+from textlocal_sandbox.codes import ALL_ERRORS, PUBLISHED_ERRORS
+from textlocal_sandbox.commands import COMMANDS
 
 PARAM_NAMES = [
     "message", "numbers", "group_id", "sender", "schedule_time", "test", "receipt_url",

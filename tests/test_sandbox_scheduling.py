@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from consumer.clock import to_unix_s
-from consumer.sandbox import SandboxHandle
 from tests.fixtures_sandbox import call, error_code
+from textlocal_sandbox import SandboxHandle
 
 NUMBERS = "447700900101,447700900102,447700900103"
 

@@ -13,8 +13,8 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from consumer.sandbox import SandboxHandle
 from tests.fixtures_sandbox import Encoding, call, error_code, raw_call
+from textlocal_sandbox import SandboxHandle
 
 MESSAGE = "Hi & bye 50%+"
 PHP_MESSAGE = "Hi%20%26%20bye%2050%25%2B"  # PHP rawurlencode(), as captured
@@ -153,7 +153,7 @@ async def test_missing_login_is_error_3(sandbox: SandboxHandle) -> None:
 
 async def test_username_with_password_or_hash_logs_in() -> None:
     """username + password and username + hash both authenticate; a wrong password does not."""
-    from consumer.sandbox import SandboxConfig, running_sandbox
+    from textlocal_sandbox import SandboxConfig, running_sandbox
 
     config = SandboxConfig(username="ops@example.com", password="pw&1", login_hash="abc123")
     async with running_sandbox("unused-key", config=config) as handle:

@@ -12,9 +12,9 @@ from datetime import UTC, timedelta
 import pytest
 
 from consumer.errors import TextLocalApiError
-from consumer.sandbox import SandboxConfig, SandboxHandle, running_sandbox
 from consumer.textlocal import TextLocalClient, TextLocalCredentials, TextLocalSettings
 from consumer.textlocal_types import NewContact
+from textlocal_sandbox import SandboxConfig, SandboxHandle, running_sandbox
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 import pytest
 
 from consumer.errors import TextLocalApiError, TextLocalOutcomeUnknown
-from consumer.sandbox import FaultRule, SandboxHandle
 from consumer.textlocal import TextLocalClient, TextLocalCredentials, TextLocalSettings
 from consumer.textlocal_types import NewContact
+from textlocal_sandbox import FaultRule, SandboxHandle
 
 pytestmark = pytest.mark.integration
 

@@ -180,7 +180,7 @@ def main() -> int:
         [
             str(BIN / "python"),
             "-m",
-            "consumer.sandbox",
+            "textlocal_sandbox",
             "--port",
             str(SANDBOX_PORT),
             "--api-key",

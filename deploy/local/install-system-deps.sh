@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages the local stack and the tests need, when they are missing:
 #   redis-server (Redis with AOF), Java 17+ and Maven (to fetch and run Kafka's jars),
-#   promtool (from Debian's `prometheus` package; checks the metrics exposition).
+#   promtool (from Debian's `prometheus` package; checks the metrics exposition),
+#   npm and Node.js (run the AsyncAPI CLI that validates docs/asyncapi.yaml).
 # Uses apt-get as root, or sudo; elsewhere it says what to install and fails.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v java >/dev/null || missing+=(default-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v npm >/dev/null || missing+=(npm)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

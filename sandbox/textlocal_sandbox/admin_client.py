@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from consumer.sandbox.contacts import Contact
-from consumer.sandbox.faults import FaultRule
+from textlocal_sandbox.contacts import Contact
+from textlocal_sandbox.faults import FaultRule
 
 
 class SandboxAdminError(Exception):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Final
 
-from consumer.sandbox.contacts import Contact
-from consumer.sandbox.state import SandboxState
+from textlocal_sandbox.contacts import Contact
+from textlocal_sandbox.state import SandboxState
 
 DEMO_GROUP_NAME: Final = "Optimove customers"
 DEMO_CONTACTS: Final = 1_000

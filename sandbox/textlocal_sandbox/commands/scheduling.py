@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from consumer.sandbox.codes import CommandFailed
-from consumer.sandbox.commands.context import CommandContext, Reply, parse_int
-from consumer.sandbox.wire import RequestParams
+from textlocal_sandbox.codes import CommandFailed
+from textlocal_sandbox.commands.context import CommandContext, Reply, parse_int
+from textlocal_sandbox.wire import RequestParams
 
 
 def get_scheduled(ctx: CommandContext, params: RequestParams) -> Reply:

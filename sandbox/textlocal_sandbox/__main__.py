@@ -1,4 +1,5 @@
-"""`python -m consumer.sandbox --port 8080 --api-key KEY`: serve the TextLocal sandbox.
+"""`textlocal-sandbox --port 8080 --api-key KEY` (or `python -m textlocal_sandbox ...`): serve the
+TextLocal sandbox.
 
 Logs one line with its URL (never the key) and stops cleanly on SIGTERM or SIGINT.
 """
@@ -13,19 +14,19 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from consumer.sandbox.config import SandboxConfig
-from consumer.sandbox.delivery import DeliveryMix, DeliveryModel
-from consumer.sandbox.server import running_sandbox
+from textlocal_sandbox.config import SandboxConfig
+from textlocal_sandbox.delivery import DeliveryMix, DeliveryModel
+from textlocal_sandbox.server import running_sandbox
 
-_log = logging.getLogger("consumer.sandbox")
+_log = logging.getLogger("textlocal_sandbox")
 API_KEY_ENV = "TEXTLOCAL_SANDBOX_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m consumer.sandbox",
-        description="A local imitation of TextLocal's SMS API (assumptions:"
-        " consumer/sandbox/ASSUMPTIONS.md). Admin API for tests and demos under /_sandbox/.",
+        prog="textlocal-sandbox",
+        description="A local imitation of TextLocal's SMS API (assumptions: ASSUMPTIONS.md in"
+        " the textlocal_sandbox package). Admin API for tests and demos under /_sandbox/.",
     )
     parser.add_argument("--port", type=int, required=True, help="TCP port (0 = any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

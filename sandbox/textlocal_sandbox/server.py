@@ -11,13 +11,13 @@ from typing import Final
 
 from aiohttp import web
 
-from consumer.clock import ManualClock
-from consumer.sandbox.admin_client import SandboxAdminClient
-from consumer.sandbox.admin_routes import add_admin_routes
-from consumer.sandbox.api_routes import add_api_routes
-from consumer.sandbox.config import SandboxConfig
-from consumer.sandbox.runtime import RUNTIME, SandboxRuntime
-from consumer.sandbox.state import SandboxState
+from textlocal_sandbox.admin_client import SandboxAdminClient
+from textlocal_sandbox.admin_routes import add_admin_routes
+from textlocal_sandbox.api_routes import add_api_routes
+from textlocal_sandbox.clock import ManualClock
+from textlocal_sandbox.config import SandboxConfig
+from textlocal_sandbox.runtime import RUNTIME, SandboxRuntime
+from textlocal_sandbox.state import SandboxState
 
 _log = logging.getLogger(__name__)
 # A million-recipient send carries ~13 MB of numbers; bulk calls stay far below this.

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Final
 
-from consumer.sandbox.codes import CommandFailed
-from consumer.sandbox.commands.context import CommandContext, Reply, page_bounds, parse_int
-from consumer.sandbox.commands.sending import is_http_url
-from consumer.sandbox.wire import RequestParams
+from textlocal_sandbox.codes import CommandFailed
+from textlocal_sandbox.commands.context import CommandContext, Reply, page_bounds, parse_int
+from textlocal_sandbox.commands.sending import is_http_url
+from textlocal_sandbox.wire import RequestParams
 
 # One inbox, as every account has; the sandbox receives no inbound messages, so it stays empty.
 INBOX_ID: Final = 1

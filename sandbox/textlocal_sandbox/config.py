@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from consumer.sandbox.delivery import DeliveryModel
+from textlocal_sandbox.delivery import DeliveryModel
 
 
 @dataclass(frozen=True)

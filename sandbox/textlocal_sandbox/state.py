@@ -13,10 +13,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Final
 
-from consumer.sandbox.config import SandboxConfig
-from consumer.sandbox.contacts import Contact, ContactGroup
-from consumer.sandbox.model import Send, Template
-from consumer.sandbox.numbers import invalid_positions
+from textlocal_sandbox.config import SandboxConfig
+from textlocal_sandbox.contacts import Contact, ContactGroup
+from textlocal_sandbox.model import Send, Template
+from textlocal_sandbox.numbers import invalid_positions
 
 MY_CONTACTS_ID: Final = 5
 OPTOUTS_ID: Final = 6

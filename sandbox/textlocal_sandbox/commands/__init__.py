@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-from consumer.sandbox.commands import account, contacts, reports, scheduling, sending
-from consumer.sandbox.commands.context import Command, CommandContext, Reply
+from textlocal_sandbox.commands import account, contacts, reports, scheduling, sending
+from textlocal_sandbox.commands.context import Command, CommandContext, Reply
 
 COMMANDS: Final[Mapping[str, Command]] = {
     "send": sending.send,

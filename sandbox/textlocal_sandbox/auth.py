@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hmac
 
-from consumer.sandbox.config import SandboxConfig
-from consumer.sandbox.wire import RequestParams
+from textlocal_sandbox.config import SandboxConfig
+from textlocal_sandbox.wire import RequestParams
 
 
 def is_authenticated(params: RequestParams, api_key: str, config: SandboxConfig) -> bool:

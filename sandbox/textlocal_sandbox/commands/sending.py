@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote, urlsplit
 
-from consumer.sandbox.codes import WARNING_INVALID_NUMBER, WARNING_TEXTS, CommandFailed
-from consumer.sandbox.commands.context import CommandContext, Reply, parse_int
-from consumer.sandbox.credits import count_parts, truncate
-from consumer.sandbox.model import MMS, SMS, Send
-from consumer.sandbox.numbers import parse_number
-from consumer.sandbox.reply import RawJson, json_array
-from consumer.sandbox.state import snapshot_recipients
-from consumer.sandbox.wire import NotJson, RequestParams
+from textlocal_sandbox.codes import WARNING_INVALID_NUMBER, WARNING_TEXTS, CommandFailed
+from textlocal_sandbox.commands.context import CommandContext, Reply, parse_int
+from textlocal_sandbox.credits import count_parts, truncate
+from textlocal_sandbox.model import MMS, SMS, Send
+from textlocal_sandbox.numbers import parse_number
+from textlocal_sandbox.reply import RawJson, json_array
+from textlocal_sandbox.state import snapshot_recipients
+from textlocal_sandbox.wire import NotJson, RequestParams
 
 MAX_NUMBERS: Final = 10_000
 MAX_SCHEDULE_AHEAD_S: Final = 365 * 24 * 3600

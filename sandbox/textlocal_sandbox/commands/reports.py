@@ -7,15 +7,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from consumer.sandbox.codes import CommandFailed
-from consumer.sandbox.commands.context import (
+from textlocal_sandbox.codes import CommandFailed
+from textlocal_sandbox.commands.context import (
     CommandContext,
     Reply,
     format_datetime,
     page_bounds,
     parse_int,
 )
-from consumer.sandbox.delivery import (
+from textlocal_sandbox.delivery import (
     DELIVERED,
     EXPIRED,
     INVALID,
@@ -23,9 +23,9 @@ from consumer.sandbox.delivery import (
     UNDELIVERED,
     UNKNOWN,
 )
-from consumer.sandbox.model import Send
-from consumer.sandbox.reply import json_array
-from consumer.sandbox.wire import RequestParams
+from textlocal_sandbox.model import Send
+from textlocal_sandbox.reply import json_array
+from textlocal_sandbox.wire import RequestParams
 
 MAX_HISTORY_PAGE: Final = 1_000
 DEFAULT_HISTORY_SPAN_S: Final = 183 * 24 * 3600  # "6 months ago"

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from consumer.sandbox.codes import CommandFailed
-from consumer.sandbox.config import SandboxConfig
-from consumer.sandbox.state import SandboxState
-from consumer.sandbox.wire import RequestParams
+from textlocal_sandbox.codes import CommandFailed
+from textlocal_sandbox.config import SandboxConfig
+from textlocal_sandbox.state import SandboxState
+from textlocal_sandbox.wire import RequestParams
 
 Reply = dict[str, object]
 _INTEGER = re.compile(r"-?[0-9]{1,30}")

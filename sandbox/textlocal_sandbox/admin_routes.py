@@ -31,11 +31,11 @@ from typing import Final
 
 from aiohttp import web
 
-from consumer.sandbox.contacts import Contact, ContactGroup
-from consumer.sandbox.faults import FaultPlan, FaultRule
-from consumer.sandbox.model import Send
-from consumer.sandbox.runtime import RUNTIME, SandboxRuntime
-from consumer.sandbox.state import MY_CONTACTS_ID
+from textlocal_sandbox.contacts import Contact, ContactGroup
+from textlocal_sandbox.faults import FaultPlan, FaultRule
+from textlocal_sandbox.model import Send
+from textlocal_sandbox.runtime import RUNTIME, SandboxRuntime
+from textlocal_sandbox.state import MY_CONTACTS_ID
 
 PREFIX: Final = "/_sandbox"
 _CONTACT_FIELDS: Final = ("first_name", "last_name", "custom1", "custom2", "custom3")

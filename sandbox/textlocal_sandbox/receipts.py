@@ -17,14 +17,14 @@ from datetime import UTC, datetime
 
 import aiohttp
 
-from consumer.sandbox.delivery import (
+from textlocal_sandbox.delivery import (
     DELAY_BUCKETS,
     EXPIRED,
     INVALID,
     UNDELIVERED,
     DeliveryModel,
 )
-from consumer.sandbox.state import SandboxState
+from textlocal_sandbox.state import SandboxState
 
 _log = logging.getLogger(__name__)
 _SLICE = 1_000

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 from typing import Final
 
-from consumer.sandbox.codes import WARNING_INVALID_NUMBER, WARNING_TEXTS, CommandFailed
-from consumer.sandbox.commands.context import (
+from textlocal_sandbox.codes import WARNING_INVALID_NUMBER, WARNING_TEXTS, CommandFailed
+from textlocal_sandbox.commands.context import (
     CommandContext,
     Reply,
     format_datetime,
     page_bounds,
     parse_int,
 )
-from consumer.sandbox.contacts import Contact, ContactGroup
-from consumer.sandbox.numbers import parse_number
-from consumer.sandbox.state import BUILT_IN_GROUPS, MY_CONTACTS_ID, OPTOUTS_ID
-from consumer.sandbox.wire import NotJson, RequestParams
+from textlocal_sandbox.contacts import Contact, ContactGroup
+from textlocal_sandbox.numbers import parse_number
+from textlocal_sandbox.state import BUILT_IN_GROUPS, MY_CONTACTS_ID, OPTOUTS_ID
+from textlocal_sandbox.wire import NotJson, RequestParams
 
 MAX_GROUP_NAME: Final = 50
 MAX_BULK_CONTACTS: Final = 1_500

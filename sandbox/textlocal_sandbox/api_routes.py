@@ -12,13 +12,13 @@ import logging
 
 from aiohttp import web
 
-from consumer.sandbox.auth import is_authenticated
-from consumer.sandbox.codes import ALL_ERRORS, CommandFailed
-from consumer.sandbox.commands import COMMANDS, CommandContext
-from consumer.sandbox.faults import DROP_AFTER, DROP_BEFORE, HTTP_429
-from consumer.sandbox.reply import render_failure, render_success
-from consumer.sandbox.runtime import RUNTIME, SandboxRuntime
-from consumer.sandbox.wire import RequestParams, read_params
+from textlocal_sandbox.auth import is_authenticated
+from textlocal_sandbox.codes import ALL_ERRORS, CommandFailed
+from textlocal_sandbox.commands import COMMANDS, CommandContext
+from textlocal_sandbox.faults import DROP_AFTER, DROP_BEFORE, HTTP_429
+from textlocal_sandbox.reply import render_failure, render_success
+from textlocal_sandbox.runtime import RUNTIME, SandboxRuntime
+from textlocal_sandbox.wire import RequestParams, read_params
 
 _log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from collections import Counter, deque
 
 from aiohttp import web
 
-from consumer.clock import ManualClock
-from consumer.sandbox.config import SandboxConfig
-from consumer.sandbox.demo import seed_demo
-from consumer.sandbox.faults import FaultPlan
-from consumer.sandbox.receipts import ReceiptDispatcher
-from consumer.sandbox.state import SandboxState
+from textlocal_sandbox.clock import ManualClock
+from textlocal_sandbox.config import SandboxConfig
+from textlocal_sandbox.demo import seed_demo
+from textlocal_sandbox.faults import FaultPlan
+from textlocal_sandbox.receipts import ReceiptDispatcher
+from textlocal_sandbox.state import SandboxState
 
 # The call log keeps the latest requests only, so a long-running sandbox stays small.
 CALL_LOG_LIMIT = 100_000
