@@ -687,7 +687,11 @@ class MultiSend:
         log_event(
             log, "campaign.cancel_partly_refused", logging.WARNING, campaign=run.key, gone=gone
         )
-        await self._steps.refuse_cancel(run)
+        await self._steps.refuse_cancel(
+            run,
+            f"{gone} of the campaign's {len(batch_ids)} sends had already gone; "
+            f"the other {len(batch_ids) - gone} are cancelled",
+        )
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -575,16 +575,18 @@ class CampaignSteps:
                 raise TransientError(f"cancel_scheduled {batch_id} did not take: {exc}") from exc
             return send_at > self._clock.now()
 
-    async def refuse_cancel(self, run: CampaignRun) -> None:
+    async def refuse_cancel(
+        self,
+        run: CampaignRun,
+        detail: str = "the campaign was already sent; it cannot be cancelled",
+    ) -> None:
         status = self.status_event(
             run,
             StatusCode.SENT,
             qualifier="cancel-refused",
             batch_id=run.snapshot.optional_int("batch_id"),
             textlocal_group_id=run.snapshot.optional_int("group_id"),
-            error=StatusError(
-                "CANCEL_TOO_LATE", "the campaign was already sent; it cannot be cancelled"
-            ),
+            error=StatusError("CANCEL_TOO_LATE", detail),
         )
         # A poll may move SENT to POLLING meanwhile; the refusal holds in either state.
         transition = self._store.transition(run.key).expect(

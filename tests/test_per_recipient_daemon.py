@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import signal
 from collections import Counter
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from consumer.events import CampaignRecipients, CampaignRef, InputEvent
+from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled, InputEvent
 from consumer.workflow import CampaignState
 from tests.daemon import FIRST_NUMBER, PROMO_BODY, Stack, customer_ids
-from tests.helpers import new_ref, recipients, scheduled
+from tests.helpers import cancelled, new_ref, recipients, scheduled
 from textlocal_sandbox import FaultRule
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -178,4 +180,25 @@ async def test_textlocal_faults_and_lost_replies_never_double_a_sub_send(stack: 
     await stack.wait_for_state(ref, CampaignState.SENT, timeout_s=240)
     assert len(await stack.sandbox.admin.faults_fired()) > 0
     await assert_texts(stack, expected)
+    assert await daemon.stop() == 0
+
+
+async def test_a_scheduled_multi_text_campaign_cancelled_delivers_nothing(stack: Stack) -> None:
+    """Every scheduled sub-send (segments and bulk chunks) is cancelled: nothing arrives."""
+    settings = await prepare(stack)
+    ref = new_ref()
+    events, _ = campaign(stack, ref)
+    header = events[0]
+    assert isinstance(header, CampaignScheduled)
+    events[0] = replace(header, scheduled_at=datetime.now(UTC) + timedelta(hours=2))
+    daemon = stack.daemon(**settings).start()
+    await daemon.wait_ready()
+    stack.publish(*events)
+    await stack.wait_for_state(ref, CampaignState.SENT, timeout_s=120)
+    scheduled_sends = len(await stack.sandbox.admin.batches())
+    assert scheduled_sends > 3
+    stack.publish(cancelled(ref))
+    await stack.wait_for_state(ref, CampaignState.CANCELLED, timeout_s=120)
+    await stack.sandbox.admin.advance_clock(timedelta(hours=3))
+    assert await stack.sandbox.admin.messages() == []
     assert await daemon.stop() == 0
