@@ -51,8 +51,9 @@ fmt: venv  ## format and autofix
 run: stack-up  ## the demo: sandbox + daemon + a sample campaign on the local stack (Ctrl-C stops)
 	$(PY) deploy/local/demo.py $(ARGS)
 
-bench: stack-up  ## benchmarks: 1M-recipient campaign, 10,000 daily polls, the sandbox, history
+bench: stack-up  ## benchmarks: 1M-recipient campaigns (one text; languages; own codes), 10,000 daily polls, the sandbox, history
 	$(PY) bench/bench_campaign.py
+	$(PY) bench/bench_variants.py
 	$(PY) bench/bench_polls.py
 	$(PY) bench/bench_sandbox.py
 	$(PY) bench/bench_history.py
