@@ -124,6 +124,12 @@ def proc_status_mb(pid: int, field_name: str) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def wait_http(url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
@@ -377,6 +383,9 @@ class Figures:
     wall_s: float
     floors_s: tuple[float, float]
     phases: list[tuple[str, float]]
+    daemon_cpu_s: float  # from the first publish to SENT
+    sandbox_cpu_s: float  # likewise
+    floor_sandbox_cpu_s: tuple[float, float]  # the sandbox's, during each floor run
 
 
 async def run_scenario(
@@ -432,7 +441,9 @@ async def run_scenario(
 
         ref = CampaignRef(1, f"bench-{uuid.uuid4().hex[:6]}", 505)
         payloads = floor_payloads(campaign, args.chunk, short_reference(ref))
+        sandbox_cpu = cpu_s(sandbox.pid)
         floor_before = await floor_run(sandbox_url, campaign, payloads)
+        floor_cpu_before = cpu_s(sandbox.pid) - sandbox_cpu
         print(f"[{name}] floor (plain aiohttp, before): {floor_before:.1f}s", flush=True)
 
         env = {
@@ -482,6 +493,7 @@ async def run_scenario(
         await admin.reset_call_counts()
         rss_before = proc_status_mb(daemon.pid, "VmRSS")
         hwm_before = proc_status_mb(daemon.pid, "VmHWM")
+        daemon_cpu, sandbox_cpu = cpu_s(daemon.pid), cpu_s(sandbox.pid)
 
         started, published_at = await asyncio.to_thread(
             publish_campaign, stack["KAFKA_BOOTSTRAP_SERVERS"], topics["input"], campaign, ref,
@@ -500,10 +512,13 @@ async def run_scenario(
             await asyncio.sleep(0.05)
         wall = time.monotonic() - started
         rss = proc_status_mb(daemon.pid, "VmHWM")
+        daemon_cpu, sandbox_cpu = cpu_s(daemon.pid) - daemon_cpu, cpu_s(sandbox.pid) - sandbox_cpu
         counts = await admin.call_counts()
         await redis.aclose()
 
+        floor_cpu_after = cpu_s(sandbox.pid)
         floor_after = await floor_run(sandbox_url, campaign, payloads)
+        floor_cpu_after = cpu_s(sandbox.pid) - floor_cpu_after
         print(f"[{name}] floor (plain aiohttp, after): {floor_after:.1f}s", flush=True)
         return Figures(
             calls={k: v for k, v in counts.items() if v},
@@ -514,6 +529,9 @@ async def run_scenario(
             wall_s=wall,
             floors_s=(floor_before, floor_after),
             phases=milestones(log_path, ref.key, published_at),
+            daemon_cpu_s=daemon_cpu,
+            sandbox_cpu_s=sandbox_cpu,
+            floor_sandbox_cpu_s=(floor_cpu_before, floor_cpu_after),
         )
     finally:
         await admin.close()
@@ -560,8 +578,28 @@ def report(campaign: Campaign, figures: Figures, chunk: int) -> None:
     before, after = figures.floors_s
     print(f"floor (plain aiohttp): {floor:.1f}s (runs: {before:.1f}s, {after:.1f}s)")
     print(f"ratio                : {figures.wall_s / floor:.2f}x (target <= 1.5x)")
+    cpu_before, cpu_after = figures.floor_sandbox_cpu_s
+    print(
+        f"CPU to SENT          : daemon {figures.daemon_cpu_s:.1f}s, sandbox"
+        f" {figures.sandbox_cpu_s:.1f}s (sandbox in the floor runs: {cpu_before:.1f}s,"
+        f" {cpu_after:.1f}s)"
+    )
     if figures.phases:
-        print("daemon log           : " + ", ".join(f"{e} +{s:.1f}s" for e, s in figures.phases))
+        print(f"daemon log           : {phases_text(figures.phases)} (after the first publish)")
+
+
+def phases_text(phases: Sequence[tuple[str, float]]) -> str:
+    """Each event once: its time, or the first and last of a repeated one with its count."""
+    seen: dict[str, list[float]] = {}
+    for event, at in phases:
+        seen.setdefault(event, []).append(at)
+    parts = []
+    for event, times in seen.items():
+        if len(times) == 1:
+            parts.append(f"{event} +{times[0]:.1f}s")
+        else:
+            parts.append(f"{event} x{len(times)} +{times[0]:.1f}..{times[-1]:.1f}s")
+    return ", ".join(parts)
 
 
 SCENARIOS: dict[str, Callable[[int], Campaign]] = {
