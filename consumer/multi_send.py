@@ -42,8 +42,10 @@ from consumer.outbox import status_entry
 from consumer.send_plan import (
     DEFAULT_VARIANT,
     Recipient,
+    Routed,
     SendPlan,
     TemplateFamily,
+    is_personal,
     plan_sends,
     route,
     template_families,
@@ -189,8 +191,10 @@ class MultiSend:
             if contacts and f"{text_index}:{number}" not in loaded:
                 await ready.put((text_index, number, "[" + ",".join(contacts) + "]", len(contacts)))
 
+        router = _Router(plan, family, group.default_language)
+
         async def visit(contact: ResolvedContact) -> None:
-            routed = self._route(plan, family, group.default_language, contact)
+            routed = router(contact)
             if routed.skipped:
                 tally.skipped[routed.skipped] += 1
                 return
@@ -305,20 +309,6 @@ class MultiSend:
             **{f"skipped_{reason}": count for reason, count in tally.skipped.items()},
             **vars(counts),
         )
-
-    def _route(
-        self,
-        plan: SendPlan,
-        family: TemplateFamily,
-        default_language: str,
-        contact: ResolvedContact,
-    ) -> Any:
-        language = contact.language or default_language
-        variant, _ = family.body_for(language)
-        first = last = ""
-        if variant in plan.personal_variants:
-            first, last = contact.names()
-        return route(plan, family, Recipient(language, contact.promo_code, first, last))
 
     async def _ensure_group(
         self, run: CampaignRun, records: dict[str, dict[str, Any]], text_index: int
@@ -485,10 +475,11 @@ class MultiSend:
         version = await self._steps.index_version(run)
         chunk: list[tuple[str, str]] = []
         number = 0
+        router = _Router(plan, family, group.default_language)
 
         async def visit(contact: ResolvedContact) -> None:
             nonlocal chunk, number
-            routed = self._route(plan, family, group.default_language, contact)
+            routed = router(contact)
             if routed.personal_text is None:
                 return
             chunk.append((contact.number, routed.personal_text))
@@ -751,6 +742,46 @@ class MultiSend:
 
         attempted_at = _time(entry.get("attempted_at")) or self._clock.now()
         return RetryAt(attempted_at + self._settings.send_reconcile_grace, "reply lost")
+
+
+class _Router:
+    """`send_plan.route` for each resolved recipient, without redoing what cannot differ.
+
+    A recipient's variant depends only on their language, and the route of a recipient of a
+    group-text variant only on (language, own code): both are remembered (a bounded number of
+    them). Names are decoded only for a variant whose body uses them.
+    """
+
+    _BOUND = 10_000
+
+    def __init__(self, plan: SendPlan, family: TemplateFamily, default_language: str) -> None:
+        self._plan = plan
+        self._family = family
+        self._default_language = default_language
+        # language → (is personal, needs names)
+        self._variants: dict[str, tuple[bool, bool]] = {}
+        self._routes: dict[tuple[str, str | None], Routed] = {}
+
+    def __call__(self, contact: ResolvedContact) -> Routed:
+        language = contact.language or self._default_language
+        known = self._variants.get(language)
+        if known is None:
+            variant, body = self._family.body_for(language)
+            known = (variant in self._plan.personal_variants, is_personal(body))
+            if len(self._variants) < self._BOUND:
+                self._variants[language] = known
+        personal, needs_names = known
+        if personal:
+            first, last = contact.names() if needs_names else ("", "")
+            recipient = Recipient(language, contact.promo_code, first, last)
+            return route(self._plan, self._family, recipient)
+        key = (language, contact.promo_code)
+        routed = self._routes.get(key)
+        if routed is None:
+            routed = route(self._plan, self._family, Recipient(language, contact.promo_code))
+            if len(self._routes) < self._BOUND:
+                self._routes[key] = routed
+        return routed
 
 
 def _RetrySoon(reason: str, clock: Clock) -> Exception:  # noqa: N802 - reads as the exception
