@@ -63,6 +63,7 @@ BATCH = 10_000  # customers per CampaignRecipients event
 CONCURRENCY = 4  # TextLocal calls in flight: the daemon's default, and the floor's
 FIRST_NUMBER = 447_000_000_000  # contact C<k> has number FIRST_NUMBER + k - 1
 API_KEY = "bench-key"
+MULTIPART_ABOVE_BYTES = 16 * 1024  # as consumer.textlocal's client
 WORK = REPO / ".cache" / "bench"
 # The three language blocks of the master group: (language, share of the contacts).
 LANGUAGES = (("", 0.5), ("fr", 0.3), ("de", 0.2))
@@ -264,18 +265,22 @@ def floor_payloads(campaign: Campaign, chunk: int, custom: str) -> list[list[str
 
 
 async def floor_run(sandbox_url: str, campaign: Campaign, payloads: list[list[str]]) -> float:
-    """The same calls as the daemon, from a plain script: the time TextLocal itself needs."""
+    """The same calls as the daemon, from a plain script: the time TextLocal itself needs.
+
+    The same bodies (contacts chunks and bulk_json data prepared beforehand), encoded the same
+    way, with the same number of calls in flight.
+    """
     connector = aiohttp.TCPConnector(limit=CONCURRENCY)
     async with aiohttp.ClientSession(connector=connector) as session:
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def call(command: str, **params: str) -> dict[str, object]:
-            async with (
-                gate,
-                session.post(
-                    f"{sandbox_url}{command}/", data={**params, "apikey": API_KEY}
-                ) as response,
-            ):
+            fields = [("apikey", API_KEY), *params.items()]
+            # Encoded as the daemon's client does: multipart above 16 KB, else urlencoded (the
+            # sandbox's cost differs between the two; urlencoding 100 KB in Python takes 10 ms).
+            large = sum(len(value) for _, value in fields) > MULTIPART_ABOVE_BYTES
+            form = aiohttp.FormData(fields, default_to_multipart=large)
+            async with gate, session.post(f"{sandbox_url}{command}/", data=form) as response:
                 reply: dict[str, object] = await response.json(content_type=None)
             assert reply["status"] == "success", str(reply)[:500]
             return reply
@@ -383,6 +388,10 @@ class Figures:
     wall_s: float
     floors_s: tuple[float, float]
     phases: list[tuple[str, float]]
+    # each state seen: (state, seconds after the first publish, daemon CPU s, sandbox CPU s)
+    states: list[tuple[str, float, float, float]]
+    calls_at: list[tuple[str, float]]  # the daemon's calls, by arrival after the first publish
+    floor_calls_at: list[tuple[str, float]]  # the second floor run's, after its start
     daemon_cpu_s: float  # from the first publish to SENT
     sandbox_cpu_s: float  # likewise
     floor_sandbox_cpu_s: tuple[float, float]  # the sandbox's, during each floor run
@@ -505,19 +514,33 @@ async def run_scenario(
             flush=True,
         )
         state = ""
+        states: list[tuple[str, float, float, float]] = []
         while state != "SENT":
-            state = as_text(await redis.hget(keys.campaign(ref.key), "state") or b"")
-            if state in ("FAILED", "REJECTED", "DONE"):
-                raise SystemExit(f"campaign ended {state}; see {log_path}")
+            seen = as_text(await redis.hget(keys.campaign(ref.key), "state") or b"")
+            if seen in ("FAILED", "REJECTED", "DONE"):
+                raise SystemExit(f"campaign ended {seen}; see {log_path}")
+            if seen != state:
+                state = seen
+                states.append(
+                    (
+                        state or "(none yet)",
+                        time.monotonic() - started,
+                        cpu_s(daemon.pid) - daemon_cpu,
+                        cpu_s(sandbox.pid) - sandbox_cpu,
+                    )
+                )
             await asyncio.sleep(0.05)
         wall = time.monotonic() - started
         rss = proc_status_mb(daemon.pid, "VmHWM")
         daemon_cpu, sandbox_cpu = cpu_s(daemon.pid) - daemon_cpu, cpu_s(sandbox.pid) - sandbox_cpu
         counts = await admin.call_counts()
+        calls_at = await calls_timeline(admin, published_at)
         await redis.aclose()
 
-        floor_cpu_after = cpu_s(sandbox.pid)
+        await admin.reset_call_counts()
+        floor_cpu_after, floor_started = cpu_s(sandbox.pid), time.time()
         floor_after = await floor_run(sandbox_url, campaign, payloads)
+        floor_calls_at = await calls_timeline(admin, floor_started)
         floor_cpu_after = cpu_s(sandbox.pid) - floor_cpu_after
         print(f"[{name}] floor (plain aiohttp, after): {floor_after:.1f}s", flush=True)
         return Figures(
@@ -529,6 +552,9 @@ async def run_scenario(
             wall_s=wall,
             floors_s=(floor_before, floor_after),
             phases=milestones(log_path, ref.key, published_at),
+            states=states,
+            calls_at=calls_at,
+            floor_calls_at=floor_calls_at,
             daemon_cpu_s=daemon_cpu,
             sandbox_cpu_s=sandbox_cpu,
             floor_sandbox_cpu_s=(floor_cpu_before, floor_cpu_after),
@@ -584,8 +610,22 @@ def report(campaign: Campaign, figures: Figures, chunk: int) -> None:
         f" {figures.sandbox_cpu_s:.1f}s (sandbox in the floor runs: {cpu_before:.1f}s,"
         f" {cpu_after:.1f}s)"
     )
+    print(
+        "states (+s, CPU s)   : "
+        + ", ".join(
+            f"{state} +{at:.1f} (daemon {daemon:.1f}, sandbox {sandbox:.1f})"
+            for state, at, daemon, sandbox in figures.states
+        )
+    )
     if figures.phases:
         print(f"daemon log           : {phases_text(figures.phases)} (after the first publish)")
+    print(f"sandbox saw (daemon) : {phases_text(figures.calls_at)} (after the first publish)")
+    print(f"sandbox saw (floor)  : {phases_text(figures.floor_calls_at)} (after its start)")
+
+
+async def calls_timeline(admin: SandboxAdminClient, since: float) -> list[tuple[str, float]]:
+    """The sandbox's call log: (command, arrival in seconds after `since`, a wall-clock time)."""
+    return [(c.command, c.at.timestamp() - since) for c in await admin.call_log()]
 
 
 def phases_text(phases: Sequence[tuple[str, float]]) -> str:
