@@ -201,7 +201,7 @@ class MultiSend:
             tally.fallbacks += routed.fell_back_to_default
             if routed.text_index is None:
                 tally.personal[routed.variant] += 1
-                tally.personal_parts += message_cost(routed.personal_text or "").parts
+                tally.personal_parts += routed.parts
                 return
             tally.per_text[routed.text_index] += 1
             buffers[routed.text_index].append(contact.bulk_contact(group.customer_id_field))
@@ -474,18 +474,20 @@ class MultiSend:
         group = self._steps.contact_group(run)
         version = await self._steps.index_version(run)
         chunk: list[tuple[str, str]] = []
+        chunk_unicode = False
         number = 0
         router = _Router(plan, family, group.default_language)
 
         async def visit(contact: ResolvedContact) -> None:
-            nonlocal chunk, number
+            nonlocal chunk, chunk_unicode, number
             routed = router(contact)
             if routed.personal_text is None:
                 return
             chunk.append((contact.number, routed.personal_text))
+            chunk_unicode = chunk_unicode or routed.unicode
             if len(chunk) == self._settings.bulk_chunk_size:
-                await self._send_chunk(run, records, number, chunk)
-                chunk, number = [], number + 1
+                await self._send_chunk(run, records, number, chunk, chunk_unicode)
+                chunk, chunk_unicode, number = [], False, number + 1
 
         await self._index.resolve_each(
             self._keys.recipients(run.key),
@@ -497,7 +499,7 @@ class MultiSend:
             run.check_lease,
         )
         if chunk:
-            await self._send_chunk(run, records, number, chunk)
+            await self._send_chunk(run, records, number, chunk, chunk_unicode)
 
     async def _send_chunk(
         self,
@@ -505,6 +507,7 @@ class MultiSend:
         records: dict[str, dict[str, Any]],
         number: int,
         messages: list[tuple[str, str]],
+        unicode: bool,
     ) -> None:
         name_field = f"p{number}"
         entry = records.get(name_field, {"state": PLANNED})
@@ -533,7 +536,7 @@ class MultiSend:
                 test=run.header.test_mode,
                 schedule_time=send_at if scheduled else None,
                 custom=short_reference(run.header.ref),
-                unicode=any(message_cost(text).unicode for _, text in messages),
+                unicode=unicode,
             )
         except TextLocalOutcomeUnknown:
             log_event(log, "campaign.chunk_outcome_unknown", logging.WARNING, campaign=run.key)
