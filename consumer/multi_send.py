@@ -72,6 +72,7 @@ GROUP_EXISTS = 14
 PLAN_FIELD = "plan"
 PERSONAL_FIELD = "personal"
 PENDING, SENT, PLANNED = "pending", "sent", "planned"
+CHUNKS_IN_FLIGHT = 4  # bulk_json calls of one campaign at a time (the client bounds them too)
 
 
 class SegmentNameTaken(Exception):
@@ -470,36 +471,74 @@ class MultiSend:
         plan: SendPlan,
         family: TemplateFamily,
     ) -> None:
-        """Resolve again (deterministically) and send each chunk of personal texts once."""
+        """Resolve again (deterministically) and send each chunk of personal texts once.
+
+        Up to CHUNKS_IN_FLIGHT chunks are sent at a time while the resolution cuts the next
+        ones; each is still recorded `pending` before its call and `sent` after. A chunk that
+        fails does not cancel the others in flight: no chunk is started after it, those under
+        way finish and are recorded, then its error is raised.
+        """
         group = self._steps.contact_group(run)
         version = await self._steps.index_version(run)
         chunk: list[tuple[str, str]] = []
         chunk_unicode = False
         number = 0
         router = _Router(plan, family, group.default_language)
+        ready: asyncio.Queue[tuple[int, list[tuple[str, str]], bool] | None] = asyncio.Queue(
+            maxsize=CHUNKS_IN_FLIGHT
+        )
+        failures: list[Exception] = []
+
+        async def cut() -> None:
+            nonlocal chunk, chunk_unicode, number
+            if failures:
+                raise failures[0]
+            await ready.put((number, chunk, chunk_unicode))
+            chunk, chunk_unicode, number = [], False, number + 1
 
         async def visit(contact: ResolvedContact) -> None:
-            nonlocal chunk, chunk_unicode, number
+            nonlocal chunk_unicode
             routed = router(contact)
             if routed.personal_text is None:
                 return
             chunk.append((contact.number, routed.personal_text))
             chunk_unicode = chunk_unicode or routed.unicode
             if len(chunk) == self._settings.bulk_chunk_size:
-                await self._send_chunk(run, records, number, chunk, chunk_unicode)
-                chunk, chunk_unicode, number = [], False, number + 1
+                await cut()
 
-        await self._index.resolve_each(
-            self._keys.recipients(run.key),
-            self._keys.recipient_codes(run.key),
-            run.header.batch_count,
-            group,
-            version,
-            visit,
-            run.check_lease,
-        )
-        if chunk:
-            await self._send_chunk(run, records, number, chunk, chunk_unicode)
+        async def sender() -> None:
+            while (item := await ready.get()) is not None:
+                if failures:
+                    continue  # drained: nothing new starts after a failure
+                try:
+                    await self._send_chunk(run, records, *item)
+                except Exception as exc:  # noqa: BLE001 - raised below, once the others finish
+                    failures.append(exc)
+
+        from consumer.steps import first_error_raised
+
+        async with first_error_raised(), asyncio.TaskGroup() as tasks:
+            senders = [tasks.create_task(sender()) for _ in range(CHUNKS_IN_FLIGHT)]
+            try:
+                await self._index.resolve_each(
+                    self._keys.recipients(run.key),
+                    self._keys.recipient_codes(run.key),
+                    run.header.batch_count,
+                    group,
+                    version,
+                    visit,
+                    run.check_lease,
+                )
+                if chunk:
+                    await cut()
+            except Exception as exc:  # noqa: BLE001 - raised below, once the senders finish
+                # Not out of the task group: that would cancel the chunks under way mid-call.
+                if not failures or exc is not failures[0]:
+                    failures.append(exc)
+            for _ in senders:
+                await ready.put(None)
+        if failures:
+            raise failures[0]
 
     async def _send_chunk(
         self,
