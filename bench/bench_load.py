@@ -476,7 +476,7 @@ async def measure(
     sandbox_url = f"http://127.0.0.1:{sandbox_port}/"
     sandbox = subprocess.Popen(
         [
-            sys.executable, "-m", "consumer.sandbox", "--port", str(sandbox_port),
+            sys.executable, "-m", "textlocal_sandbox", "--port", str(sandbox_port),
             "--api-key", API_KEY, "--balance", str(plan.campaigns * plan.recipients * 10),
             "--log-level", "WARNING",
         ],

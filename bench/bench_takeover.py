@@ -410,7 +410,7 @@ async def main_async(args: argparse.Namespace) -> int:
         [
             sys.executable,
             "-m",
-            "consumer.sandbox",
+            "textlocal_sandbox",
             "--port",
             str(sandbox_port),
             "--api-key",

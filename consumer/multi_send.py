@@ -42,8 +42,10 @@ from consumer.outbox import status_entry
 from consumer.send_plan import (
     DEFAULT_VARIANT,
     Recipient,
+    Routed,
     SendPlan,
     TemplateFamily,
+    is_personal,
     plan_sends,
     route,
     template_families,
@@ -70,6 +72,7 @@ GROUP_EXISTS = 14
 PLAN_FIELD = "plan"
 PERSONAL_FIELD = "personal"
 PENDING, SENT, PLANNED = "pending", "sent", "planned"
+CHUNKS_IN_FLIGHT = 4  # bulk_json calls of one campaign at a time (the client bounds them too)
 
 
 class SegmentNameTaken(Exception):
@@ -189,15 +192,17 @@ class MultiSend:
             if contacts and f"{text_index}:{number}" not in loaded:
                 await ready.put((text_index, number, "[" + ",".join(contacts) + "]", len(contacts)))
 
+        router = _Router(plan, family, group.default_language)
+
         async def visit(contact: ResolvedContact) -> None:
-            routed = self._route(plan, family, group.default_language, contact)
+            routed = router(contact)
             if routed.skipped:
                 tally.skipped[routed.skipped] += 1
                 return
             tally.fallbacks += routed.fell_back_to_default
             if routed.text_index is None:
                 tally.personal[routed.variant] += 1
-                tally.personal_parts += message_cost(routed.personal_text or "").parts
+                tally.personal_parts += routed.parts
                 return
             tally.per_text[routed.text_index] += 1
             buffers[routed.text_index].append(contact.bulk_contact(group.customer_id_field))
@@ -305,20 +310,6 @@ class MultiSend:
             **{f"skipped_{reason}": count for reason, count in tally.skipped.items()},
             **vars(counts),
         )
-
-    def _route(
-        self,
-        plan: SendPlan,
-        family: TemplateFamily,
-        default_language: str,
-        contact: ResolvedContact,
-    ) -> Any:
-        language = contact.language or default_language
-        variant, _ = family.body_for(language)
-        first = last = ""
-        if variant in plan.personal_variants:
-            first, last = contact.names()
-        return route(plan, family, Recipient(language, contact.promo_code, first, last))
 
     async def _ensure_group(
         self, run: CampaignRun, records: dict[str, dict[str, Any]], text_index: int
@@ -480,33 +471,74 @@ class MultiSend:
         plan: SendPlan,
         family: TemplateFamily,
     ) -> None:
-        """Resolve again (deterministically) and send each chunk of personal texts once."""
+        """Resolve again (deterministically) and send each chunk of personal texts once.
+
+        Up to CHUNKS_IN_FLIGHT chunks are sent at a time while the resolution cuts the next
+        ones; each is still recorded `pending` before its call and `sent` after. A chunk that
+        fails does not cancel the others in flight: no chunk is started after it, those under
+        way finish and are recorded, then its error is raised.
+        """
         group = self._steps.contact_group(run)
         version = await self._steps.index_version(run)
         chunk: list[tuple[str, str]] = []
+        chunk_unicode = False
         number = 0
+        router = _Router(plan, family, group.default_language)
+        ready: asyncio.Queue[tuple[int, list[tuple[str, str]], bool] | None] = asyncio.Queue(
+            maxsize=CHUNKS_IN_FLIGHT
+        )
+        failures: list[Exception] = []
+
+        async def cut() -> None:
+            nonlocal chunk, chunk_unicode, number
+            if failures:
+                raise failures[0]
+            await ready.put((number, chunk, chunk_unicode))
+            chunk, chunk_unicode, number = [], False, number + 1
 
         async def visit(contact: ResolvedContact) -> None:
-            nonlocal chunk, number
-            routed = self._route(plan, family, group.default_language, contact)
+            nonlocal chunk_unicode
+            routed = router(contact)
             if routed.personal_text is None:
                 return
             chunk.append((contact.number, routed.personal_text))
+            chunk_unicode = chunk_unicode or routed.unicode
             if len(chunk) == self._settings.bulk_chunk_size:
-                await self._send_chunk(run, records, number, chunk)
-                chunk, number = [], number + 1
+                await cut()
 
-        await self._index.resolve_each(
-            self._keys.recipients(run.key),
-            self._keys.recipient_codes(run.key),
-            run.header.batch_count,
-            group,
-            version,
-            visit,
-            run.check_lease,
-        )
-        if chunk:
-            await self._send_chunk(run, records, number, chunk)
+        async def sender() -> None:
+            while (item := await ready.get()) is not None:
+                if failures:
+                    continue  # drained: nothing new starts after a failure
+                try:
+                    await self._send_chunk(run, records, *item)
+                except Exception as exc:  # noqa: BLE001 - raised below, once the others finish
+                    failures.append(exc)
+
+        from consumer.steps import first_error_raised
+
+        async with first_error_raised(), asyncio.TaskGroup() as tasks:
+            senders = [tasks.create_task(sender()) for _ in range(CHUNKS_IN_FLIGHT)]
+            try:
+                await self._index.resolve_each(
+                    self._keys.recipients(run.key),
+                    self._keys.recipient_codes(run.key),
+                    run.header.batch_count,
+                    group,
+                    version,
+                    visit,
+                    run.check_lease,
+                )
+                if chunk:
+                    await cut()
+            except Exception as exc:  # noqa: BLE001 - raised below, once the senders finish
+                # Not out of the task group: that would cancel the chunks under way mid-call.
+                if not failures or exc is not failures[0]:
+                    failures.append(exc)
+            for _ in senders:
+                await ready.put(None)
+        if failures:
+            raise failures[0]
 
     async def _send_chunk(
         self,
@@ -514,6 +546,7 @@ class MultiSend:
         records: dict[str, dict[str, Any]],
         number: int,
         messages: list[tuple[str, str]],
+        unicode: bool,
     ) -> None:
         name_field = f"p{number}"
         entry = records.get(name_field, {"state": PLANNED})
@@ -542,7 +575,7 @@ class MultiSend:
                 test=run.header.test_mode,
                 schedule_time=send_at if scheduled else None,
                 custom=short_reference(run.header.ref),
-                unicode=any(message_cost(text).unicode for _, text in messages),
+                unicode=unicode,
             )
         except TextLocalOutcomeUnknown:
             log_event(log, "campaign.chunk_outcome_unknown", logging.WARNING, campaign=run.key)
@@ -755,6 +788,46 @@ class MultiSend:
 
         attempted_at = _time(entry.get("attempted_at")) or self._clock.now()
         return RetryAt(attempted_at + self._settings.send_reconcile_grace, "reply lost")
+
+
+class _Router:
+    """`send_plan.route` for each resolved recipient, without redoing what cannot differ.
+
+    A recipient's variant depends only on their language, and the route of a recipient of a
+    group-text variant only on (language, own code): both are remembered (a bounded number of
+    them). Names are decoded only for a variant whose body uses them.
+    """
+
+    _BOUND = 10_000
+
+    def __init__(self, plan: SendPlan, family: TemplateFamily, default_language: str) -> None:
+        self._plan = plan
+        self._family = family
+        self._default_language = default_language
+        # language → (is personal, needs names)
+        self._variants: dict[str, tuple[bool, bool]] = {}
+        self._routes: dict[tuple[str, str | None], Routed] = {}
+
+    def __call__(self, contact: ResolvedContact) -> Routed:
+        language = contact.language or self._default_language
+        known = self._variants.get(language)
+        if known is None:
+            variant, body = self._family.body_for(language)
+            known = (variant in self._plan.personal_variants, is_personal(body))
+            if len(self._variants) < self._BOUND:
+                self._variants[language] = known
+        personal, needs_names = known
+        if personal:
+            first, last = contact.names() if needs_names else ("", "")
+            recipient = Recipient(language, contact.promo_code, first, last)
+            return route(self._plan, self._family, recipient)
+        key = (language, contact.promo_code)
+        routed = self._routes.get(key)
+        if routed is None:
+            routed = route(self._plan, self._family, Recipient(language, contact.promo_code))
+            if len(self._routes) < self._BOUND:
+                self._routes[key] = routed
+        return routed
 
 
 def _RetrySoon(reason: str, clock: Clock) -> Exception:  # noqa: N802 - reads as the exception

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from consumer.events import StatusError
 from consumer.textlocal_types import Template
@@ -31,6 +32,7 @@ from consumer.workflow import (
     MAX_MESSAGE_CHARS,
     MAX_MESSAGE_PARTS,
     PROMO_CODE_PLACEHOLDER,
+    MessageCost,
     message_cost,
 )
 
@@ -118,8 +120,11 @@ def needs_code(body: str) -> bool:
     return PROMO_CODE_PLACEHOLDER in body
 
 
-def text_problem(text: str) -> StatusError | None:
-    """Why a rendered text cannot be sent (empty, or longer than TextLocal sends whole)."""
+def text_problem(text: str, cost: MessageCost | None = None) -> StatusError | None:
+    """Why a rendered text cannot be sent (empty, or longer than TextLocal sends whole).
+
+    `cost`: the text's `message_cost`, when the caller has it already.
+    """
     if not text.strip():
         return StatusError("EMPTY_MESSAGE", "the template body is empty")
     if len(text) > MAX_MESSAGE_CHARS:
@@ -127,7 +132,7 @@ def text_problem(text: str) -> StatusError | None:
             "MESSAGE_TOO_LONG",
             f"a message has {len(text)} characters; TextLocal sends at most {MAX_MESSAGE_CHARS}",
         )
-    if message_cost(text).parts > MAX_MESSAGE_PARTS:
+    if (cost or message_cost(text)).parts > MAX_MESSAGE_PARTS:
         return StatusError(
             "MESSAGE_TOO_LONG",
             f"a message needs more than {MAX_MESSAGE_PARTS} parts; TextLocal sends at most that",
@@ -242,9 +247,8 @@ def plan_sends(
     return SendPlan(tuple(personal), tuple(texts), campaign_code)
 
 
-@dataclass(frozen=True)
-class Recipient:
-    """What the plan needs to know of one resolved recipient."""
+class Recipient(NamedTuple):
+    """What the plan needs to know of one resolved recipient (a tuple: one per recipient)."""
 
     language: str
     promo_code: str | None  # the customer's own
@@ -252,15 +256,19 @@ class Recipient:
     last_name: str = ""
 
 
-@dataclass(frozen=True)
-class Routed:
-    """Where a recipient goes: a group text (by index), or a personal text; or nowhere."""
+class Routed(NamedTuple):
+    """Where a recipient goes: a group text (by index), or a personal text; or nowhere.
+
+    A personal text comes with its cost (`parts`, `unicode`), computed once.
+    """
 
     text_index: int | None = None
     personal_text: str | None = None
     variant: str = DEFAULT_VARIANT
     fell_back_to_default: bool = False
     skipped: str | None = None  # the reason, when the recipient is not sent to
+    parts: int = 0
+    unicode: bool = False
 
 
 def route(plan: SendPlan, family: TemplateFamily, recipient: Recipient) -> Routed:
@@ -272,9 +280,16 @@ def route(plan: SendPlan, family: TemplateFamily, recipient: Recipient) -> Route
         return Routed(variant=variant, fell_back_to_default=fell_back, skipped="no_promo_code")
     if variant in plan.personal_variants:
         text = render(body, code, recipient.first_name, recipient.last_name)
-        if text_problem(text) is not None:
+        cost = message_cost(text)
+        if text_problem(text, cost) is not None:
             return Routed(variant=variant, fell_back_to_default=fell_back, skipped="text_too_long")
-        return Routed(personal_text=text, variant=variant, fell_back_to_default=fell_back)
+        return Routed(
+            personal_text=text,
+            variant=variant,
+            fell_back_to_default=fell_back,
+            parts=cost.parts,
+            unicode=cost.unicode,
+        )
     index = plan.text_index(variant, code if needs_code(body) else None)
     if index is None:  # a code intake did not keep (cannot happen below the overflow bound)
         return Routed(variant=variant, fell_back_to_default=fell_back, skipped="unplanned_code")

@@ -151,6 +151,19 @@ async def test_generate_contacts_for_big_groups(sandbox: SandboxHandle) -> None:
     assert [(c.number, c.custom1) for c in page.contacts] == [(447700002499, "C0002500")]
 
 
+async def test_generate_contacts_with_constant_fields(sandbox: SandboxHandle) -> None:
+    """`fields` sets other fields to one value on every generated contact (id_field excepted)."""
+    group_id = await sandbox.admin.generate_contacts(
+        "Lang", 3, first_index=10, fields={"custom2": "fr", "first_name": "Ann"}
+    )
+    page = await sandbox.admin.group_contacts(group_id)
+    assert [(c.custom1, c.custom2, c.first_name) for c in page.contacts] == [
+        (f"C00000{i}", "fr", "Ann") for i in (10, 11, 12)
+    ]
+    with pytest.raises(SandboxAdminError):
+        await sandbox.admin.generate_contacts("Lang", 1, fields={"custom1": "x"})
+
+
 async def test_admin_bad_requests_are_400(sandbox: SandboxHandle) -> None:
     """Malformed admin bodies are answered 400 with an error text, not a crash."""
     import aiohttp

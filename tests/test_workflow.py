@@ -18,6 +18,8 @@ from consumer.events import (
     output_event_id,
 )
 from consumer.workflow import (
+    _GSM_BASIC,
+    _GSM_EXTENSION,
     CampaignState,
     ContactGroup,
     IntakeLimits,
@@ -174,6 +176,29 @@ def test_message_cost_follows_textlocals_table(
     """GSM-7 texts cost 160/153 characters per part; anything else is unicode at 70/67."""
     cost = message_cost(text)
     assert (cost.length, cost.parts, cost.unicode) == (length, parts, unicode)
+
+
+def _reference_cost(text: str) -> tuple[int, bool]:
+    """message_cost's rule spelled out character by character: (length, unicode)."""
+    gsm = set(_GSM_BASIC) | set(_GSM_EXTENSION)
+    if all(c in gsm for c in text):
+        return sum(2 if c in _GSM_EXTENSION else 1 for c in text), False
+    return len(text.encode("utf-16-le")) // 2, True
+
+
+def test_message_cost_matches_the_character_rule_for_every_character() -> None:
+    """Each GSM character alone, in a text, and next to one that is not: as the rule says."""
+    for c in [*sorted(_GSM_BASIC | _GSM_EXTENSION), *map(chr, range(0x0, 0x3000))]:
+        for text in (c, f"Hi {c}{c} there", f"{c}ć"):
+            cost = message_cost(text)
+            assert (cost.length, cost.unicode) == _reference_cost(text), repr(text)
+
+
+@given(st.text(alphabet=st.sampled_from("aZ9 €^{}\\[~]|\f\n\rüßćΔ😀-"), max_size=400))
+def test_message_cost_matches_the_character_rule(text: str) -> None:
+    """Random texts of GSM, extension and other characters: length and unicode as the rule."""
+    cost = message_cost(text)
+    assert (cost.length, cost.unicode) == _reference_cost(text)
 
 
 def test_promo_code_fills_its_placeholder() -> None:

@@ -140,9 +140,13 @@ class SandboxAdminClient:
         id_prefix: str = "C",
         id_width: int = 7,
         first_index: int = 1,
+        fields: Mapping[str, str] | None = None,
     ) -> int:
-        """Add `count` generated contacts (numbers from `first_number`, ids C0000001…)."""
-        body = {
+        """Add `count` generated contacts (numbers from `first_number`, ids C0000001…).
+
+        `fields`: other fields set to one constant value on every contact (e.g. a language).
+        """
+        body: dict[str, object] = {
             "group_name": group_name,
             "count": count,
             "first_number": first_number,
@@ -151,6 +155,8 @@ class SandboxAdminClient:
             "id_width": id_width,
             "first_index": first_index,
         }
+        if fields:
+            body["fields"] = dict(fields)
         return int((await self._call("POST", "/contacts/generate", body))["group_id"])
 
     async def groups(self) -> dict[int, tuple[str, int]]:

@@ -166,7 +166,11 @@ async def seed_contacts(request: web.Request) -> web.StreamResponse:
 
 
 async def generate_contacts(request: web.Request) -> web.StreamResponse:
-    """Many contacts without shipping them: numbers from `first_number`, ids `{prefix}{i}`."""
+    """Many contacts without shipping them: numbers from `first_number`, ids `{prefix}{i}`.
+
+    `fields` (optional) gives other fields one constant value for every contact generated,
+    e.g. `{"custom2": "fr"}`.
+    """
     body = await _body(request)
     runtime = _runtime(request)
     group = _target_group(runtime, body)
@@ -178,8 +182,13 @@ async def generate_contacts(request: web.Request) -> web.StreamResponse:
         raise AdminRequestError(f"id_field must be one of {_CONTACT_FIELDS}")
     prefix = str(body.get("id_prefix", "C"))
     width = _int(body.get("id_width", 7), "id_width")
+    extra = body.get("fields") or {}
+    if not isinstance(extra, dict) or not set(extra) <= set(_CONTACT_FIELDS) - {id_field}:
+        raise AdminRequestError(f"fields must map fields of {_CONTACT_FIELDS} but id_field")
+    constant = {name: str(value) for name, value in extra.items()}
     contacts = (
-        Contact(first + i, **{id_field: f"{prefix}{start + i:0{width}d}"}) for i in range(count)
+        Contact(first + i, **constant, **{id_field: f"{prefix}{start + i:0{width}d}"})
+        for i in range(count)
     )
     added = runtime.state.add_contacts(group, contacts, runtime.now_s())
     return web.json_response({"group_id": group.id, "added": added, "size": len(group)})
