@@ -41,14 +41,13 @@ from consumer.metrics import Metrics
 from consumer.outbox import status_entry
 from consumer.send_plan import (
     DEFAULT_VARIANT,
-    Recipient,
     Routed,
     SendPlan,
     TemplateFamily,
-    is_personal,
-    needs_code,
+    VariantChoice,
+    choose_variant,
     plan_sends,
-    route,
+    route_in,
     template_families,
 )
 from consumer.store import CampaignStore
@@ -802,41 +801,38 @@ class _Router:
         self._plan = plan
         self._family = family
         self._default_language = default_language
-        # language → (is personal, needs names, needs a code)
-        self._variants: dict[str, tuple[bool, bool, bool]] = {}
+        self._variants: dict[str, VariantChoice] = {}
         self._routes: dict[tuple[str, str | None], Routed] = {}
 
     def __call__(self, contact: ResolvedContact) -> Routed:
         language = contact.language or self._default_language
-        personal, needs_names, needs_a_code = self._variant(language)
-        if personal:
-            first, last = contact.names() if needs_names else ("", "")
-            recipient = Recipient(language, contact.promo_code, first, last)
-            return route(self._plan, self._family, recipient)
-        return self._group_route(language, contact.promo_code if needs_a_code else None)
+        choice = self._variant(language)
+        if choice.personal:
+            first, last = contact.names() if choice.uses_names else ("", "")
+            return route_in(self._plan, choice, contact.promo_code, first, last)
+        return self._group_route(language, choice, contact.promo_code)
 
     def text_of(self, language: str, promo_code: str | None) -> int | None:
         """The recipient's group text (its index), or None: personal, or skipped."""
         language = language or self._default_language
-        personal, _, needs_a_code = self._variant(language)
-        if personal:
+        choice = self._variant(language)
+        if choice.personal:
             return None
-        return self._group_route(language, promo_code if needs_a_code else None).text_index
+        return self._group_route(language, choice, promo_code).text_index
 
-    def _variant(self, language: str) -> tuple[bool, bool, bool]:
-        known = self._variants.get(language)
-        if known is None:
-            variant, body = self._family.body_for(language)
-            known = (variant in self._plan.personal_variants, is_personal(body), needs_code(body))
+    def _variant(self, language: str) -> VariantChoice:
+        choice = self._variants.get(language)
+        if choice is None:
+            choice = choose_variant(self._plan, self._family, language)
             if len(self._variants) < self._BOUND:
-                self._variants[language] = known
-        return known
+                self._variants[language] = choice
+        return choice
 
-    def _group_route(self, language: str, promo_code: str | None) -> Routed:
-        key = (language, promo_code)
+    def _group_route(self, language: str, choice: VariantChoice, promo_code: str | None) -> Routed:
+        key = (language, promo_code if choice.takes_code else None)
         routed = self._routes.get(key)
         if routed is None:
-            routed = route(self._plan, self._family, Recipient(language, promo_code))
+            routed = route_in(self._plan, choice, key[1])
             if len(self._routes) < self._BOUND:
                 self._routes[key] = routed
         return routed
