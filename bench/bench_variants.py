@@ -562,7 +562,6 @@ async def run_scenario(
         )
     finally:
         await admin.close()
-        await delete_prefix(stack["REDIS_URL"], prefix)
         for process in (daemon, sandbox):
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -571,9 +570,15 @@ async def run_scenario(
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+        # Only once the daemon is gone: it writes to Redis until it stops.
+        await delete_prefix(stack["REDIS_URL"], prefix)
         kafka_admin = AdminClient({"bootstrap.servers": stack["KAFKA_BOOTSTRAP_SERVERS"]})
         for future in kafka_admin.delete_topics(list(topics.values())).values():
             with contextlib.suppress(Exception):  # a topic the daemon never created
+                future.result(timeout=30)
+        deleting = kafka_admin.delete_consumer_groups([f"{topics['input']}-daemon"])
+        for future in deleting.values():
+            with contextlib.suppress(Exception):  # a daemon that never joined
                 future.result(timeout=30)
 
 
