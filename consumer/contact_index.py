@@ -85,12 +85,6 @@ class ResolvedContact(NamedTuple):
     fragment: str  # the contact's fields as the inside of a JSON object
     promo_code: str | None  # the customer's own, from the recipients batch
 
-    def bulk_contact(self, customer_id_field: str) -> str:
-        """The contact for `create_contacts_bulk`, its customer-id field set."""
-        return (
-            "{" + self.fragment + f',"{customer_id_field}":' + _json_string(self.customer_id) + "}"
-        )
-
     def names(self) -> tuple[str, str]:
         fields = json.loads("{" + self.fragment + "}")
         return str(fields.get("first_name") or ""), str(fields.get("last_name") or "")
@@ -235,16 +229,27 @@ class ContactIndex:
         version: str,
         visit: Callable[[ResolvedContact], Awaitable[None]],
         check: Callable[[], None] = lambda: None,
+        *,
+        text_of: Callable[[str, str | None], int | None] | None = None,
+        write_chunk: Callable[[int, str, int], Awaitable[None]] | None = None,
     ) -> Resolution:
         """Like `resolve`, one recipient at a time (with language and own promo code).
 
         The same rules (a number is taken once; unknown ids and invalid numbers counted) and the
-        same determinism: batches in index order, customers in batch order. `chunks` is 0: the
-        caller cuts its own.
+        same determinism: batches in index order, customers in batch order.
+
+        With `text_of` (the contact's language and own code → the index of its group text, or
+        None) and `write_chunk`, a recipient with a group text is not visited: its contact goes
+        into that text's `create_contacts_bulk` chunks of ≤1,500, the customer id in
+        `group.customer_id_field`, and `write_chunk(text, json, count)` receives each chunk in
+        order (each text's last one after the last batch, texts in index order). Only the others
+        are visited. `chunks` counts the chunks written.
         """
         index_key = self._keys.contacts_version(group.group_id, version)
+        id_field = f',"{group.customer_id_field}":'
         numbers_seen: set[int] = set()
-        matched = unmatched = invalid = repeated = 0
+        by_text: dict[int, list[str]] = {}
+        matched = unmatched = invalid = repeated = chunks = 0
 
         async def fetch(batch: int) -> tuple[list[str], list[str]]:
             with redis_errors("resolve batch"):
@@ -275,10 +280,20 @@ class ContactIndex:
                         continue
                     numbers_seen.add(as_int)
                     matched += 1
-                    code = codes[position // 2] if position // 2 < len(codes) else ""
-                    await visit(
-                        ResolvedContact(fields[position], number, language, fragment, code or None)
-                    )
+                    code = (codes[position // 2] if position // 2 < len(codes) else "") or None
+                    text = None if text_of is None else text_of(language, code)
+                    if text is None:
+                        await visit(
+                            ResolvedContact(fields[position], number, language, fragment, code)
+                        )
+                        continue
+                    chunk = by_text.setdefault(text, [])
+                    chunk.append("{" + fragment + id_field + _json_string(fields[position]) + "}")
+                    if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
+                        by_text[text] = []
+                        assert write_chunk is not None
+                        await write_chunk(text, "[" + ",".join(chunk) + "]", len(chunk))
+                        chunks += 1
                 check()
                 if following is not None:
                     fields, codes = await following
@@ -286,7 +301,12 @@ class ContactIndex:
             if following is not None:
                 following.cancel()
             raise
-        return Resolution(matched, unmatched, invalid, repeated, 0)
+        for text, chunk in sorted(by_text.items()):
+            if chunk:
+                assert write_chunk is not None
+                await write_chunk(text, "[" + ",".join(chunk) + "]", len(chunk))
+                chunks += 1
+        return Resolution(matched, unmatched, invalid, repeated, chunks)
 
     async def has_version(self, group_id: int, version: str) -> bool:
         with redis_errors("EXISTS contact index version"):

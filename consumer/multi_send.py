@@ -41,13 +41,13 @@ from consumer.metrics import Metrics
 from consumer.outbox import status_entry
 from consumer.send_plan import (
     DEFAULT_VARIANT,
-    Recipient,
     Routed,
     SendPlan,
     TemplateFamily,
-    is_personal,
+    VariantChoice,
+    choose_variant,
     plan_sends,
-    route,
+    route_in,
     template_families,
 )
 from consumer.store import CampaignStore
@@ -55,7 +55,6 @@ from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient
 from consumer.textlocal_types import Template
 from consumer.workflow import (
-    MAX_CONTACTS_PER_BULK_CALL,
     CampaignState,
     message_cost,
     poll_slot,
@@ -178,36 +177,31 @@ class MultiSend:
         version = await self._steps.index_version(run)
         loaded = await self._store.loaded_chunk_names(run.key)
         tally = _LoadTally()
-        buffers: dict[int, list[str]] = defaultdict(list)
         next_chunk: Counter[int] = Counter()
         ready: asyncio.Queue[tuple[int, int, str, int] | None] = asyncio.Queue(
             maxsize=2 * self._settings.contact_load_concurrency
         )
         locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
 
-        async def cut(text_index: int) -> None:
-            contacts = buffers.pop(text_index, [])
+        async def write_chunk(text_index: int, payload: str, count: int) -> None:
+            tally.per_text[text_index] += count
             number = next_chunk[text_index]
             next_chunk[text_index] += 1
-            if contacts and f"{text_index}:{number}" not in loaded:
-                await ready.put((text_index, number, "[" + ",".join(contacts) + "]", len(contacts)))
+            if f"{text_index}:{number}" not in loaded:
+                await ready.put((text_index, number, payload, count))
 
         router = _Router(plan, family, group.default_language)
 
         async def visit(contact: ResolvedContact) -> None:
+            # Only recipients without a group text: personal ones, and those skipped.
             routed = router(contact)
             if routed.skipped:
                 tally.skipped[routed.skipped] += 1
                 return
+            assert routed.text_index is None, "a group text's recipient was visited"
             tally.fallbacks += routed.fell_back_to_default
-            if routed.text_index is None:
-                tally.personal[routed.variant] += 1
-                tally.personal_parts += routed.parts
-                return
-            tally.per_text[routed.text_index] += 1
-            buffers[routed.text_index].append(contact.bulk_contact(group.customer_id_field))
-            if len(buffers[routed.text_index]) == MAX_CONTACTS_PER_BULK_CALL:
-                await cut(routed.text_index)
+            tally.personal[routed.variant] += 1
+            tally.personal_parts += routed.parts
 
         async def loader() -> None:
             while (item := await ready.get()) is not None:
@@ -236,9 +230,9 @@ class MultiSend:
                     version,
                     visit,
                     run.check_lease,
+                    text_of=router.text_of if plan.texts else None,
+                    write_chunk=write_chunk,
                 )
-                for text_index in sorted(buffers):
-                    await cut(text_index)
                 for _ in loaders:
                     await ready.put(None)
         except SegmentNameTaken as taken:
@@ -246,6 +240,12 @@ class MultiSend:
                 run, records, StatusError("SEGMENT_NAME_TAKEN", str(taken)), StatusCode.FAILED
             )
             return
+        if family.variants:  # everyone given a default-variant group text fell back to it
+            tally.fallbacks += sum(
+                count
+                for text_index, count in tally.per_text.items()
+                if plan.texts[text_index].variant == DEFAULT_VARIANT
+            )
         skipped = sum(tally.skipped.values())
         sendable = sum(tally.per_text.values()) + sum(tally.personal.values())
         counts = RecipientCounts(
@@ -794,8 +794,9 @@ class _Router:
     """`send_plan.route` for each resolved recipient, without redoing what cannot differ.
 
     A recipient's variant depends only on their language, and the route of a recipient of a
-    group-text variant only on (language, own code): both are remembered (a bounded number of
-    them). Names are decoded only for a variant whose body uses them.
+    group-text variant only on their language and (if the body takes one) own code: both are
+    remembered (a bounded number of them). Names are decoded only for a variant whose body uses
+    them.
     """
 
     _BOUND = 10_000
@@ -804,27 +805,38 @@ class _Router:
         self._plan = plan
         self._family = family
         self._default_language = default_language
-        # language → (is personal, needs names)
-        self._variants: dict[str, tuple[bool, bool]] = {}
+        self._variants: dict[str, VariantChoice] = {}
         self._routes: dict[tuple[str, str | None], Routed] = {}
 
     def __call__(self, contact: ResolvedContact) -> Routed:
         language = contact.language or self._default_language
-        known = self._variants.get(language)
-        if known is None:
-            variant, body = self._family.body_for(language)
-            known = (variant in self._plan.personal_variants, is_personal(body))
+        choice = self._variant(language)
+        if choice.personal:
+            first, last = contact.names() if choice.uses_names else ("", "")
+            return route_in(self._plan, choice, contact.promo_code, first, last)
+        return self._group_route(language, choice, contact.promo_code)
+
+    def text_of(self, language: str, promo_code: str | None) -> int | None:
+        """The recipient's group text (its index), or None: personal, or skipped."""
+        language = language or self._default_language
+        choice = self._variant(language)
+        if choice.personal:
+            return None
+        return self._group_route(language, choice, promo_code).text_index
+
+    def _variant(self, language: str) -> VariantChoice:
+        choice = self._variants.get(language)
+        if choice is None:
+            choice = choose_variant(self._plan, self._family, language)
             if len(self._variants) < self._BOUND:
-                self._variants[language] = known
-        personal, needs_names = known
-        if personal:
-            first, last = contact.names() if needs_names else ("", "")
-            recipient = Recipient(language, contact.promo_code, first, last)
-            return route(self._plan, self._family, recipient)
-        key = (language, contact.promo_code)
+                self._variants[language] = choice
+        return choice
+
+    def _group_route(self, language: str, choice: VariantChoice, promo_code: str | None) -> Routed:
+        key = (language, promo_code if choice.takes_code else None)
         routed = self._routes.get(key)
         if routed is None:
-            routed = route(self._plan, self._family, Recipient(language, contact.promo_code))
+            routed = route_in(self._plan, choice, key[1])
             if len(self._routes) < self._BOUND:
                 self._routes[key] = routed
         return routed

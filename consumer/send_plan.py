@@ -271,26 +271,54 @@ class Routed(NamedTuple):
     unicode: bool = False
 
 
+class VariantChoice(NamedTuple):
+    """What routing needs of a recipient's language: the same for everyone who speaks it."""
+
+    variant: str
+    body: str
+    fell_back: bool  # the default, in a family that has variants
+    takes_code: bool  # the body has the promo-code placeholder
+    personal: bool  # the plan sends this variant's texts personally
+    uses_names: bool  # the body has personal fields
+
+
+def choose_variant(plan: SendPlan, family: TemplateFamily, language: str) -> VariantChoice:
+    variant, body = family.body_for(language)
+    return VariantChoice(
+        variant=variant,
+        body=body,
+        fell_back=variant == DEFAULT_VARIANT and bool(family.variants),
+        takes_code=needs_code(body),
+        personal=variant in plan.personal_variants,
+        uses_names=is_personal(body),
+    )
+
+
 def route(plan: SendPlan, family: TemplateFamily, recipient: Recipient) -> Routed:
     """The recipient's text under the plan (DESIGN §4a's rules)."""
-    variant, body = family.body_for(recipient.language)
-    fell_back = variant == DEFAULT_VARIANT and bool(family.variants)
-    code = recipient.promo_code or plan.campaign_code
-    if needs_code(body) and not code:
-        return Routed(variant=variant, fell_back_to_default=fell_back, skipped="no_promo_code")
-    if variant in plan.personal_variants:
-        text = render(body, code, recipient.first_name, recipient.last_name)
+    choice = choose_variant(plan, family, recipient.language)
+    return route_in(plan, choice, recipient.promo_code, recipient.first_name, recipient.last_name)
+
+
+def route_in(
+    plan: SendPlan,
+    choice: VariantChoice,
+    promo_code: str | None,
+    first_name: str = "",
+    last_name: str = "",
+) -> Routed:
+    """`route` once the recipient's variant is chosen (a caller may choose once per language)."""
+    variant, fell_back = choice.variant, choice.fell_back
+    code = promo_code or plan.campaign_code
+    if choice.takes_code and not code:
+        return Routed(None, None, variant, fell_back, "no_promo_code")
+    if choice.personal:
+        text = render(choice.body, code, first_name, last_name)
         cost = message_cost(text)
         if text_problem(text, cost) is not None:
-            return Routed(variant=variant, fell_back_to_default=fell_back, skipped="text_too_long")
-        return Routed(
-            personal_text=text,
-            variant=variant,
-            fell_back_to_default=fell_back,
-            parts=cost.parts,
-            unicode=cost.unicode,
-        )
-    index = plan.text_index(variant, code if needs_code(body) else None)
+            return Routed(None, None, variant, fell_back, "text_too_long")
+        return Routed(None, text, variant, fell_back, None, cost.parts, cost.unicode)
+    index = plan.text_index(variant, code if choice.takes_code else None)
     if index is None:  # a code intake did not keep (cannot happen below the overflow bound)
-        return Routed(variant=variant, fell_back_to_default=fell_back, skipped="unplanned_code")
-    return Routed(text_index=index, variant=variant, fell_back_to_default=fell_back)
+        return Routed(None, None, variant, fell_back, "unplanned_code")
+    return Routed(index, None, variant, fell_back)

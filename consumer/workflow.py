@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import NamedTuple
 
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled, StatusError
 
@@ -357,9 +358,11 @@ _NOT_GSM = re.compile(
 _GSM_EXTENDED = re.compile("[" + "".join(re.escape(c) for c in sorted(_GSM_EXTENSION)) + "]")
 
 
-@dataclass(frozen=True)
-class MessageCost:
-    """How TextLocal will bill one message: characters counted, parts, and whether it is unicode."""
+class MessageCost(NamedTuple):
+    """How TextLocal will bill one message: characters counted, parts, and whether it is unicode.
+
+    A named tuple: personal texts are costed one by one, a million per campaign.
+    """
 
     length: int
     parts: int
@@ -375,7 +378,7 @@ def message_cost(text: str) -> MessageCost:
         length = len(text.encode("utf-16-le")) // 2
         single, multi, unicode = 70, 67, True
     parts = 1 if length <= single else math.ceil(length / multi)
-    return MessageCost(length=length, parts=parts, unicode=unicode)
+    return MessageCost(length, parts, unicode)
 
 
 def render_message(body: str, promo_codes: Sequence[str]) -> str | StatusError:
