@@ -308,7 +308,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("workflow.max_handler_failures", 5, _positive_int, "Unexpected errors in a row on one campaign (executor, poller) before it ends FAILED INTERNAL_ERROR."),
     Option("workflow.max_metadata_bytes", 16384, _positive_int, "Largest campaign metadata (echoed on every output event); larger is REJECTED METADATA_TOO_LARGE."),
     # Per-customer outcomes
-    Option("outcomes.enabled", True, _boolean, "Publish CustomerOutcomes (customer ids per delivery outcome, each final outcome once); costs about 40 MB of Redis per million recipients for a campaign's window. Off: only DeliveryMetrics."),
+    Option("outcomes.enabled", True, _boolean, "Publish CustomerOutcomes (customer ids per delivery outcome, each final outcome once); costs about 65 MiB of Redis per million recipients during a campaign's window. Off: only DeliveryMetrics."),
     # Process
     Option("roles", ",".join(ROLES), _roles, "Roles this process runs: intake, executor, poller, daily."),
     Option("http.host", "0.0.0.0", _text, "Address of the /metrics, /healthz, /readyz server."),  # noqa: S104 - a pod's port
