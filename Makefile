@@ -78,10 +78,11 @@ fmt: venv  ## format and autofix
 run: stack-up  ## the demo: sandbox + daemon + a sample campaign on the local stack (Ctrl-C stops)
 	$(PY) deploy/local/demo.py $(ARGS)
 
-bench: stack-up  ## benchmarks: 1M-recipient campaigns (one text; languages; own codes), polls, sandbox, history, load, takeover
+bench: stack-up  ## benchmarks: 1M-recipient campaigns (one text; languages; own codes), polls, outcomes, sandbox, history, load, takeover
 	$(PY) bench/bench_campaign.py
 	$(PY) bench/bench_variants.py
 	$(PY) bench/bench_polls.py
+	$(PY) bench/bench_outcomes.py
 	$(PY) bench/bench_sandbox.py
 	$(PY) bench/bench_history.py
 	$(PY) bench/bench_load.py

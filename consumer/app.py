@@ -55,6 +55,7 @@ from consumer.keys import RedisKeys
 from consumer.logs import SCRUBBER, log_event
 from consumer.metrics import Metrics
 from consumer.outbox import OutboxPublisher
+from consumer.outcomes import OutcomeRecorder
 from consumer.poller import Poller, PollerSettings
 from consumer.rate_limit import AccountRateLimiter
 from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S, CampaignSteps, StepSettings
@@ -90,6 +91,7 @@ class Parts:
     steps: CampaignSteps
     owner: str
     closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+    faults: FaultPoints = field(default_factory=NoFaultPoints)
 
     async def close(self) -> None:
         for close in reversed(self.closers):
@@ -164,6 +166,7 @@ async def build_parts(
             send_reconcile_grace=workflow.send_reconcile_grace,
             max_group_texts=workflow.max_group_texts,
             bulk_chunk_size=workflow.bulk_chunk_size,
+            outcomes_enabled=workflow.outcomes_enabled,
         ),
         clock,
         metrics,
@@ -183,6 +186,7 @@ async def build_parts(
         steps=steps,
         owner=settings.instance_id,
         closers=closers,
+        faults=faults or NoFaultPoints(),
     )
 
 
@@ -193,6 +197,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(kafka.input_topic, partitions, {}),
         TopicSpec(kafka.status_topic, partitions, {}),
         TopicSpec(kafka.metrics_topic, partitions, {}),
+        TopicSpec(kafka.outcomes_topic, partitions, {}),
         TopicSpec(kafka.dlq_topic, partitions, {}),
         templates_topic_spec(kafka.templates_topic, partitions),
     ]
@@ -382,6 +387,14 @@ class Daemon:
                     parts.clock,
                     parts.metrics,
                     parts.owner,
+                    outcomes=(
+                        OutcomeRecorder(
+                            parts.store, parts.registry, parts.metrics.customer_outcomes
+                        )
+                        if workflow.outcomes_enabled
+                        else None
+                    ),
+                    faults=parts.faults,
                 ),
                 workflow.drain_timeout_s,
             )

@@ -279,6 +279,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("kafka.input_topic", "optimove.sms.campaigns.v1", _text, "Campaign events from Optimove."),
     Option("kafka.status_topic", "textlocal.sms.campaign-status.v1", _text, "CampaignStatus events."),
     Option("kafka.metrics_topic", "textlocal.sms.delivery-metrics.v1", _text, "DeliveryMetrics events."),
+    Option("kafka.outcomes_topic", "textlocal.sms.customer-outcomes.v1", _text, "CustomerOutcomes events (customer ids per delivery outcome)."),
     Option("kafka.templates_topic", "textlocal.sms.templates.v1", _text, "Template catalog (compacted)."),
     Option("kafka.dlq_topic", "optimove.sms.campaigns.v1.dlq", _text, "Dead letters of the input topic."),
     Option("kafka.create_topics", False, _boolean, "Create missing topics at start (output topics and DLQ; templates compacted)."),
@@ -306,6 +307,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("workflow.bulk_chunk_size", 1000, _positive_int, "Personal texts (names, many promo codes) per bulk_json call (at most 10,000)."),
     Option("workflow.max_handler_failures", 5, _positive_int, "Unexpected errors in a row on one campaign (executor, poller) before it ends FAILED INTERNAL_ERROR."),
     Option("workflow.max_metadata_bytes", 16384, _positive_int, "Largest campaign metadata (echoed on every output event); larger is REJECTED METADATA_TOO_LARGE."),
+    # Per-customer outcomes
+    Option("outcomes.enabled", True, _boolean, "Publish CustomerOutcomes (customer ids per delivery outcome, each final outcome once); costs about 65 MiB of Redis per million recipients during a campaign's window. Off: only DeliveryMetrics."),
     # Process
     Option("roles", ",".join(ROLES), _roles, "Roles this process runs: intake, executor, poller, daily."),
     Option("http.host", "0.0.0.0", _text, "Address of the /metrics, /healthz, /readyz server."),  # noqa: S104 - a pod's port
@@ -330,6 +333,7 @@ class KafkaSettings:
     max_record_bytes: int = 1_000_000
     session_timeout_ms: int = 10_000
     group_instance_id: str | None = None
+    outcomes_topic: str = "textlocal.sms.customer-outcomes.v1"
     properties: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def client_config(self) -> dict[str, str]:
@@ -352,6 +356,7 @@ class KafkaSettings:
         return {
             "status": self.status_topic,
             "metrics": self.metrics_topic,
+            "outcomes": self.outcomes_topic,
             "templates": self.templates_topic,
         }
 
@@ -390,6 +395,7 @@ class WorkflowSettings:
     max_metadata_bytes: int = 16_384
     max_group_texts: int = 20
     bulk_chunk_size: int = 1_000
+    outcomes_enabled: bool = True
 
     @property
     def intake_limits(self) -> IntakeLimits:
@@ -469,6 +475,7 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             input_topic=values["kafka.input_topic"],
             status_topic=values["kafka.status_topic"],
             metrics_topic=values["kafka.metrics_topic"],
+            outcomes_topic=values["kafka.outcomes_topic"],
             templates_topic=values["kafka.templates_topic"],
             dlq_topic=values["kafka.dlq_topic"],
             create_topics=values["kafka.create_topics"],
@@ -499,6 +506,7 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             max_group_texts=values["workflow.max_group_texts"],
             bulk_chunk_size=min(values["workflow.bulk_chunk_size"], 10_000),
             max_metadata_bytes=values["workflow.max_metadata_bytes"],
+            outcomes_enabled=values["outcomes.enabled"],
         ),
         roles=values["roles"],
         http_host=values["http.host"],

@@ -32,6 +32,7 @@ POINTS = frozenset(
         "send.returned",  # TextLocal accepted the send; its batch id is not recorded yet
         "personal.chunk_sent",  # TextLocal accepted a bulk_json chunk; not recorded yet
         "send.recorded",  # SENT is recorded with its status event, not yet published
+        "poll.recorded",  # a poll and its CustomerOutcomes are recorded, not yet published
     }
 )
 

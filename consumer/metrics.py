@@ -144,6 +144,12 @@ class Metrics:
             "Final delivery outcome of sent messages (at each window's last poll), by status.",
             ("status",),
         )
+        self.customer_outcomes = counter(
+            "customer_outcomes_total",
+            "Customers whose outcome was published in CustomerOutcomes, by outcome and source "
+            "(poll, receipt).",
+            ("outcome", "source"),
+        )
         # coordination and jobs
         self.leases_held = gauge(
             "leases_held", "Redis leases this replica holds, by kind.", ("kind",)
