@@ -4,7 +4,7 @@
     intake         Intake.run                       (Kafka input → Redis)
     executor       Executor.run                     (campaign steps against TextLocal)
     poller         Poller.run                       (daily delivery polls)
-    daily          DailyJobs.run                    (template import, contact index refresh)
+    daily          DailyJobs.run                    (templates, contact index, opt-outs)
     (always)       OutboxPublisher.run, campaign index upkeep and campaigns-by-state gauge,
                    HTTP /metrics /healthz /readyz
 
@@ -54,6 +54,7 @@ from consumer.kafka_io import KafkaEventSource, KafkaPublisher, TopicSpec, ensur
 from consumer.keys import RedisKeys
 from consumer.logs import SCRUBBER, log_event
 from consumer.metrics import Metrics
+from consumer.optouts import OptOutImporter
 from consumer.outbox import OutboxPublisher
 from consumer.poller import Poller, PollerSettings
 from consumer.rate_limit import AccountRateLimiter
@@ -194,6 +195,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(kafka.status_topic, partitions, {}),
         TopicSpec(kafka.metrics_topic, partitions, {}),
         TopicSpec(kafka.dlq_topic, partitions, {}),
+        TopicSpec(kafka.optouts_topic, partitions, {}),
         templates_topic_spec(kafka.templates_topic, partitions),
     ]
 
@@ -437,6 +439,14 @@ def daily_jobs(parts: Parts) -> DailyJobs:
         settings.contact_groups,
         parts.clock,
     )
+    optouts = OptOutImporter(
+        parts.store,
+        parts.client,
+        parts.registry,
+        settings.contact_groups,
+        parts.clock,
+        parts.metrics,
+    )
     return DailyJobs(
         parts.store,
         catalog,
@@ -447,6 +457,7 @@ def daily_jobs(parts: Parts) -> DailyJobs:
         parts.clock,
         parts.metrics,
         parts.owner,
+        optouts,
     )
 
 

@@ -46,6 +46,7 @@ class DaemonTopics:
     metrics: str
     templates: str
     dlq: str
+    optouts: str = ""  # "" leaves the daemon's default
 
 
 def daemon_environment(
@@ -93,6 +94,8 @@ def daemon_environment(
         "TEXTLOCAL_CONSUMER_WORKFLOW_SEND_RECONCILE_GRACE_S": "7",
         "TEXTLOCAL_CONSUMER_WORKFLOW_DRAIN_TIMEOUT_S": "10",
     }
+    if topics.optouts:
+        env["TEXTLOCAL_CONSUMER_KAFKA_OPTOUTS_TOPIC"] = topics.optouts
     env.update(extra or {})
     return env
 
@@ -278,6 +281,7 @@ async def stack(
         metrics=new_topic("metrics", partitions=3),
         templates=new_topic("templates", config={"cleanup.policy": "compact"}),
         dlq=new_topic("dlq"),
+        optouts=new_topic("optouts"),
     )
     group_id = await sandbox.admin.generate_contacts(
         "Optimove customers", MASTER_CONTACTS, first_number=FIRST_NUMBER

@@ -25,6 +25,7 @@ from consumer.daily_jobs import (
 )
 from consumer.keys import RedisKeys
 from consumer.metrics import Metrics
+from consumer.optouts import OptOutImporter
 from consumer.store import CampaignStore
 from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient, TextLocalCredentials, TextLocalSettings
@@ -98,6 +99,7 @@ class JobsRig:
             self.clock,
             metrics,
             owner,
+            OptOutImporter(self.store, self.client, REGISTRY, self.groups, self.clock, metrics),
         )
         return jobs, metrics
 
