@@ -48,7 +48,8 @@ from consumer.workflow import ContactGroup, normalise_number
 log = logging.getLogger("consumer.optouts")
 
 # How far behind the watermark each import asks again (TextLocal's time of an opt-out may be
-# earlier than when it appears in the list), and how long markers are kept behind it (longer).
+# earlier than when it appears in the list), and how far behind it markers are kept (further, so
+# every opt-out an import asks for again is still marked).
 OVERLAP = timedelta(days=1)
 MARKERS_KEPT = 2 * OVERLAP
 # Opt-outs per atomic record call (one Lua call each: short, so Redis is not held up).
@@ -143,10 +144,6 @@ class OptOutImporter:
         customers = await self._customers(fresh)
         read_at = self._clock.now()
         new = published = unmatched = 0
-        # Markers are kept `MARKERS_KEPT` behind the watermark this import leaves, more than the
-        # next import asks again for.
-        times = [o.opted_out_at for o in fresh] + ([watermark] if watermark else [])
-        keep_after = max(times) - MARKERS_KEPT if times else read_at
         for first in range(0, len(fresh), RECORD_CHUNK):
             chunk = fresh[first : first + RECORD_CHUNK]
             events = [optout_events(o, customers, read_at) for o in chunk]
@@ -156,16 +153,15 @@ class OptOutImporter:
                     (optout_marker(o), o.opted_out_at, es)
                     for o, es in zip(chunk, entries, strict=True)
                 ],
-                keep_after=keep_after,
+                keep=MARKERS_KEPT,
             )
-            for is_new, es in zip(recorded, events, strict=True):
-                if is_new:
-                    new += 1
-                    published += len(es)
-                    unmatched += 0 if es else 1
-        self._metrics.optouts_read.inc(new)
-        self._metrics.optouts_published.inc(published)
-        self._metrics.optouts_unmatched.inc(unmatched)
+            added = [es for is_new, es in zip(recorded, events, strict=True) if is_new]
+            self._metrics.optouts_read.inc(len(added))
+            self._metrics.optouts_published.inc(sum(len(es) for es in added))
+            self._metrics.optouts_unmatched.inc(sum(1 for es in added if not es))
+            new += len(added)
+            published += sum(len(es) for es in added)
+            unmatched += sum(1 for es in added if not es)
         outcome = OptOutImport(len(listed), new, published, unmatched)
         log_event(log, "optouts.imported", **vars(outcome))
         return outcome

@@ -555,8 +555,9 @@ return out
 """
 _INDEX_SCAN_COUNT = 5000
 
-# Opt-outs with their outbox entries, once each. KEYS: seen set, watermark, outbox. ARGV: the
-# trim bound (Unix s), then per opt-out: marker, time (Unix s), n, n x (topic, key, value, id).
+# Opt-outs with their outbox entries, once each. KEYS: seen set, watermark, outbox. ARGV: how far
+# behind the watermark markers are kept (s), then per opt-out: marker, time (Unix s), n, and
+# n x (topic, key, value, event id).
 _RECORD_OPTOUTS = r"""
 local seen, watermark, outbox = KEYS[1], KEYS[2], KEYS[3]
 local high = tonumber(redis.call('GET', watermark) or '-1')
@@ -578,8 +579,10 @@ while i <= #ARGV do
   i = i + 4 * n
   if at > high then high = at end
 end
-if high >= 0 then redis.call('SET', watermark, string.format('%d', high)) end
-redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. ARGV[1])
+if high >= 0 then
+  redis.call('SET', watermark, string.format('%d', high))
+  redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. string.format('%d', high - tonumber(ARGV[1])))
+end
 return new
 """
 
@@ -1152,19 +1155,19 @@ class CampaignStore:
         return found
 
     async def record_optouts(
-        self, optouts: Sequence[tuple[str, datetime, Sequence[OutboxEntry]]], keep_after: datetime
+        self, optouts: Sequence[tuple[str, datetime, Sequence[OutboxEntry]]], keep: timedelta
     ) -> list[bool]:
         """Record opt-outs read from TextLocal, atomically with their outbox entries.
 
         Each is (marker, TextLocal's time of it, its entries: none for an opt-out no customer
         holds). In one Lua call: an opt-out whose marker is already in `keys.optouts_seen` is
         skipped (entries and all); the others are marked and their entries appended to the
-        outbox; the watermark moves up to the latest time given; markers scored before
-        `keep_after` are trimmed. Returns, per opt-out, whether it was new.
+        outbox; the watermark moves up to the latest time given; markers scored more than `keep`
+        behind the watermark are trimmed. Returns, per opt-out, whether it was new.
         """
         if not optouts:
             return []
-        args: list[bytes | str | int] = [to_unix_s(keep_after)]
+        args: list[bytes | str | int] = [int(keep.total_seconds())]
         for marker, at, entries in optouts:
             args += [marker, to_unix_s(at), len(entries)]
             for entry in entries:

@@ -7,13 +7,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from consumer.contact_index import ContactIndex
-from consumer.errors import ContactIndexMissing
+from consumer.errors import ContactIndexMissing, StoreUnavailable
 from consumer.events import CustomerOptOutEvent
 from consumer.keys import RedisKeys
 from consumer.metrics import Metrics
@@ -245,3 +246,47 @@ async def test_a_group_without_an_index_fails_the_import_and_records_nothing(
 
     await rig.index.rebuild(rig.client, rig.groups[1], rig.clock.now())
     assert (await importer.import_optouts()).optouts_published == 1
+
+
+class CrashingStore(CampaignStore):
+    """The real store whose `record_optouts` fails from its `fail_from`-th call on (a crash)."""
+
+    fail_from = 2
+    calls = 0
+
+    async def record_optouts(self, *args: Any, **kwargs: Any) -> list[bool]:
+        self.calls += 1
+        if self.calls >= self.fail_from:
+            raise StoreUnavailable("Redis record opt-outs: crash")
+        return await super().record_optouts(*args, **kwargs)
+
+
+@pytest.mark.integration
+async def test_an_import_stopped_between_chunks_loses_and_repeats_nothing(rig: OptOutRig) -> None:
+    """500 opt-outs, then 100 four days later; the first import (a backfill) fails after its first
+    chunk of 500: the watermark is the chunk's, its markers are kept behind that, and the next
+    import publishes the other 100 and none of the 500 again."""
+    await rig.index_all()
+    await rig.sandbox.admin.add_optouts([UK_FIRST + n for n in range(500)])
+    rig.clock.advance(timedelta(days=4))
+    await rig.sandbox.admin.add_optouts([UK_FIRST + n for n in range(500, 600)])
+    crashing = CrashingStore(rig.store.redis, rig.store.keys, REGISTRY)
+    metrics = Metrics(CollectorRegistry())
+    failing = OptOutImporter(crashing, rig.client, REGISTRY, rig.groups, rig.clock, metrics)
+    with pytest.raises(StoreUnavailable):
+        await failing.import_optouts()
+    assert len(await rig.records()) == 500
+    assert counter(metrics, "optouts_published") == 500
+    assert await rig.store.optouts_watermark() == datetime(2025, 3, 5, 8, 0, tzinfo=UTC)
+
+    importer, _ = rig.importer()
+    resumed = await importer.import_optouts()
+
+    assert (resumed.optouts_listed, resumed.optouts_new, resumed.optouts_published) == (
+        600,
+        100,
+        100,
+    )
+    records = await rig.records()
+    assert len(records) == 600
+    assert len({r["customer_id"] for r in records}) == 600
