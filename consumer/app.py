@@ -4,7 +4,7 @@
     intake         Intake.run                       (Kafka input → Redis)
     executor       Executor.run                     (campaign steps against TextLocal)
     poller         Poller.run                       (daily delivery polls)
-    daily          DailyJobs.run                    (template import, contact index refresh)
+    daily          DailyJobs.run                    (templates, contact index, opt-outs)
     (always)       OutboxPublisher.run, campaign index upkeep and campaigns-by-state gauge,
                    HTTP /metrics /healthz /readyz
 
@@ -54,6 +54,7 @@ from consumer.kafka_io import KafkaEventSource, KafkaPublisher, TopicSpec, ensur
 from consumer.keys import RedisKeys
 from consumer.logs import SCRUBBER, log_event
 from consumer.metrics import Metrics
+from consumer.optouts import OptOutImporter
 from consumer.outbox import OutboxPublisher
 from consumer.outcomes import OutcomeRecorder
 from consumer.poller import Poller, PollerSettings
@@ -199,6 +200,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(kafka.metrics_topic, partitions, {}),
         TopicSpec(kafka.outcomes_topic, partitions, {}),
         TopicSpec(kafka.dlq_topic, partitions, {}),
+        TopicSpec(kafka.optouts_topic, partitions, {}),
         templates_topic_spec(kafka.templates_topic, partitions),
     ]
 
@@ -450,6 +452,14 @@ def daily_jobs(parts: Parts) -> DailyJobs:
         settings.contact_groups,
         parts.clock,
     )
+    optouts = OptOutImporter(
+        parts.store,
+        parts.client,
+        parts.registry,
+        settings.contact_groups,
+        parts.clock,
+        parts.metrics,
+    )
     return DailyJobs(
         parts.store,
         catalog,
@@ -460,6 +470,7 @@ def daily_jobs(parts: Parts) -> DailyJobs:
         parts.clock,
         parts.metrics,
         parts.owner,
+        optouts,
     )
 
 

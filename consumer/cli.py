@@ -5,6 +5,7 @@
     textlocal-consumer settings                every setting, its variable and default
     textlocal-consumer sync-contacts           rebuild the contact index now (with progress)
     textlocal-consumer import-templates        import and publish the template catalog now
+    textlocal-consumer import-optouts          publish TextLocal's new opt-outs now
     textlocal-consumer campaigns               recent campaigns and their states
     textlocal-consumer campaign-status KEY     one campaign in detail ("tenant:campaign:channel")
     textlocal-consumer reindex-campaigns       file every listed campaign under its state again
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("settings", help="list every setting with its variable and default")
     commands.add_parser("sync-contacts", help="rebuild the contact index of every group now")
     commands.add_parser("import-templates", help="import and publish TextLocal's templates now")
+    commands.add_parser(
+        "import-optouts", help="publish the opt-outs added at TextLocal since the last import now"
+    )
     listing = commands.add_parser("campaigns", help="recent campaigns and their states")
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     status = commands.add_parser("campaign-status", help="one campaign's state and counts")
@@ -191,6 +195,10 @@ async def _sync_contacts(settings: Settings, _args: argparse.Namespace) -> int:
 
 async def _import_templates(settings: Settings, _args: argparse.Namespace) -> int:
     return await _run_daily_job(settings, "templates")
+
+
+async def _import_optouts(settings: Settings, _args: argparse.Namespace) -> int:
+    return await _run_daily_job(settings, "optouts")
 
 
 async def _run_daily_job(settings: Settings, job: str) -> int:
@@ -333,6 +341,7 @@ _COMMANDS = {
     "check": _check,
     "sync-contacts": _sync_contacts,
     "import-templates": _import_templates,
+    "import-optouts": _import_optouts,
     "campaigns": _campaigns,
     "campaign-status": _campaign_status,
     "reindex-campaigns": _reindex_campaigns,

@@ -282,6 +282,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("kafka.outcomes_topic", "textlocal.sms.customer-outcomes.v1", _text, "CustomerOutcomes events (customer ids per delivery outcome)."),
     Option("kafka.templates_topic", "textlocal.sms.templates.v1", _text, "Template catalog (compacted)."),
     Option("kafka.dlq_topic", "optimove.sms.campaigns.v1.dlq", _text, "Dead letters of the input topic."),
+    Option("kafka.optouts_topic", "textlocal.sms.customer-optouts.v1", _text, "CustomerOptOut events (opt-outs read daily from TextLocal)."),
     Option("kafka.create_topics", False, _boolean, "Create missing topics at start (output topics and DLQ; templates compacted)."),
     Option("kafka.topic_partitions", 6, _positive_int, "Partitions of topics the daemon creates."),
     Option("kafka.session_timeout_ms", 10000, _positive_int, "Consumer-group session timeout: how soon a SIGKILLed replica's partitions go to the others (librdkafka's default is 45000)."),
@@ -330,6 +331,7 @@ class KafkaSettings:
     dlq_topic: str
     create_topics: bool
     topic_partitions: int
+    optouts_topic: str = "textlocal.sms.customer-optouts.v1"
     max_record_bytes: int = 1_000_000
     session_timeout_ms: int = 10_000
     group_instance_id: str | None = None
@@ -358,6 +360,7 @@ class KafkaSettings:
             "metrics": self.metrics_topic,
             "outcomes": self.outcomes_topic,
             "templates": self.templates_topic,
+            "optouts": self.optouts_topic,
         }
 
     def __repr__(self) -> str:
@@ -480,6 +483,7 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             dlq_topic=values["kafka.dlq_topic"],
             create_topics=values["kafka.create_topics"],
             topic_partitions=values["kafka.topic_partitions"],
+            optouts_topic=values["kafka.optouts_topic"],
             max_record_bytes=values["kafka.max_record_bytes"],
             session_timeout_ms=values["kafka.session_timeout_ms"],
             group_instance_id=values["kafka.group_instance_id"],

@@ -1,4 +1,6 @@
-"""The daily jobs: the template import ("templates") and the contact-index refresh ("contacts").
+"""The daily jobs: the template import ("templates"), the contact-index refresh ("contacts") and
+the opt-out import ("optouts", `consumer.optouts`; after the refresh, so a contact added since
+yesterday who opted out is found).
 
 Each runs once a day at a configured UTC time, on one replica: at a job's time every replica
 tries its lock for that day (`keys.daily_job_lock(job, "YYYY-MM-DD")`, SET NX with an expiry,
@@ -45,6 +47,7 @@ from consumer.errors import ConsumerError
 from consumer.leased_work import Lease, keep_lease
 from consumer.logs import log_event
 from consumer.metrics import Metrics
+from consumer.optouts import OptOutImporter
 from consumer.store import CampaignStore
 from consumer.textlocal import TextLocalClient
 from consumer.workflow import ContactGroup
@@ -53,7 +56,8 @@ log = logging.getLogger("consumer.daily")
 
 TEMPLATES_JOB = "templates"
 CONTACTS_JOB = "contacts"
-JOB_NAMES = (TEMPLATES_JOB, CONTACTS_JOB)
+OPTOUTS_JOB = "optouts"
+JOB_NAMES = (TEMPLATES_JOB, CONTACTS_JOB, OPTOUTS_JOB)  # in this order, each day
 
 # (stage, done, total): "templates" or "group <id>", and how far it has got.
 JobProgress = Callable[[str, int, int], None]
@@ -122,8 +126,10 @@ class DailyJobs:
         clock: Clock,
         metrics: Metrics,
         owner: str,
+        optouts: OptOutImporter,
     ) -> None:
         self._store = store
+        self._optouts = optouts
         self._keys = store.keys
         self._catalog = catalog
         self._index = index
@@ -254,6 +260,11 @@ class DailyJobs:
             if progress is not None:
                 progress(TEMPLATES_JOB, imported.templates, imported.templates)
             return {**vars(imported), **await self._read_balance()}
+        if name == OPTOUTS_JOB:
+            found = await self._optouts.import_optouts()
+            if progress is not None:
+                progress(OPTOUTS_JOB, found.optouts_new, found.optouts_new)
+            return dict(vars(found))
         summary: dict[str, int] = {}
         for group in self._groups:
             stage = f"group {group.group_id}"

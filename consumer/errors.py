@@ -9,7 +9,8 @@
     │   ├── StoreUnavailable         Redis could not be reached
     │   │   └── RateLimitUnavailable the shared TextLocal rate limit stayed out of reach (Redis):
     │   │                            no TextLocal call was made
-    │   └── KafkaUnavailable         Kafka refused or timed out a produce, commit or admin call
+    │   ├── KafkaUnavailable         Kafka refused or timed out a produce, commit or admin call
+    │   └── ContactIndexMissing      a contact group has no index yet (its refresh has not run)
     ├── PermanentError               retrying will not help
     │   ├── KafkaRecordRefused       Kafka refuses records for good (too large, bad topic, ACL)
     │   ├── TextLocalApiError        TextLocal answered "failure" with an error code
@@ -90,6 +91,15 @@ class RateLimitUnavailable(StoreUnavailable):
 
 class KafkaUnavailable(TransientError):
     """Kafka did not take a record, a commit or an admin request (broker down, timeout)."""
+
+
+class ContactIndexMissing(TransientError):
+    """A contact group has no contact index yet, so numbers cannot be turned into customer ids
+    (the daily contact refresh has not succeeded for it); worth trying after the next refresh."""
+
+    def __init__(self, group_id: int) -> None:
+        super().__init__(f"contact group {group_id} has no contact index yet")
+        self.group_id = group_id
 
 
 class PermanentError(ConsumerError):

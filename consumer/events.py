@@ -344,6 +344,39 @@ class TemplateRecord:
         return {**vars(self), "languages": list(self.languages)}
 
 
+@dataclass(frozen=True)
+class CustomerOptOutEvent:
+    """A customer whose number TextLocal lists as opted out (DESIGN §4b); never the number."""
+
+    customer_id: str
+    contact_group_id: int
+    opted_out_at: datetime  # TextLocal's time of the opt-out
+    occurred_at: datetime  # when the daemon read it
+
+    @property
+    def key(self) -> str:
+        """The Kafka key: one customer of one contact group lands in one partition, in order."""
+        return f"{self.contact_group_id}:{self.customer_id}"
+
+    @property
+    def event_id(self) -> str:
+        """UUIDv5 of the group, the customer and the opt-out's time: the same opt-out read
+        again (a rerun, an overlapping window) has the same id, and nothing in it is the number."""
+        millis = int(self.opted_out_at.timestamp() * 1000)
+        parts = ("optout", str(self.contact_group_id), self.customer_id, str(millis))
+        name = "/".join(_escape_part(part) for part in parts)
+        return str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
+
+    def to_fields(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "occurred_at": self.occurred_at,
+            "customer_id": self.customer_id,
+            "contact_group_id": self.contact_group_id,
+            "opted_out_at": self.opted_out_at,
+        }
+
+
 def output_event_id(ref: CampaignRef, *parts: str) -> str:
     """UUIDv5 of the campaign key and the parts, joined by "/".
 

@@ -152,6 +152,21 @@ class RedisKeys:
         """Hash: template id → fingerprint of what the catalog last published."""
         return f"{self.prefix}templates:published"
 
+    @property
+    def optouts_watermark(self) -> str:
+        """String: TextLocal's time (Unix s) of the latest opt-out the daily import recorded."""
+        return f"{self.prefix}optouts:watermark"
+
+    @property
+    def optouts_seen(self) -> str:
+        """Sorted set: the opt-outs recorded (`optouts.optout_marker`: TextLocal's id, or a
+        digest), scored by TextLocal's time of each (Unix s); trimmed behind the watermark."""
+        return f"{self.prefix}optouts:seen"
+
+    def optouts_lookup(self, token: str) -> str:
+        """Set: the numbers one opt-out import looks up in the contact index (short-lived)."""
+        return f"{self.prefix}optouts:lookup:{token}"
+
     def daily_job_lock(self, job: str, day: str) -> str:
         return f"{self.prefix}daily:{job}:{day}"
 

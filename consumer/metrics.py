@@ -150,6 +150,18 @@ class Metrics:
             "(poll, receipt).",
             ("outcome", "source"),
         )
+        # opt-outs (the daily opt-out import)
+        self.optouts_read = counter(
+            "optouts_read_total", "Opt-outs read from TextLocal for the first time."
+        )
+        self.optouts_published = counter(
+            "optouts_published_total",
+            "CustomerOptOut records recorded for publishing (one per opt-out, group and customer).",
+        )
+        self.optouts_unmatched = counter(
+            "optouts_unmatched_total",
+            "Opt-outs whose number no configured contact group's customer holds (not published).",
+        )
         # coordination and jobs
         self.leases_held = gauge(
             "leases_held", "Redis leases this replica holds, by kind.", ("kind",)

@@ -31,7 +31,12 @@ from consumer.clock import Clock, pause
 from consumer.codec import SchemaRegistry
 from consumer.dependencies import FailureStreak
 from consumer.errors import KafkaRecordRefused, TransientError
-from consumer.events import CampaignStatusEvent, DeliveryMetricsEvent, TemplateRecord
+from consumer.events import (
+    CampaignStatusEvent,
+    CustomerOptOutEvent,
+    DeliveryMetricsEvent,
+    TemplateRecord,
+)
 from consumer.kafka_io import OutboundRecord
 from consumer.leased_work import Lease, renewing
 from consumer.logs import log_event
@@ -41,6 +46,7 @@ from consumer.store import CampaignStore, OutboxEntry
 log = logging.getLogger("consumer.outbox")
 
 STATUS, METRICS, TEMPLATES = "status", "metrics", "templates"
+OPTOUTS = "optouts"
 # Refusals of one event in a row before it is set aside (each is a produce Kafka answered "no").
 MAX_REFUSALS = 3
 
@@ -75,6 +81,15 @@ def template_entry(registry: SchemaRegistry, record: TemplateRecord) -> OutboxEn
 def template_tombstone(template_id: int) -> OutboxEntry:
     return OutboxEntry(
         topic=TEMPLATES, key=str(template_id), value=None, event_id=f"template:{template_id}:gone"
+    )
+
+
+def optout_entry(registry: SchemaRegistry, event: CustomerOptOutEvent) -> OutboxEntry:
+    return OutboxEntry(
+        topic=OPTOUTS,
+        key=event.key,
+        value=registry.encode("CustomerOptOut", event.to_fields()),
+        event_id=event.event_id,
     )
 
 

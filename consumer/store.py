@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,7 +24,7 @@ from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from consumer.clock import to_millis
+from consumer.clock import to_millis, to_unix_s
 from consumer.codec import SchemaRegistry
 from consumer.errors import ConfigError, StoreUnavailable
 from consumer.events import CampaignRecipients, CampaignScheduled
@@ -83,7 +83,7 @@ def redis_errors(operation: str) -> Iterator[None]:
 class OutboxEntry:
     """An output event waiting to be published: logical topic, key, encoded value."""
 
-    topic: str  # "status", "metrics" or "templates"; mapped to real topic names when published
+    topic: str  # "status", "metrics", "templates", "optouts"; mapped to topic names when published
     key: str
     value: bytes | None  # None publishes a tombstone (compacted topics)
     event_id: str
@@ -534,6 +534,58 @@ end
 return dropped
 """
 
+# --- opt-outs ----------------------------------------------------------------------------------
+# One page of a contact index's HSCAN: the customer ids whose entry's number (before the first
+# unit separator, 0x1F) is in the lookup set. KEYS: index hash, lookup set; ARGV: cursor, count.
+# Answers {next cursor, id, number, id, number, ...}.
+_NUMBERS_IN_INDEX = r"""
+local reply = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local out = {reply[1]}
+local fields = reply[2]
+for i = 1, #fields, 2 do
+  local entry = fields[i + 1]
+  local stop = string.find(entry, '\31', 1, true)
+  local number = stop and string.sub(entry, 1, stop - 1) or entry
+  if number ~= '' and redis.call('SISMEMBER', KEYS[2], number) == 1 then
+    out[#out + 1] = fields[i]
+    out[#out + 1] = number
+  end
+end
+return out
+"""
+_INDEX_SCAN_COUNT = 5000
+
+# Opt-outs with their outbox entries, once each. KEYS: seen set, watermark, outbox. ARGV: how far
+# behind the watermark markers are kept (s), then per opt-out: marker, time (Unix s), n, and
+# n x (topic, key, value, event id).
+_RECORD_OPTOUTS = r"""
+local seen, watermark, outbox = KEYS[1], KEYS[2], KEYS[3]
+local high = tonumber(redis.call('GET', watermark) or '-1')
+local new = {}
+local i = 2
+while i <= #ARGV do
+  local marker, at, n = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
+  if redis.call('ZSCORE', seen, marker) then
+    new[#new + 1] = 0
+  else
+    redis.call('ZADD', seen, at, marker)
+    for j = i, i + 4 * (n - 1), 4 do
+      redis.call('XADD', outbox, '*', 'topic', ARGV[j], 'key', ARGV[j + 1], 'value', ARGV[j + 2],
+        'event_id', ARGV[j + 3], 'tombstone', '0')
+    end
+    new[#new + 1] = 1
+  end
+  i = i + 4 * n
+  if at > high then high = at end
+end
+if high >= 0 then
+  redis.call('SET', watermark, string.format('%d', high))
+  redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. string.format('%d', high - tonumber(ARGV[1])))
+end
+return new
+"""
+
 
 # Recording one CustomerOutcomes record (consumer.outcomes): every number must still be eligible
 # (its value's first character `-`, or `P` when the outcome is final); then each is marked with
@@ -583,6 +635,8 @@ class CampaignStore:
         self._trim_state_sets = redis.register_script(_TRIM_STATE_SETS)
         self._index_states = redis.register_script(_INDEX_STATES)
         self._record_outcome_chunk = redis.register_script(_RECORD_OUTCOME_CHUNK)
+        self._numbers_in_index = redis.register_script(_NUMBERS_IN_INDEX)
+        self._record_optouts = redis.register_script(_RECORD_OPTOUTS)
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -1141,6 +1195,88 @@ class CampaignStore:
                 if gone:
                     pipe.hdel(key, *(str(template_id) for template_id in gone))
                 await pipe.execute()
+
+    # --- opt-outs (the daily opt-out import) ----------------------------------------------------
+
+    async def optouts_watermark(self) -> datetime | None:
+        """TextLocal's time of the latest opt-out recorded, None before the first."""
+        with redis_errors("GET opt-outs watermark"):
+            raw = await self.redis.get(self.keys.optouts_watermark)
+        return None if raw is None else datetime.fromtimestamp(int(as_text(raw)), UTC)
+
+    async def seen_optouts(self, markers: Sequence[str]) -> set[str]:
+        """The markers among `markers` already recorded (`record_optouts`)."""
+        if not markers:
+            return set()
+        with redis_errors("ZMSCORE opt-outs seen"):
+            scores = await self.redis.zmscore(self.keys.optouts_seen, list(markers))
+        return {marker for marker, score in zip(markers, scores, strict=True) if score is not None}
+
+    async def customers_with_numbers(
+        self, group_id: int, numbers: Collection[str], token: str
+    ) -> dict[str, list[str]] | None:
+        """Number → the customer ids that hold it in the group's current contact index (only
+        numbers found), or None when the group has no index yet.
+
+        The index is keyed by customer id, so this scans it: `HSCAN` inside Lua, a few thousand
+        entries per call, matching each entry's number (the part before the first unit separator,
+        `contact_index.IndexedContact.pack`) against a short-lived set of the wanted numbers.
+        Only the matches travel; the cost is one pass over the index per call of this method.
+        """
+        with redis_errors("GET contact index version"):
+            version = await self.redis.get(self.keys.contacts_current(group_id))
+        if version is None:
+            return None
+        found: dict[str, list[str]] = {}
+        if not numbers:
+            return found
+        index = self.keys.contacts_version(group_id, as_text(version))
+        lookup = self.keys.optouts_lookup(token)
+        with redis_errors("opt-out numbers in the contact index"):
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.sadd(lookup, *numbers)
+                    pipe.expire(lookup, 3600)
+                    await pipe.execute()
+                cursor = "0"
+                while True:
+                    reply = await self._numbers_in_index(
+                        keys=[index, lookup], args=[cursor, _INDEX_SCAN_COUNT]
+                    )
+                    cursor = as_text(reply[0])
+                    pairs = [as_text(value) for value in reply[1:]]
+                    for customer_id, number in zip(pairs[0::2], pairs[1::2], strict=True):
+                        found.setdefault(number, []).append(customer_id)
+                    if cursor == "0":
+                        break
+            finally:
+                await self.redis.unlink(lookup)
+        for customers in found.values():
+            customers.sort()
+        return found
+
+    async def record_optouts(
+        self, optouts: Sequence[tuple[str, datetime, Sequence[OutboxEntry]]], keep: timedelta
+    ) -> list[bool]:
+        """Record opt-outs read from TextLocal, atomically with their outbox entries.
+
+        Each is (marker, TextLocal's time of it, its entries: none for an opt-out no customer
+        holds). In one Lua call: an opt-out whose marker is already in `keys.optouts_seen` is
+        skipped (entries and all); the others are marked and their entries appended to the
+        outbox; the watermark moves up to the latest time given; markers scored more than `keep`
+        behind the watermark are trimmed. Returns, per opt-out, whether it was new.
+        """
+        if not optouts:
+            return []
+        args: list[bytes | str | int] = [int(keep.total_seconds())]
+        for marker, at, entries in optouts:
+            args += [marker, to_unix_s(at), len(entries)]
+            for entry in entries:
+                args += [entry.topic, entry.key, entry.value or b"", entry.event_id]
+        keys = [self.keys.optouts_seen, self.keys.optouts_watermark, self.keys.outbox]
+        with redis_errors("record opt-outs"):
+            flags = await self._record_optouts(keys=keys, args=args)
+        return [bool(int(flag)) for flag in flags]
 
     async def daily_job_last_success(self, job: str) -> datetime | None:
         with redis_errors("GET daily job last success"):

@@ -76,6 +76,7 @@ from consumer.textlocal_types import (
     MalformedReply,
     MessageStatuses,
     NewContact,
+    OptOut,
     ScheduledSend,
     SenderNames,
     SendResult,
@@ -93,6 +94,7 @@ from consumer.textlocal_types import (
     parse_groups,
     parse_history_page,
     parse_message_statuses,
+    parse_optouts,
     parse_scheduled,
     parse_send,
     parse_sender_names,
@@ -610,6 +612,12 @@ class TextLocalClient:
         balance = await self._call("balance", [], parse_balance)
         self._observer.balance_checked(balance.sms, balance.mms, self._clock.now().timestamp())
         return balance
+
+    async def get_optouts(self, *, since: datetime | None = None) -> list[OptOut]:
+        """The account's opt-outs, those added at or after `since` (TextLocal's `time`, Unix
+        seconds) when given. A read: safe to repeat."""
+        params = [] if since is None else [("time", str(_unix_s(since, "since")))]
+        return await self._call("get_optouts", params, parse_optouts)
 
     async def get_sender_names(self) -> SenderNames:
         return await self._call("get_sender_names", [], parse_sender_names)

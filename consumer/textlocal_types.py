@@ -171,6 +171,19 @@ class ApiHistoryPage:
 
 
 @dataclass(frozen=True)
+class OptOut:
+    """One number on the account's opt-out list (a contact who texted STOP).
+
+    `optout_id` is TextLocal's id of the opt-out when its reply has one (the reply's shape is not
+    published; the sandbox gives one), else None. The number never shows in a repr.
+    """
+
+    number: str = field(repr=False)  # as TextLocal gives it, digits
+    opted_out_at: datetime  # aware UTC, whole seconds
+    optout_id: int | None = None
+
+
+@dataclass(frozen=True)
 class Balance:
     sms: float
     mms: float
@@ -466,6 +479,26 @@ def parse_history_page(reply: JsonObject, *, start: int, limit: int) -> HistoryP
         total=as_int(reply.get("total", len(entries)), "get_history_group.total"),
         entries=tuple(entries),
     )
+
+
+def parse_optouts(reply: JsonObject) -> list[OptOut]:
+    """`get_optouts`: `optouts[{id?, number, datetime}]` (the shape the sandbox assumes: TextLocal
+    does not publish it). A missing list is no opt-outs; an entry without a number or a time is
+    malformed."""
+    optouts: list[OptOut] = []
+    for item in as_list(reply.get("optouts", []), "get_optouts.optouts"):
+        entry = as_object(item, "get_optouts.optouts[]")
+        number = as_str(_field(entry, "number", "get_optouts.optouts[]"), "optouts.number")
+        optouts.append(
+            OptOut(
+                number=number.strip(),
+                opted_out_at=as_utc_datetime(
+                    _field(entry, "datetime", "get_optouts.optouts[]"), "optouts.datetime"
+                ),
+                optout_id=_optional_int(entry, "id", "get_optouts.optouts[]"),
+            )
+        )
+    return optouts
 
 
 def parse_balance(reply: JsonObject) -> Balance:

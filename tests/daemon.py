@@ -47,6 +47,7 @@ class DaemonTopics:
     templates: str
     dlq: str
     outcomes: str
+    optouts: str = ""  # "" leaves the daemon's default
 
 
 def daemon_environment(
@@ -95,6 +96,8 @@ def daemon_environment(
         "TEXTLOCAL_CONSUMER_WORKFLOW_SEND_RECONCILE_GRACE_S": "7",
         "TEXTLOCAL_CONSUMER_WORKFLOW_DRAIN_TIMEOUT_S": "10",
     }
+    if topics.optouts:
+        env["TEXTLOCAL_CONSUMER_KAFKA_OPTOUTS_TOPIC"] = topics.optouts
     env.update(extra or {})
     return env
 
@@ -281,6 +284,7 @@ async def stack(
         templates=new_topic("templates", config={"cleanup.policy": "compact"}),
         dlq=new_topic("dlq"),
         outcomes=new_topic("outcomes", partitions=3),
+        optouts=new_topic("optouts"),
     )
     group_id = await sandbox.admin.generate_contacts(
         "Optimove customers", MASTER_CONTACTS, first_number=FIRST_NUMBER

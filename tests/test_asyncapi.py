@@ -95,6 +95,7 @@ def test_channels_are_the_daemons_topics() -> None:
             "kafka.outcomes_topic",
             "kafka.templates_topic",
             "kafka.dlq_topic",
+            "kafka.optouts_topic",
         )
     }
     assert addresses == topics

@@ -109,6 +109,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "poll_number": 3,
         "metadata": {"k": "v"},
     },
+    "CustomerOptOut": {
+        "event_id": "d2f1c7a0-9b8e-5c4d-a3b2-1e0f9d8c7b6a",
+        "occurred_at": WHEN,
+        "customer_id": "C0000042",
+        "contact_group_id": 1001,
+        "opted_out_at": WHEN,
+    },
     "Template": {
         "id": 1001,
         "title": "OPT_Welcome",

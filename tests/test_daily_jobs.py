@@ -16,6 +16,7 @@ from consumer.clock import to_millis
 from consumer.contact_index import ContactIndex
 from consumer.daily_jobs import (
     CONTACTS_JOB,
+    JOB_NAMES,
     TEMPLATES_JOB,
     DailyJobs,
     DailyJobSettings,
@@ -25,6 +26,7 @@ from consumer.daily_jobs import (
 )
 from consumer.keys import RedisKeys
 from consumer.metrics import Metrics
+from consumer.optouts import OptOutImporter
 from consumer.store import CampaignStore
 from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient, TextLocalCredentials, TextLocalSettings
@@ -98,6 +100,7 @@ class JobsRig:
             self.clock,
             metrics,
             owner,
+            OptOutImporter(self.store, self.client, REGISTRY, self.groups, self.clock, metrics),
         )
         return jobs, metrics
 
@@ -134,18 +137,16 @@ async def rig(
 
 
 @pytest.mark.integration
-async def test_a_fresh_deployment_runs_both_jobs_at_start(rig: JobsRig) -> None:
-    """No success recorded: the loop imports templates and indexes both groups at once, once."""
+async def test_a_fresh_deployment_runs_every_job_at_start(rig: JobsRig) -> None:
+    """No success recorded: the loop imports templates, indexes both groups and reads the
+    opt-outs at once, once each."""
     rig.clock.set(utc(5, 14))
     jobs, metrics = rig.replica("replica-1")
     stopping = asyncio.Event()
     loop = asyncio.create_task(jobs.run(stopping))
 
     async def both_succeeded() -> bool:
-        return None not in [
-            await jobs.last_success(TEMPLATES_JOB),
-            await jobs.last_success(CONTACTS_JOB),
-        ]
+        return None not in [await jobs.last_success(job) for job in JOB_NAMES]
 
     await eventually(both_succeeded, timeout_s=15)
     await asyncio.sleep(0.2)  # ten more wakes: nothing runs again
@@ -154,10 +155,11 @@ async def test_a_fresh_deployment_runs_both_jobs_at_start(rig: JobsRig) -> None:
 
     assert await rig.calls("get_templates") == 1
     assert await rig.calls("get_contacts") == 5
+    assert await rig.calls("get_optouts") == 1
     assert await rig.index.size(rig.groups[0].group_id) == UK_CONTACTS
     assert await rig.index.size(rig.groups[1].group_id) == VIP_CONTACTS
     assert len(await TemplateCopy(rig.store.redis, rig.store.keys, rig.client).stored_all()) == 2
-    for job in (TEMPLATES_JOB, CONTACTS_JOB):
+    for job in JOB_NAMES:
         assert (
             metrics.registry.get_sample_value(
                 "textlocal_consumer_daily_job_runs_total", {"daily_job": job, "outcome": "ok"}
@@ -297,7 +299,7 @@ async def test_the_template_import_reads_the_credit_balance(rig: JobsRig) -> Non
 
 @pytest.mark.integration
 async def test_an_unknown_job_name_is_refused(rig: JobsRig) -> None:
-    """Only "templates" and "contacts" exist."""
+    """Only "templates", "contacts" and "optouts" exist."""
     jobs, _ = rig.replica("cli")
     with pytest.raises(ValueError, match="unknown daily job 'invoices'"):
         await jobs.run_job("invoices")

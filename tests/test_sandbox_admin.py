@@ -164,6 +164,20 @@ async def test_generate_contacts_with_constant_fields(sandbox: SandboxHandle) ->
         await sandbox.admin.generate_contacts("Lang", 1, fields={"custom1": "x"})
 
 
+async def test_add_optouts_stands_for_contacts_texting_stop(sandbox: SandboxHandle) -> None:
+    """Opted-out numbers join group 6 with new ids and stay in their other groups; a number
+    already opted out keeps its id; an empty list is refused."""
+    group_id = await sandbox.admin.seed_contacts(None, "Master", [{"number": 447700900001}])
+    assert await sandbox.admin.add_optouts([447700900001, 447700900002]) == [1, 2]
+    assert await sandbox.admin.add_optouts([447700900002]) == [2]
+    groups = await sandbox.admin.groups()
+    assert groups[6] == ("Opt-outs", 2)
+    assert groups[group_id] == ("Master", 1)
+    with pytest.raises(SandboxAdminError) as refused:
+        await sandbox.admin.add_optouts([])
+    assert refused.value.status == 400
+
+
 async def test_admin_bad_requests_are_400(sandbox: SandboxHandle) -> None:
     """Malformed admin bodies are answered 400 with an error text, not a crash."""
     import aiohttp

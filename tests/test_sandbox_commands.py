@@ -4,6 +4,7 @@ account calls, and the other commands TextLocal's PHP class wraps."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import pytest
@@ -126,12 +127,33 @@ async def test_optouts_are_honoured_only_when_asked(sandbox: SandboxHandle) -> N
 
 
 async def test_get_optouts_lists_group_6(sandbox: SandboxHandle) -> None:
-    """Numbers added to group 6 through the API show in get_optouts with a datetime."""
+    """Numbers added to group 6 through the API show in get_optouts with an id and a datetime."""
     await call(sandbox, "create_contacts", {"group_id": "6", "numbers": "447700900105"})
     reply = await call(sandbox, "get_optouts")
     assert reply["num_optouts"] == 1
+    assert reply["optouts"][0]["id"] == 1
     assert reply["optouts"][0]["number"] == 447700900105
     assert len(reply["optouts"][0]["datetime"]) == 19
+    assert list(reply)[-1] == "status"
+
+
+async def test_get_optouts_since_a_time_oldest_first(sandbox: SandboxHandle) -> None:
+    """`time` keeps the opt-outs from that second on, oldest first; a number that opts out
+    again after being removed is a new opt-out with a new id and time."""
+    start = await sandbox.admin.set_clock(datetime(2025, 3, 5, 9, 0, tzinfo=UTC))
+    assert await sandbox.admin.add_optouts([447700900101, 447700900102]) == [1, 2]
+    await sandbox.admin.advance_clock(timedelta(hours=1))
+    assert await sandbox.admin.add_optouts([447700900103, 447700900101]) == [3, 1]
+    later = int(start.timestamp()) + 3600
+    recent = await call(sandbox, "get_optouts", {"time": str(later)})
+    assert [(o["id"], o["number"]) for o in recent["optouts"]] == [(3, 447700900103)]
+    assert recent["optouts"][0]["datetime"] == "2025-03-05 10:00:00"
+    await call(sandbox, "delete_contact", {"group_id": "6", "number": "447700900101"})
+    await sandbox.admin.advance_clock(timedelta(hours=1))
+    assert await sandbox.admin.add_optouts([447700900101]) == [4]
+    every = await call(sandbox, "get_optouts")
+    assert [o["id"] for o in every["optouts"]] == [2, 3, 4]
+    assert every["num_optouts"] == 3
 
 
 async def test_groups_lifecycle(sandbox: SandboxHandle) -> None:

@@ -406,6 +406,26 @@ async def test_send_on_the_wire(server: ScriptedServer) -> None:
     assert not {"test", "numbers", "unicode"} & form.keys()
 
 
+async def test_get_optouts_on_the_wire(server: ScriptedServer) -> None:
+    """get_optouts sends `time` as Unix seconds when given (nothing otherwise) and answers typed
+    opt-outs whose repr carries no number."""
+    server.default = success(
+        optouts=[{"id": 7, "number": int(NUMBER), "datetime": "2025-03-05 09:10:11"}],
+        num_optouts=1,
+    )
+    since = datetime(2025, 3, 4, 9, 0, tzinfo=UTC)
+    async with open_client(server.url) as client:
+        [optout] = await client.get_optouts(since=since)
+        await client.get_optouts()
+    assert (optout.number, optout.optout_id) == (NUMBER, 7)
+    assert optout.opted_out_at == datetime(2025, 3, 5, 9, 10, 11, tzinfo=UTC)
+    assert NUMBER not in repr(optout)
+    first, second = server.requests
+    assert first.path == "/get_optouts/"
+    assert first.form["time"] == str(int(since.timestamp()))
+    assert "time" not in second.form
+
+
 async def test_send_to_numbers_on_the_wire(server: ScriptedServer) -> None:
     """Numbers go as one comma list; test and unicode flags as true; validity as Unix seconds."""
     server.default = success(test_mode=True, num_messages=2, cost=2, balance=9)

@@ -18,6 +18,7 @@ from consumer.textlocal_types import (
     JsonObject,
     MalformedReply,
     NewContact,
+    OptOut,
     SendResult,
     TopLevelArraySkipper,
     failure_of,
@@ -29,6 +30,7 @@ from consumer.textlocal_types import (
     parse_groups,
     parse_history_page,
     parse_message_statuses,
+    parse_optouts,
     parse_scheduled,
     parse_send,
     parse_sender_names,
@@ -459,3 +461,30 @@ def test_a_reply_cut_inside_the_captured_list_is_truncated() -> None:
     skipper.feed(b'{"batch_id": 1, "messages": [{"recipient": 1, "status": "D"},')
     with pytest.raises(MalformedReply, match="truncated"):
         skipper.result()
+
+
+def test_optouts_reply_with_and_without_ids() -> None:
+    """get_optouts entries: number (int or text) and datetime; `id` when the reply has one; a
+    reply without the list has no opt-outs."""
+    reply = {
+        "optouts": [
+            {"id": "12", "number": 447700900101, "datetime": "2025-03-05 09:10:11"},
+            {"number": " 447700900102 ", "datetime": 1741166400},
+        ],
+        "num_optouts": 2,
+        "status": "success",
+    }
+    assert parse_optouts(reply) == [
+        OptOut("447700900101", datetime(2025, 3, 5, 9, 10, 11, tzinfo=UTC), 12),
+        OptOut("447700900102", datetime(2025, 3, 5, 9, 20, tzinfo=UTC), None),
+    ]
+    assert parse_optouts({"status": "success"}) == []
+
+
+def test_an_optout_without_a_number_is_malformed_and_not_quoted() -> None:
+    """A missing number or time is a MalformedReply naming the field, never echoing values."""
+    with pytest.raises(MalformedReply, match="'number' is missing"):
+        parse_optouts({"optouts": [{"datetime": "2025-03-05 09:10:11"}]})
+    with pytest.raises(MalformedReply) as bad_time:
+        parse_optouts({"optouts": [{"number": 447700900101, "datetime": "yesterday"}]})
+    assert "447700900101" not in str(bad_time.value)

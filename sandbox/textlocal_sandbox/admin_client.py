@@ -159,6 +159,12 @@ class SandboxAdminClient:
             body["fields"] = dict(fields)
         return int((await self._call("POST", "/contacts/generate", body))["group_id"])
 
+    async def add_optouts(self, numbers: Sequence[int]) -> list[int]:
+        """Numbers opting out now (a contact texting STOP): into group 6 at the sandbox's time;
+        returns their opt-out ids, in order (an already opted-out number keeps its id)."""
+        data = await self._call("POST", "/optouts", {"numbers": list(numbers)})
+        return [int(i) for i in data["ids"]]
+
     async def groups(self) -> dict[int, tuple[str, int]]:
         """Every group: id → (name, size)."""
         data = await self._call("GET", "/groups")

@@ -7,6 +7,7 @@ Paths (see admin_client.py for the matching calls):
   POST   /_sandbox/clock/advance              {"seconds": float}
   POST   /_sandbox/contacts                   {"group_id"?, "group_name"?, "contacts": [...]}
   POST   /_sandbox/contacts/generate          {"group_id"?, "group_name"?, "count", ...}
+  POST   /_sandbox/optouts                    {"numbers": [...]}: contacts texting STOP
   GET    /_sandbox/groups                     every group with its size
   GET    /_sandbox/groups/{id}?start=&limit=  one group and (a page of) its contacts
   POST   /_sandbox/templates                  {"templates": [{"title", "body", ...}]}
@@ -35,7 +36,7 @@ from textlocal_sandbox.contacts import Contact, ContactGroup
 from textlocal_sandbox.faults import FaultPlan, FaultRule
 from textlocal_sandbox.model import Send
 from textlocal_sandbox.runtime import RUNTIME, SandboxRuntime
-from textlocal_sandbox.state import MY_CONTACTS_ID
+from textlocal_sandbox.state import MY_CONTACTS_ID, OPTOUTS_ID
 
 PREFIX: Final = "/_sandbox"
 _CONTACT_FIELDS: Final = ("first_name", "last_name", "custom1", "custom2", "custom3")
@@ -58,6 +59,7 @@ def add_admin_routes(app: web.Application) -> None:
         ("POST", "/clock/advance", advance_clock),
         ("POST", "/contacts", seed_contacts),
         ("POST", "/contacts/generate", generate_contacts),
+        ("POST", "/optouts", add_optouts),
         ("GET", "/groups", list_groups),
         ("GET", "/groups/{group_id}", get_group),
         ("POST", "/templates", seed_templates),
@@ -192,6 +194,22 @@ async def generate_contacts(request: web.Request) -> web.StreamResponse:
     )
     added = runtime.state.add_contacts(group, contacts, runtime.now_s())
     return web.json_response({"group_id": group.id, "added": added, "size": len(group)})
+
+
+async def add_optouts(request: web.Request) -> web.StreamResponse:
+    """Numbers opting out now, as when a contact texts STOP: each enters group 6 (the opt-outs)
+    at the sandbox's current time with a new opt-out id; one already opted out is left as it
+    is. The numbers stay in every other group, as the assumed real service leaves them."""
+    body = await _body(request)
+    raw = body.get("numbers")
+    if not isinstance(raw, list) or not raw:
+        raise AdminRequestError("numbers must be a non-empty list")
+    runtime = _runtime(request)
+    state = runtime.state
+    numbers = [_int(number, "number") for number in raw]
+    state.add_contacts(state.groups[OPTOUTS_ID], [Contact(n) for n in numbers], runtime.now_s())
+    ids = [state.optouts[number][0] for number in numbers]
+    return web.json_response({"ids": ids, "size": len(state.groups[OPTOUTS_ID])})
 
 
 def _contact(item: object) -> Contact:

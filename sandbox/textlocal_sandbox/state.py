@@ -42,7 +42,9 @@ class SandboxState:
             MY_CONTACTS_ID: ContactGroup(MY_CONTACTS_ID, "My Contacts"),
             OPTOUTS_ID: ContactGroup(OPTOUTS_ID, "Opt-outs"),
         }
-        self.optout_times: dict[int, float] = {}
+        # number → (opt-out id, when): the id is new each time a number (re-)enters group 6
+        self.optouts: dict[int, tuple[int, float]] = {}
+        self._next_optout_id = 1
         self.templates: dict[int, Template] = {}
         self.sends: dict[int, Send] = {}
         self.cancelled: set[int] = set()
@@ -76,12 +78,14 @@ class SandboxState:
             return group.upsert(contacts)
         listed = list(contacts)
         for contact in listed:
-            self.optout_times.setdefault(contact.number, now_s)
+            if contact.number not in self.optouts:
+                self.optouts[contact.number] = (self._next_optout_id, now_s)
+                self._next_optout_id += 1
         return group.upsert(listed)
 
     def remove_contact(self, group: ContactGroup, number: int) -> bool:
         if group.id == OPTOUTS_ID:
-            self.optout_times.pop(number, None)
+            self.optouts.pop(number, None)
         return group.remove(number)
 
     def opted_out(self) -> ContactGroup:

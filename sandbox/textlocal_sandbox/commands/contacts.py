@@ -135,14 +135,20 @@ def delete_contact(ctx: CommandContext, params: RequestParams) -> Reply:
 
 
 def get_optouts(ctx: CommandContext, params: RequestParams) -> Reply:
+    """Opt-outs added at or after `time` (Unix seconds; all without it), oldest first."""
     since = parse_int(params.text("time")) or 0
-    times = ctx.state.optout_times
-    optouts = [
-        {"number": c.number, "datetime": format_datetime(times.get(c.number, 0.0))}
+    listed = ctx.state.optouts
+    found = sorted(
+        (at_s, optout_id, c.number)
         for c in ctx.state.groups[OPTOUTS_ID]
-        if times.get(c.number, 0.0) >= since
+        for optout_id, at_s in [listed.get(c.number, (0, 0.0))]
+    )
+    optouts = [
+        {"id": optout_id, "number": number, "datetime": format_datetime(at_s)}
+        for at_s, optout_id, number in found
+        if int(at_s) >= since
     ]
-    return {"num_optouts": len(optouts), "optouts": optouts}
+    return {"optouts": optouts, "num_optouts": len(optouts)}
 
 
 def _group(ctx: CommandContext, params: RequestParams, *, default: int | None) -> ContactGroup:
