@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -77,6 +77,18 @@ def redis_errors(operation: str) -> Iterator[None]:
         if not str(exc).startswith(_PASSING_REPLIES):
             raise
         raise StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}") from exc
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """The one Redis client of a process, made by the wiring (`consumer.app`) and handed to the
+    store's classes (`CampaignStore`, `consumer.contact_store.ContactStore`), which alone use it."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=15,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
 
 
 @dataclass(frozen=True)
@@ -903,16 +915,6 @@ class CampaignStore:
         with redis_errors("release lease"):
             await self._release(keys=[lease_key], args=[token])
 
-    @asynccontextmanager
-    async def lease(self, lease_key: str, token: str, ttl_ms: int) -> AsyncIterator[bool]:
-        """Hold a lease for a block (yields False when another holder has it)."""
-        held = await self.acquire_lease(lease_key, token, ttl_ms)
-        try:
-            yield held
-        finally:
-            if held:
-                await self.release_lease(lease_key, token)
-
     # --- outbox -----------------------------------------------------------------------------
 
     async def outbox_read(self, limit: int) -> list[OutboxEntry]:
@@ -1020,6 +1022,28 @@ class CampaignStore:
         with redis_errors("ZADD XX"):
             await self.redis.zadd(queue, {member: to_millis(due_at)}, xx=True)
 
+    async def replace_template_copy(self, entries: Mapping[int, str]) -> None:
+        """Replace the copy of TextLocal's templates (template id → JSON), atomically."""
+        key = self.keys.templates_catalog
+        with redis_errors("replace templates"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if entries:
+                    pipe.hset(key, mapping={str(i): value for i, value in entries.items()})
+                await pipe.execute()
+
+    async def template_copy_entries(self) -> list[bytes]:
+        """Every template of the copy (JSON), in no particular order."""
+        with redis_errors("HGETALL templates"):
+            raw = await self.redis.hgetall(self.keys.templates_catalog)
+        return [as_bytes(value) for value in raw.values()]
+
+    async def template_copy_entry(self, template_id: int) -> bytes | None:
+        """One template of the copy (JSON), or None when the copy does not have it."""
+        with redis_errors("HGET template"):
+            raw = await self.redis.hget(self.keys.templates_catalog, str(template_id))
+        return None if raw is None else as_bytes(raw)
+
     async def published_templates(self) -> dict[int, str]:
         """Template id → fingerprint of what the catalog last published."""
         with redis_errors("HGETALL templates published"):
@@ -1105,5 +1129,6 @@ __all__ = [
     "IntakeOutcome",
     "OutboxEntry",
     "Transition",
+    "connect_redis",
     "redis_errors",
 ]
