@@ -119,7 +119,7 @@ class WorkflowRig:
         transition = (
             self.store.transition(ref.key)
             .expect(snapshot.state)
-            .set(cancel_requested="1", cancel_reason=reason)
+            .set(cancel_requested=True, cancel_reason=reason)
             .enqueue(keys.work_queue, ref.key, self.clock.now())
         )
         assert (await self.store.apply(transition, self.clock.now())).ok

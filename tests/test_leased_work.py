@@ -91,7 +91,7 @@ async def test_a_member_in_hand_is_never_started_twice_and_old_tokens_fail_the_f
     lease_key = store.keys.prefix + "lease:m1"
     new_token = as_text(await redis_client.get(lease_key))
     assert new_token != first_token
-    stale = store.transition("m1").fenced(lease_key, first_token).set(note="stale")
+    stale = store.transition("m1").fenced(lease_key, first_token).set(poll_error="stale")
     assert (await store.apply(stale, SystemClock().now())).reason == "lease-lost"
     recorder.release.set()
     await pool.drain(5)
