@@ -189,13 +189,13 @@ async def fill_with_finished(store: CampaignStore, count: int, now: datetime) ->
                 store.transition(ref.key)
                 .expect(absent=True)
                 .set_state(ENDINGS[index % len(ENDINGS)])
+                .set_header(registry.encode("CampaignScheduled", header.to_fields()))
                 .set(
-                    header=registry.encode("CampaignScheduled", header.to_fields()),
                     requested=1000,
                     matched=990,
                     batch_id=100_000 + index,
                     polls_done=7,
-                    ended_at=int(ended_at.timestamp() * 1000),
+                    ended_at=ended_at,
                 )
                 .expire(store.keys.campaign(ref.key), retention_left_s)
             )

@@ -42,7 +42,7 @@ sys.path[:0] = [str(REPO), str(REPO / "sandbox"), str(REPO / "bench")]
 
 from bench_polls import NoSegments, free_port, redis_url, rss_mib, wait_for_sandbox  # noqa: E402
 
-from consumer.clock import ManualClock, to_millis  # noqa: E402
+from consumer.clock import ManualClock  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
@@ -113,11 +113,11 @@ async def record_campaign(
         store.transition(ref.key)
         .expect(absent=True)
         .set_state(CampaignState.POLLING)
+        .set_header(registry.encode("CampaignScheduled", header.to_fields()))
         .set(
-            header=registry.encode("CampaignScheduled", header.to_fields()),
             batch_id=batch_id,
-            sent_at=to_millis(sent_at),
-            window_ends_at=to_millis(sent_at + WINDOW),
+            sent_at=sent_at,
+            window_ends_at=sent_at + WINDOW,
             polls_done=6,
         )
         .enqueue(store.keys.poll_queue, ref.key, poll_slot(sent_at, INTERVAL, WINDOW, 7).due_at)

@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "sandbox")]  # runnable as a plain script from any directory
 
-from consumer.clock import ManualClock, to_millis  # noqa: E402
+from consumer.clock import ManualClock  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
@@ -147,11 +147,11 @@ async def register_sent(
             store.transition(ref.key)
             .expect(absent=True)
             .set_state(CampaignState.SENT)
+            .set_header(registry.encode("CampaignScheduled", header.to_fields()))
             .set(
-                header=registry.encode("CampaignScheduled", header.to_fields()),
                 batch_id=batch_id,
-                sent_at=to_millis(sent_at),
-                window_ends_at=to_millis(sent_at + WINDOW),
+                sent_at=sent_at,
+                window_ends_at=sent_at + WINDOW,
                 polls_done=0,
             )
             .enqueue(keys.poll_queue, ref.key, poll_slot(sent_at, INTERVAL, WINDOW, 1).due_at)

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -43,6 +42,7 @@ from consumer.clock import Clock, SystemClock, pause
 from consumer.codec import SchemaRegistry
 from consumer.config import Settings
 from consumer.contact_index import ContactIndex
+from consumer.contact_store import ContactStore
 from consumer.daily_jobs import DailyJobs, DailyJobSettings
 from consumer.dependencies import DependencyMonitor, FailureStreak
 from consumer.errors import ConsumerError, TransientError
@@ -52,6 +52,7 @@ from consumer.health import HealthState, health_app
 from consumer.intake import Intake, IntakeSettings
 from consumer.kafka_io import KafkaEventSource, KafkaPublisher, TopicSpec, ensure_topics
 from consumer.keys import RedisKeys
+from consumer.leased_work import holding
 from consumer.logs import SCRUBBER, log_event
 from consumer.metrics import Metrics
 from consumer.optouts import OptOutImporter
@@ -60,7 +61,7 @@ from consumer.outcomes import OutcomeRecorder
 from consumer.poller import Poller, PollerSettings
 from consumer.rate_limit import AccountRateLimiter
 from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S, CampaignSteps, StepSettings
-from consumer.store import CampaignStore
+from consumer.store import CampaignStore, connect_redis
 from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient
 from consumer.workflow import CampaignState
@@ -83,7 +84,6 @@ class Parts:
     clock: Clock
     metrics: Metrics
     registry: SchemaRegistry
-    redis: aioredis.Redis
     store: CampaignStore
     client: TextLocalClient
     publisher: KafkaPublisher
@@ -114,13 +114,7 @@ async def build_parts(
     SCRUBBER.add_secrets(settings.secrets())
     metrics = Metrics(metrics_registry or CollectorRegistry())
     registry = SchemaRegistry.from_directory()
-    redis: aioredis.Redis = aioredis.Redis.from_url(
-        settings.redis.url,
-        decode_responses=False,
-        socket_timeout=15,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-    )
+    redis = connect_redis(settings.redis.url)
     closers: list[Callable[[], Awaitable[object]]] = [redis.aclose]
     try:
         store = CampaignStore(redis, RedisKeys(prefix=settings.redis.key_prefix), registry)
@@ -150,8 +144,8 @@ async def build_parts(
             with contextlib.suppress(Exception):
                 await close()
         raise
-    index = ContactIndex(redis, store.keys)
-    templates = TemplateCopy(redis, store.keys, client)
+    index = ContactIndex(ContactStore(redis, store.keys))
+    templates = TemplateCopy(store, client)
     workflow = settings.workflow
     steps = CampaignSteps(
         store,
@@ -178,7 +172,6 @@ async def build_parts(
         clock=clock,
         metrics=metrics,
         registry=registry,
-        redis=redis,
         store=store,
         client=client,
         publisher=publisher,
@@ -494,10 +487,10 @@ async def index_campaign_states_once(store: CampaignStore, owner: str) -> None:
     if await store.campaign_states_indexed():
         return
     token = f"{owner}:{uuid.uuid4().hex[:8]}"
-    async with store.lease(
-        store.keys.campaign_states_lease, token, CAMPAIGN_STATES_LEASE_MS
+    async with holding(
+        store, store.keys.campaign_states_lease, token, CAMPAIGN_STATES_LEASE_MS
     ) as held:
-        if held:
+        if held is not None:
             dropped = await store.index_campaign_states()
             log_event(log, "daemon.campaign_states_indexed", dropped_from_index=dropped)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from consumer import __version__
 from consumer.app import build_parts, daily_jobs, run_daemon
+from consumer.campaign_record import CampaignSnapshot
 from consumer.codec import SchemaRegistry
 from consumer.config import Settings, describe_settings, load_settings, unknown_variables
 from consumer.errors import ConfigError, ConsumerError
@@ -239,7 +240,7 @@ async def _campaigns(settings: Settings, args: argparse.Namespace) -> int:
         for key in await parts.store.campaign_keys(args.limit):
             snapshot = await parts.store.load(key)
             if snapshot is not None:
-                print(f"{key:<32} {snapshot.state.value:<16} {snapshot.text('error_code')}")
+                print(f"{key:<32} {snapshot.state.value:<16} {snapshot.error_code}")
         counts = await parts.store.campaign_counts()
         print(
             "by state: "
@@ -262,7 +263,8 @@ async def _campaign_status(settings: Settings, args: argparse.Namespace) -> int:
     shown = {
         name: value
         for name, value in sorted(snapshot.fields.items())
-        if name not in {"message", "planned_message"}  # SMS texts stay out of terminals, logs
+        # SMS texts stay out of terminals and logs.
+        if name not in {CampaignSnapshot.message.name, CampaignSnapshot.planned_message.name}
     }
     if args.json:
         print(json.dumps({"key": args.key, **shown}, indent=2))

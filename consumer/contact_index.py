@@ -25,12 +25,9 @@ from datetime import datetime
 from json.encoder import encode_basestring
 from typing import NamedTuple
 
-import redis.asyncio as aioredis
-
 from consumer.clock import to_millis
-from consumer.keys import RedisKeys
+from consumer.contact_store import ContactStore
 from consumer.logs import log_event
-from consumer.store import as_text, redis_errors
 from consumer.textlocal import TextLocalClient
 from consumer.textlocal_types import Contact
 from consumer.workflow import MAX_CONTACTS_PER_BULK_CALL, ContactGroup, normalise_number
@@ -103,32 +100,6 @@ class Resolution:
     chunks: int
 
 
-# One Lua call per recipients batch: split the batch's joined ids and look each up in the index;
-# the answer is one string "id RS entry RS id RS entry ..." (entry "" when the index has no id).
-_RESOLVE_BATCH = r"""
-local joined = redis.call('HGET', KEYS[1], ARGV[1])
-if not joined then return '' end
-local ids, start = {}, 1
-while true do
-  local stop = string.find(joined, '\30', start, true)
-  ids[#ids + 1] = string.sub(joined, start, (stop or 0) - 1)
-  if not stop then break end
-  start = stop + 1
-end
-local out = {}
-for first = 1, #ids, 4000 do
-  local last = math.min(first + 3999, #ids)
-  local entries = redis.call('HMGET', KEYS[2], unpack(ids, first, last))
-  for i = first, last do
-    out[#out + 1] = ids[i]
-    out[#out + 1] = entries[i - first + 1] or ''
-  end
-end
-return table.concat(out, '\30')
-"""
-_RECORD = "\x1e"
-
-
 @dataclass(frozen=True)
 class IndexBuild:
     """What a rebuild found."""
@@ -141,17 +112,13 @@ class IndexBuild:
 
 
 class ContactIndex:
-    """Reads and rebuilds the per-group index in Redis."""
+    """Reads and rebuilds the per-group index (kept in Redis by `ContactStore`)."""
 
-    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._resolve_batch = redis.register_script(_RESOLVE_BATCH)
+    def __init__(self, store: ContactStore) -> None:
+        self._store = store
 
     async def current_version(self, group_id: int) -> str | None:
-        with redis_errors("GET contact index version"):
-            version = await self._redis.get(self._keys.contacts_current(group_id))
-        return None if version is None else as_text(version)
+        return await self._store.current_version(group_id)
 
     async def resolve(
         self,
@@ -176,16 +143,13 @@ class ContactIndex:
         Deterministic: the same batches and index version always give the same chunks, in the
         same order, so a resumed resolution can skip the chunks TextLocal already accepted.
         """
-        index_key = self._keys.contacts_version(group.group_id, version)
         id_field = f',"{group.customer_id_field}":'
         numbers_seen: set[int] = set()
         chunk: list[str] = []
         chunks = matched = unmatched = invalid = repeated = 0
 
         async def fetch(batch: int) -> list[str]:
-            with redis_errors("resolve batch"):
-                joined = await self._resolve_batch(keys=[recipients_key, index_key], args=[batch])
-            return as_text(joined).split(_RECORD) if joined else []
+            return await self._store.resolve_batch(recipients_key, group.group_id, version, batch)
 
         following: asyncio.Future[list[str]] | None = None
         try:
@@ -256,18 +220,14 @@ class ContactIndex:
         order (each text's last one after the last batch, texts in index order). Only the others
         are visited. `chunks` counts the chunks written. `on_matched` as in `resolve`.
         """
-        index_key = self._keys.contacts_version(group.group_id, version)
         id_field = f',"{group.customer_id_field}":'
         numbers_seen: set[int] = set()
         by_text: dict[int, list[str]] = {}
         matched = unmatched = invalid = repeated = chunks = 0
 
         async def fetch(batch: int) -> tuple[list[str], list[str]]:
-            with redis_errors("resolve batch"):
-                joined = await self._resolve_batch(keys=[recipients_key, index_key], args=[batch])
-                raw_codes = await self._redis.hget(codes_key, str(batch))
-            fields = as_text(joined).split(_RECORD) if joined else []
-            return fields, as_text(raw_codes).split(_RECORD) if raw_codes else []
+            fields = await self._store.resolve_batch(recipients_key, group.group_id, version, batch)
+            return fields, await self._store.batch_codes(codes_key, batch)
 
         following: asyncio.Future[tuple[list[str], list[str]]] | None = None
         try:
@@ -325,15 +285,13 @@ class ContactIndex:
         return Resolution(matched, unmatched, invalid, repeated, chunks)
 
     async def has_version(self, group_id: int, version: str) -> bool:
-        with redis_errors("EXISTS contact index version"):
-            return bool(await self._redis.exists(self._keys.contacts_version(group_id, version)))
+        return await self._store.has_version(group_id, version)
 
     async def size(self, group_id: int) -> int:
         version = await self.current_version(group_id)
         if version is None:
             return 0
-        with redis_errors("HLEN contact index"):
-            return int(await self._redis.hlen(self._keys.contacts_version(group_id, version)))
+        return await self._store.version_size(group_id, version)
 
     async def rebuild(
         self,
@@ -344,12 +302,11 @@ class ContactIndex:
     ) -> IndexBuild:
         """Index every contact of the group under a new version, then switch to it."""
         version = f"{to_millis(now)}-{uuid.uuid4().hex[:8]}"
-        target = self._keys.contacts_version(group.group_id, version)
         first = await client.get_contacts(group.group_id, start=0, limit=PAGE_SIZE)
         total = max(first.num_contacts, len(first.contacts))
         page_size = max(1, min(PAGE_SIZE, first.limit or PAGE_SIZE))
         counts = _Counts()
-        await self._store_page(target, group, first.contacts, counts)
+        await self._store_page(version, group, first.contacts, counts)
         _report(progress, counts.seen, total)
 
         starts = list(range(len(first.contacts), total, page_size)) if first.contacts else []
@@ -358,24 +315,23 @@ class ContactIndex:
         async def fetch(start: int) -> None:
             async with in_flight:
                 page = await client.get_contacts(group.group_id, start=start, limit=page_size)
-            await self._store_page(target, group, page.contacts, counts)
+            await self._store_page(version, group, page.contacts, counts)
             _report(progress, counts.seen, total)
 
         try:
             await asyncio.gather(*(fetch(start) for start in starts))
         except BaseException:
-            with redis_errors("UNLINK half-built index"):
-                await self._redis.unlink(target)
+            await self._store.discard_version(group.group_id, version)
             raise
-        await self._switch(group.group_id, version)
+        await self._store.switch_version(group.group_id, version, OLD_VERSION_GRACE_S)
         build = IndexBuild(
             group_id=group.group_id,
             version=version,
-            contacts=await self._hash_length(target),
+            contacts=await self._store.version_size(group.group_id, version),
             without_customer_id=counts.without_customer_id,
             repeated_customer_ids=counts.seen
             - counts.without_customer_id
-            - await self._hash_length(target),
+            - await self._store.version_size(group.group_id, version),
         )
         log_event(
             log,
@@ -389,7 +345,7 @@ class ContactIndex:
         return build
 
     async def _store_page(
-        self, target: str, group: ContactGroup, contacts: Sequence[Contact], counts: _Counts
+        self, version: str, group: ContactGroup, contacts: Sequence[Contact], counts: _Counts
     ) -> None:
         mapping: dict[str, str] = {}
         for contact in contacts:
@@ -405,23 +361,7 @@ class ContactIndex:
             mapping[customer_id] = IndexedContact(
                 number, contact.first_name, contact.last_name, language.lower()
             ).pack()
-        if mapping:
-            with redis_errors("HSET contact index"):
-                await self._redis.hset(target, mapping=mapping)  # type: ignore[arg-type]
-
-    async def _switch(self, group_id: int, version: str) -> None:
-        current = self._keys.contacts_current(group_id)
-        with redis_errors("switch contact index"):
-            answer = await self._redis.set(current, version, get=True)
-            previous = None if answer is None else as_text(answer)
-            if previous is not None and previous != version:
-                await self._redis.expire(
-                    self._keys.contacts_version(group_id, previous), OLD_VERSION_GRACE_S
-                )
-
-    async def _hash_length(self, key: str) -> int:
-        with redis_errors("HLEN"):
-            return int(await self._redis.hlen(key))
+        await self._store.add_entries(group.group_id, version, mapping)
 
 
 class _Counts:

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from consumer.clock import Clock, pause, to_millis
+from consumer.clock import Clock, pause
 from consumer.codec import SchemaRegistry
 from consumer.dependencies import FailureStreak
 from consumer.errors import PermanentError, TextLocalApiError, TransientError
@@ -278,7 +278,7 @@ class Executor:
                 ref=CampaignRef.from_key(key),
                 status=StatusCode.FAILED,
                 occurred_at=now,
-                counts=RecipientCounts(requested=snapshot.int_field("requested")),
+                counts=RecipientCounts(requested=snapshot.requested),
                 error=error,
                 metadata=metadata,
             )
@@ -286,7 +286,7 @@ class Executor:
                 self._store.transition(key)
                 .expect(CampaignState.COLLECTING)
                 .set_state(CampaignState.FAILED)
-                .set(error_code=error.code, error_message=error.message, ended_at=to_millis(now))
+                .set(error_code=error.code, error_message=error.message, ended_at=now)
                 .dequeue(self._keys.collecting_queue, key)
                 .delete_key(self._keys.recipients(key))
                 .delete_key(self._keys.batches(key))

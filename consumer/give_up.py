@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from consumer.clock import Clock, to_millis
+from consumer.clock import Clock
 from consumer.codec import SchemaRegistry
 from consumer.errors import ConsumerError
 from consumer.events import (
@@ -55,16 +55,16 @@ class InternalErrorEnding:
     async def __call__(self, key: str, lease: Lease, error: Exception) -> None:
         keys = self._store.keys
         now = self._clock.now()
-        fields = await self._store.load_fields(key)
-        if fields is None or CampaignState(fields["state"]).is_final:
+        plain = await self._store.load_without_header(key)
+        if plain is None or plain.state.is_final:
             return
         try:
             snapshot = await self._store.load(key)
         except ConsumerError:
             snapshot = None  # the header no longer decodes: end it without its metadata
         metadata = dict(snapshot.header.metadata) if snapshot and snapshot.header else {}
-        requested = int(fields.get("requested") or 0)
-        group_id = int(fields["group_id"]) if fields.get("group_id") else None
+        requested = plain.requested
+        group_id = plain.group_id
         problem = StatusError(
             "INTERNAL_ERROR",
             f"the {self._role} failed repeatedly: {type(error).__name__}: {str(error)[:200]}",
@@ -84,7 +84,7 @@ class InternalErrorEnding:
             .expect(*_UNFINISHED_STATES)
             .fenced(lease.key, lease.token)
             .set_state(CampaignState.FAILED)
-            .set(error_code=problem.code, error_message=problem.message, ended_at=to_millis(now))
+            .set(error_code=problem.code, error_message=problem.message, ended_at=now)
             .dequeue(keys.work_queue, key)
             .dequeue(keys.poll_queue, key)
             .dequeue(keys.collecting_queue, key)

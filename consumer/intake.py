@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
-from consumer.clock import Clock, pause, to_millis
+from consumer.clock import Clock, pause
 from consumer.codec import SchemaRegistry
 from consumer.dependencies import FailureStreak
 from consumer.errors import CodecError, KafkaRecordRefused, KafkaUnavailable, TransientError
@@ -435,16 +435,14 @@ class Intake:
                 ref=event.ref,
                 status=StatusCode.CANCELLED,
                 occurred_at=now,
-                counts=RecipientCounts(
-                    requested=snapshot.int_field("requested") if snapshot else 0
-                ),
+                counts=RecipientCounts(requested=snapshot.requested if snapshot else 0),
                 error=StatusError("CANCELLED_BY_OPTIMOVE", event.reason or "no reason given"),
                 metadata=header.metadata if header else {},
             )
             transition = (
                 transition.expect(CampaignState.COLLECTING, absent=True)
                 .set_state(CampaignState.CANCELLED)
-                .set(cancel_reason=event.reason or "", ended_at=to_millis(now))
+                .set(cancel_reason=event.reason or "", ended_at=now)
                 .dequeue(keys.collecting_queue, key)
                 .delete_key(keys.recipients(key))
                 .delete_key(keys.batches(key))
@@ -458,7 +456,7 @@ class Intake:
         # Work may exist at TextLocal (a segment, a scheduled send): the executor finishes it.
         transition = (
             transition.expect(snapshot.state)
-            .set(cancel_requested="1", cancel_reason=event.reason or "")
+            .set(cancel_requested=True, cancel_reason=event.reason or "")
             .enqueue(keys.work_queue, key, now)
         )
         result = await self._store.apply(transition, now)
@@ -510,7 +508,7 @@ class Intake:
             status=StatusCode.REJECTED,
             occurred_at=now,
             qualifier=event.event_id,
-            counts=RecipientCounts(requested=snapshot.int_field("requested") if snapshot else 0),
+            counts=RecipientCounts(requested=snapshot.requested if snapshot else 0),
             error=problem,
             send_at=header.scheduled_at if header else None,
             metadata=self._echoable_metadata(header),
@@ -518,7 +516,7 @@ class Intake:
         transition = (
             transition.expect(CampaignState.COLLECTING, CampaignState.READY, absent=True)
             .set_state(CampaignState.REJECTED)
-            .set(error_code=problem.code, error_message=problem.message, ended_at=to_millis(now))
+            .set(error_code=problem.code, error_message=problem.message, ended_at=now)
             .dequeue(keys.collecting_queue, key)
             .dequeue(keys.work_queue, key)
             .delete_key(keys.recipients(key))

@@ -91,6 +91,26 @@ async def renewing(store: CampaignStore, lease: Lease, ttl_ms: int) -> AsyncIter
             await renewal
 
 
+@contextlib.asynccontextmanager
+async def holding(
+    store: CampaignStore, lease_key: str, token: str, ttl_ms: int
+) -> AsyncIterator[Lease | None]:
+    """Claim a lease for the block, renewed meanwhile (`keep_lease`) and released after.
+
+    Yields None when another holder has it. `token` must be new at this claim.
+    """
+    if not await store.acquire_lease(lease_key, token, ttl_ms):
+        yield None
+        return
+    lease = Lease(lease_key, token)
+    try:
+        async with renewing(store, lease, ttl_ms):
+            yield lease
+    finally:
+        with contextlib.suppress(TransientError):
+            await store.release_lease(lease_key, token)
+
+
 Handler = Callable[[str, Lease], Awaitable[None]]
 # Ends a member whose handler failed `max_failures` times in a row (the last error given).
 GiveUp = Callable[[str, Lease, Exception], Awaitable[None]]

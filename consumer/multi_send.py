@@ -250,7 +250,7 @@ class MultiSend:
         skipped = sum(tally.skipped.values())
         sendable = sum(tally.per_text.values()) + sum(tally.personal.values())
         counts = RecipientCounts(
-            requested=run.snapshot.int_field("requested"),
+            requested=run.snapshot.requested,
             matched=sendable,
             unmatched=found.unmatched,
             invalid_numbers=found.invalid_numbers,
@@ -292,7 +292,8 @@ class MultiSend:
         await self._steps.record(
             run,
             transition.set_state(CampaignState.CONTACTS_LOADED)
-            .set(**vars(counts), language_fallbacks=tally.fallbacks)
+            .set_counts(counts)
+            .set(language_fallbacks=tally.fallbacks)
             .emit(self._keys.outbox, status_entry(self._steps.registry, event)),
             CampaignState.CONTACTS_LOADED,
         )
@@ -396,8 +397,8 @@ class MultiSend:
             self._steps.fenced(run, CampaignState.CONTACTS_LOADED)
             .set_state(CampaignState.SEND_PENDING)
             .set(
-                send_at=to_millis(run.header.scheduled_at if scheduled else now),
-                scheduled="1" if scheduled else "0",
+                send_at=run.header.scheduled_at if scheduled else now,
+                scheduled=scheduled,
                 estimated_cost=needed,
             ),
             CampaignState.SEND_PENDING,
@@ -626,7 +627,7 @@ class MultiSend:
             if name.startswith("g"):
                 messages += int(entry.get("count", 0))
         messages += int(records.get(PERSONAL_FIELD, {}).get("count", 0))
-        send_at = run.snapshot.optional_time("send_at") or self._clock.now()
+        send_at = run.snapshot.send_at or self._clock.now()
         now = self._clock.now()
         window = timedelta(
             days=run.header.metrics_window_days or self._settings.default_window_days
@@ -646,19 +647,19 @@ class MultiSend:
             self._steps.fenced(run, CampaignState.SEND_PENDING)
             .set(
                 batch_id=batch_ids[0] if batch_ids else None,
-                batch_ids=json.dumps(batch_ids),
-                group_ids=json.dumps(group_ids),
+                batch_ids=batch_ids,
+                group_ids=group_ids,
                 cost=cost,
                 num_messages=messages,
-                sent_at=to_millis(send_at),
-                window_ends_at=to_millis(send_at + window),
+                sent_at=send_at,
+                window_ends_at=send_at + window,
                 polls_done=0,
             )
             .dequeue(self._keys.work_queue, run.key)
             .emit(self._keys.outbox, status_entry(self._steps.registry, status))
         )
         if run.header.test_mode or not batch_ids:
-            transition.set_state(CampaignState.DONE).set(ended_at=to_millis(now))
+            transition.set_state(CampaignState.DONE).set(ended_at=now)
             transition.expire(self._keys.campaign(run.key), _retention_s())
             new_state = CampaignState.DONE
         else:
@@ -691,7 +692,7 @@ class MultiSend:
             await self._fail(
                 run,
                 records,
-                StatusError("CANCELLED_BY_OPTIMOVE", run.snapshot.text("cancel_reason") or "-"),
+                StatusError("CANCELLED_BY_OPTIMOVE", run.snapshot.cancel_reason or "-"),
                 StatusCode.CANCELLED,
             )
             return
@@ -700,10 +701,10 @@ class MultiSend:
             for entry in records.values():
                 if entry.get("state") == PENDING:
                     raise _RetrySoon("cancelling: a sub-send may still be in flight", self._clock)
-        batch_ids = json.loads(run.snapshot.text("batch_ids") or "[]") or [
+        batch_ids = run.snapshot.batch_ids or [
             b for entry in records.values() for b in entry.get("batch_ids", [])
         ]
-        send_at = run.snapshot.optional_time("send_at") or run.snapshot.optional_time("sent_at")
+        send_at = run.snapshot.send_at or run.snapshot.sent_at
         gone = 0
         for batch_id in batch_ids:
             if send_at is None or not await self._steps.cancel_scheduled_send(
@@ -714,7 +715,7 @@ class MultiSend:
             await self._fail(
                 run,
                 records,
-                StatusError("CANCELLED_BY_OPTIMOVE", run.snapshot.text("cancel_reason") or "-"),
+                StatusError("CANCELLED_BY_OPTIMOVE", run.snapshot.cancel_reason or "-"),
                 StatusCode.CANCELLED,
             )
             return

@@ -51,13 +51,12 @@ Decisions where the design is silent:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from consumer.clock import Clock, pause, to_millis
+from consumer.clock import Clock, pause
 from consumer.codec import SchemaRegistry
 from consumer.dependencies import FailureStreak
 from consumer.errors import ConsumerError, PermanentError, TextLocalApiError, TransientError
@@ -251,7 +250,7 @@ class Poller:
         if snapshot is None:
             await self._store.unschedule(self._keys.poll_queue, key)
             return
-        if snapshot.state == CampaignState.DONE and snapshot.text("segment_cleanup") == "1":
+        if snapshot.state == CampaignState.DONE and snapshot.segment_cleanup:
             await self._clean_up(snapshot, lease)
             return
         window = self._window(snapshot)
@@ -260,7 +259,7 @@ class Poller:
                 log_event(log, "poll.no_batch", logging.ERROR, campaign=key)
             await self._skip(snapshot, lease)
             return
-        polls_done = snapshot.int_field("polls_done")
+        polls_done = snapshot.polls_done
         slot = due_poll(
             window.sent_at,
             self._settings.poll_interval,
@@ -284,7 +283,7 @@ class Poller:
             await self._record_poll(snapshot, lease, window, slot, status, published)
         if slot.is_final and self._settings.segment_retention <= timedelta(0):
             fresh = await self._store.load(key)
-            if fresh is not None and fresh.text("segment_cleanup") == "1":
+            if fresh is not None and fresh.segment_cleanup:
                 await self._clean_up(fresh, lease)
 
     def _outcome_batch(self, snapshot: CampaignSnapshot, slot: PollSlot) -> OutcomeBatch | None:
@@ -304,7 +303,7 @@ class Poller:
     ) -> BatchStatus:
         """The campaign's delivery counts: one batch, or the sum over all of its sub-sends;
         with `outcomes`, every message's status goes there as the replies are read."""
-        batch_ids = json.loads(snapshot.text("batch_ids") or "[]") or [batch_id]
+        batch_ids = snapshot.batch_ids or [batch_id]
         if outcomes is None:
             read = self._client.status_batch
         else:
@@ -337,11 +336,11 @@ class Poller:
 
     def _window(self, snapshot: CampaignSnapshot) -> PollWindow | None:
         """The window as the executor recorded it at the send (None without a batch id)."""
-        batch_id = snapshot.optional_int("batch_id")
-        sent_at = snapshot.optional_time("sent_at")
+        batch_id = snapshot.batch_id
+        sent_at = snapshot.sent_at
         if batch_id is None or sent_at is None:
             return None
-        ends_at = snapshot.optional_time("window_ends_at")
+        ends_at = snapshot.window_ends_at
         if ends_at is None:
             days = snapshot.header.metrics_window_days if snapshot.header else None
             ends_at = sent_at + timedelta(days=days or self._settings.default_window_days)
@@ -432,8 +431,8 @@ class Poller:
         now = self._clock.now()
         transition = (
             self._fenced(key, lease, *POLLABLE_STATES)
-            .set(polls_done=slot.number, last_polled_at=to_millis(now))
-            .delete_fields("poll_failures")
+            .set(polls_done=slot.number, last_polled_at=now)
+            .delete_fields(CampaignSnapshot.poll_failures)
         )
         if not slot.is_final:
             following = poll_slot(
@@ -442,12 +441,12 @@ class Poller:
             return transition.set_state(CampaignState.POLLING).enqueue(
                 self._keys.poll_queue, key, following.due_at
             )
-        transition.set_state(CampaignState.DONE).set(ended_at=to_millis(now))
+        transition.set_state(CampaignState.DONE).set(ended_at=now)
         if not _group_ids(snapshot):
             return transition.dequeue(self._keys.poll_queue, key).expire(
                 self._keys.campaign(key), FINISHED_CAMPAIGN_RETENTION_S
             )
-        return transition.set(segment_cleanup="1").enqueue(
+        return transition.set(segment_cleanup=True).enqueue(
             self._keys.poll_queue, key, now + self._settings.segment_retention
         )
 
@@ -460,7 +459,7 @@ class Poller:
         poll_number: int | None = None,
     ) -> None:
         """Keep the slot (or the clean-up) and try again after a backoff."""
-        failures = snapshot.int_field("poll_failures") + 1
+        failures = snapshot.poll_failures + 1
         delay = retry_delay(failures)
         transition = (
             self._fenced(snapshot.key, lease, snapshot.state)
@@ -531,7 +530,7 @@ class Poller:
             )
         transition = (
             self._fenced(key, lease, CampaignState.DONE)
-            .delete_fields("segment_cleanup", "poll_failures")
+            .delete_fields(CampaignSnapshot.segment_cleanup, CampaignSnapshot.poll_failures)
             .set(segment_error=error)
             .dequeue(self._keys.poll_queue, key)
             .expire(self._keys.campaign(key), FINISHED_CAMPAIGN_RETENTION_S)
@@ -552,8 +551,8 @@ class Poller:
 
 def _group_ids(snapshot: CampaignSnapshot) -> list[int]:
     """The campaign's segment groups: every sub-send's, or the one of a one-text campaign."""
-    recorded = json.loads(snapshot.text("group_ids") or "[]")
+    recorded = snapshot.group_ids
     if recorded:
         return [int(group_id) for group_id in recorded]
-    group_id = snapshot.optional_int("group_id")
+    group_id = snapshot.group_id
     return [] if group_id is None else [group_id]

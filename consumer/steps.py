@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from consumer.clock import Clock, to_millis
+from consumer.clock import Clock
 from consumer.codec import SchemaRegistry
 from consumer.contact_index import ContactIndex, MatchedVisitor, Resolution
 from consumer.errors import (
@@ -64,8 +64,6 @@ MULTI = "multi"  # plan_mode of a campaign of several texts (consumer.multi_send
 GROUP_EXISTS = 14
 INVALID_GROUP = 10
 FINISHED_CAMPAIGN_RETENTION_S = 30 * 24 * 3600
-# The campaign field counting transient step failures in a row (the executor's back-off).
-RETRY_COUNT_FIELD = "failures"
 _SCAN_PAGE = 10_000
 
 
@@ -166,11 +164,11 @@ class CampaignSteps:
         A group of that name that this campaign never asked for is someone else's, and is never
         sent to.
         """
-        if not run.snapshot.text("plan_mode") and not await self.multi.plan(run):
+        if not run.snapshot.plan_mode and not await self.multi.plan(run):
             return  # rejected, or a campaign of several texts (SEGMENT_CREATED now)
         group = self.contact_group(run)
         name = segment_group_name(group, run.header.ref, run.header.event_id)
-        attempted_before = run.snapshot.text("group_name") == name
+        attempted_before = run.snapshot.group_name == name
         if not attempted_before:
             await self.record(run, self.fenced(run, CampaignState.READY).set(group_name=name))
         try:
@@ -219,7 +217,7 @@ class CampaignSteps:
         (the index was rebuilt over an hour ago), everything is loaded again from the new one:
         contacts added twice to a group are still one contact each.
         """
-        if run.snapshot.text("plan_mode") == MULTI:
+        if run.snapshot.plan_mode == MULTI:
             await self.multi.load(run)
             return
         version = await self.index_version(run)
@@ -259,13 +257,14 @@ class CampaignSteps:
             run,
             StatusCode.SEGMENT_CREATED,
             counts=counts,
-            textlocal_group_id=run.snapshot.optional_int("group_id"),
+            textlocal_group_id=run.snapshot.group_id,
         )
         await self.record(
             run,
             self.fenced(run, CampaignState.SEGMENT_CREATED)
             .set_state(CampaignState.CONTACTS_LOADED)
-            .set(chunks=found.chunks, **vars(counts))
+            .set(chunks=found.chunks)
+            .set_counts(counts)
             .emit(self._keys.outbox, status_entry(self._registry, event)),
             CampaignState.CONTACTS_LOADED,
         )
@@ -275,7 +274,7 @@ class CampaignSteps:
             log,
             "campaign.contacts_loaded",
             campaign=run.key,
-            group_id=run.snapshot.optional_int("group_id"),
+            group_id=run.snapshot.group_id,
             chunks=found.chunks,
             **vars(counts),
         )
@@ -299,7 +298,7 @@ class CampaignSteps:
     async def index_version(self, run: CampaignRun) -> str:
         """The contact-index version this campaign resolves against, recorded at first use."""
         group_id = self.contact_group(run).group_id
-        recorded = run.snapshot.text("index_version")
+        recorded = run.snapshot.index_version
         if recorded and await self._index.has_version(group_id, recorded):
             return recorded
         version = await self._index.current_version(group_id)
@@ -313,7 +312,7 @@ class CampaignSteps:
 
     async def _load_chunk(self, run: CampaignRun, index: int, payload: str, count: int) -> None:
         run.check_lease()
-        group_id = run.snapshot.int_field("group_id")
+        group_id = run.snapshot.group_id or 0
         await self._client.create_contacts_bulk_json(group_id, payload, count)
         await self._store.mark_chunk_loaded(run.key, index)
         self._metrics.contacts_loaded.inc(count)
@@ -321,7 +320,7 @@ class CampaignSteps:
 
     def _counts(self, run: CampaignRun, found: Resolution) -> RecipientCounts:
         return RecipientCounts(
-            requested=run.snapshot.int_field("requested"),
+            requested=run.snapshot.requested,
             matched=found.matched,
             unmatched=found.unmatched,
             invalid_numbers=found.invalid_numbers,
@@ -339,17 +338,17 @@ class CampaignSteps:
 
     async def send(self, run: CampaignRun) -> None:
         """Check template, text and credits; record SEND_PENDING; then send exactly once."""
-        if run.snapshot.text("plan_mode") == MULTI:
+        if run.snapshot.plan_mode == MULTI:
             await self.multi.send(run)
             return
-        message = run.snapshot.text("planned_message") or await self._legacy_message(run)
+        message = run.snapshot.planned_message or await self._legacy_message(run)
         if message is None:
             return
         if isinstance(message, StatusError):
             await self.fail(run, message, status=StatusCode.REJECTED)
             return
         cost = message_cost(message)
-        recipients = run.snapshot.int_field("matched")
+        recipients = run.snapshot.matched
         needed = cost.parts * recipients
         if not run.header.test_mode:
             balance = await self._client.balance()
@@ -371,13 +370,13 @@ class CampaignSteps:
             self.fenced(run, CampaignState.CONTACTS_LOADED)
             .set_state(CampaignState.SEND_PENDING)
             .set(
-                send_attempted_at=to_millis(now),
-                send_attempts=run.snapshot.int_field("send_attempts") + 1,
+                send_attempted_at=now,
+                send_attempts=run.snapshot.send_attempts + 1,
                 message=message,
                 message_parts=cost.parts,
-                unicode="1" if cost.unicode else "0",
-                send_at=to_millis(send_at),
-                scheduled="1" if scheduled else "0",
+                unicode=cost.unicode,
+                send_at=send_at,
+                scheduled=scheduled,
                 estimated_cost=needed,
             ),
             CampaignState.SEND_PENDING,
@@ -401,7 +400,7 @@ class CampaignSteps:
 
     async def reconcile_send(self, run: CampaignRun) -> None:
         """SEND_PENDING found again: adopt TextLocal's send, or send once it surely has none."""
-        if run.snapshot.text("plan_mode") == MULTI:
+        if run.snapshot.plan_mode == MULTI:
             await self.multi.send(run)
             return
         found = await self.find_send(run)
@@ -410,7 +409,7 @@ class CampaignSteps:
             await self._record_sent(run, found.batch_id, found.cost, found.send_at)
             return
         now = self._clock.now()
-        attempted_at = run.snapshot.optional_time("send_attempted_at") or now
+        attempted_at = run.snapshot.send_attempted_at or now
         settles_at = attempted_at + self._settings.send_reconcile_grace
         if now < settles_at:
             raise RetryAt(settles_at, "a send attempt may still be in flight")
@@ -418,10 +417,10 @@ class CampaignSteps:
         await self.record(
             run,
             self.fenced(run, CampaignState.SEND_PENDING).set(
-                send_attempted_at=to_millis(now),
-                send_attempts=run.snapshot.int_field("send_attempts") + 1,
-                send_at=to_millis(run.header.scheduled_at if scheduled else now),
-                scheduled="1" if scheduled else "0",
+                send_attempted_at=now,
+                send_attempts=run.snapshot.send_attempts + 1,
+                send_at=run.header.scheduled_at if scheduled else now,
+                scheduled=scheduled,
             ),
         )
         log_event(log, "campaign.send_retried", logging.WARNING, campaign=run.key)
@@ -429,8 +428,8 @@ class CampaignSteps:
 
     async def _call_send(self, run: CampaignRun) -> None:
         snapshot = run.snapshot
-        scheduled = snapshot.text("scheduled") == "1"
-        send_at = snapshot.optional_time("send_at") or self._clock.now()
+        scheduled = snapshot.scheduled
+        send_at = snapshot.send_at or self._clock.now()
         validity = (
             send_at + timedelta(hours=run.header.validity_hours)
             if run.header.validity_hours
@@ -439,15 +438,15 @@ class CampaignSteps:
         run.check_lease()
         try:
             result = await self._client.send(
-                message=snapshot.text("message"),
-                group_id=snapshot.int_field("group_id"),
+                message=snapshot.message,
+                group_id=snapshot.group_id or 0,
                 sender=run.header.sender or self.contact_group(run).sender,
                 schedule_time=send_at if scheduled else None,
                 validity=validity,
                 custom=short_reference(run.header.ref),
                 optouts=True,
                 test=run.header.test_mode,
-                unicode=snapshot.text("unicode") == "1",
+                unicode=snapshot.unicode,
             )
         except TextLocalOutcomeUnknown:
             log_event(log, "campaign.send_outcome_unknown", logging.WARNING, campaign=run.key)
@@ -463,7 +462,7 @@ class CampaignSteps:
 
     async def find_send(self, run: CampaignRun) -> FoundSend | None:
         return await self.find_group_send(
-            run.snapshot.int_field("group_id"), run.snapshot.optional_time("send_attempted_at")
+            run.snapshot.group_id or 0, run.snapshot.send_attempted_at
         )
 
     async def find_group_send(
@@ -501,10 +500,10 @@ class CampaignSteps:
         status = self.status_event(
             run,
             StatusCode.SCHEDULED if scheduled else StatusCode.SENT,
-            textlocal_group_id=snapshot.optional_int("group_id"),
+            textlocal_group_id=snapshot.group_id,
             batch_id=batch_id,
             cost_credits=cost,
-            message_parts=snapshot.optional_int("message_parts"),
+            message_parts=snapshot.message_parts,
             send_at=send_at,
         )
         transition = (
@@ -513,8 +512,8 @@ class CampaignSteps:
                 batch_id=batch_id,
                 cost=cost,
                 num_messages=num_messages,
-                sent_at=to_millis(send_at),
-                window_ends_at=to_millis(send_at + window),
+                sent_at=send_at,
+                window_ends_at=send_at + window,
                 polls_done=0,
             )
             .dequeue(self._keys.work_queue, run.key)
@@ -522,7 +521,7 @@ class CampaignSteps:
         )
         if run.header.test_mode or batch_id is None:
             # TextLocal keeps no record of test sends: there is nothing to poll.
-            transition.set_state(CampaignState.DONE).set(ended_at=to_millis(now))
+            transition.set_state(CampaignState.DONE).set(ended_at=now)
             transition.expire(self._keys.campaign(run.key), FINISHED_CAMPAIGN_RETENTION_S)
             new_state = CampaignState.DONE
         else:
@@ -537,27 +536,27 @@ class CampaignSteps:
             campaign=run.key,
             batch_id=batch_id,
             scheduled=scheduled,
-            recipients=snapshot.int_field("matched"),
+            recipients=snapshot.matched,
             cost=cost,
         )
         await self.discard_working_data(run.key)
         if new_state == CampaignState.DONE:
-            await self.delete_segment(snapshot.optional_int("group_id"))
+            await self.delete_segment(snapshot.group_id)
 
     # --- cancel --------------------------------------------------------------------------------
 
     async def cancel(self, run: CampaignRun) -> None:
         """Optimove cancelled: undo what exists at TextLocal, or say it is too late."""
-        if run.snapshot.text("plan_mode") == MULTI:
+        if run.snapshot.plan_mode == MULTI:
             await self.multi.cancel(run)
             return
         state = run.snapshot.state
-        group_id = run.snapshot.optional_int("group_id")
+        group_id = run.snapshot.group_id
         if state == CampaignState.SEND_PENDING:
             found = await self.find_send(run)
             if found is None:
                 now = self._clock.now()
-                attempted_at = run.snapshot.optional_time("send_attempted_at") or now
+                attempted_at = run.snapshot.send_attempted_at or now
                 if now < attempted_at + self._settings.send_reconcile_grace:
                     raise RetryAt(
                         attempted_at + self._settings.send_reconcile_grace,
@@ -567,8 +566,8 @@ class CampaignSteps:
                 await self._record_sent(run, found.batch_id, found.cost, found.send_at)
                 return  # SENT (or SCHEDULED) now; the cancellation is looked at again
         elif state in (CampaignState.SENT, CampaignState.POLLING):
-            batch_id = run.snapshot.optional_int("batch_id")
-            send_at = run.snapshot.optional_time("sent_at")
+            batch_id = run.snapshot.batch_id
+            send_at = run.snapshot.sent_at
             if (
                 batch_id is None
                 or send_at is None
@@ -577,7 +576,7 @@ class CampaignSteps:
                 await self.refuse_cancel(run)
                 return
         await self.delete_segment(group_id)
-        reason = run.snapshot.text("cancel_reason") or "no reason given"
+        reason = run.snapshot.cancel_reason or "no reason given"
         await self.fail(
             run,
             StatusError("CANCELLED_BY_OPTIMOVE", reason),
@@ -608,8 +607,8 @@ class CampaignSteps:
             run,
             StatusCode.SENT,
             qualifier="cancel-refused",
-            batch_id=run.snapshot.optional_int("batch_id"),
-            textlocal_group_id=run.snapshot.optional_int("group_id"),
+            batch_id=run.snapshot.batch_id,
+            textlocal_group_id=run.snapshot.group_id,
             error=StatusError("CANCEL_TOO_LATE", detail),
         )
         # A poll may move SENT to POLLING meanwhile; the refusal holds in either state.
@@ -619,7 +618,7 @@ class CampaignSteps:
         await self.record(
             run,
             transition.fenced(run.lease.key, run.lease.token)
-            .delete_fields("cancel_requested")
+            .delete_fields(CampaignSnapshot.cancel_requested)
             .dequeue(self._keys.work_queue, run.key)
             .emit(self._keys.outbox, status_entry(self._registry, status)),
         )
@@ -647,7 +646,7 @@ class CampaignSteps:
             status,
             counts=counts,
             error=error,
-            textlocal_group_id=run.snapshot.optional_int("group_id"),
+            textlocal_group_id=run.snapshot.group_id,
         )
         await self.record(
             run,
@@ -656,7 +655,7 @@ class CampaignSteps:
             .set(
                 error_code=error.code,
                 error_message=error.message,
-                ended_at=to_millis(self._clock.now()),
+                ended_at=self._clock.now(),
             )
             .dequeue(self._keys.work_queue, run.key)
             .dequeue(self._keys.poll_queue, run.key)
@@ -683,7 +682,7 @@ class CampaignSteps:
         A failure must not look like the campaign's own failure (it would be ended again);
         the group id is logged for the operator instead.
         """
-        group_id = run.snapshot.optional_int("group_id")
+        group_id = run.snapshot.group_id
         try:
             await self.delete_segment(group_id)
         except (PermanentError, TransientError) as exc:
@@ -735,7 +734,7 @@ class CampaignSteps:
             self._store.transition(run.key)
             .expect(state)
             .fenced(run.lease.key, run.lease.token)
-            .delete_fields(RETRY_COUNT_FIELD)
+            .delete_fields(CampaignSnapshot.failures)
         )
 
     async def record(
@@ -772,12 +771,12 @@ class CampaignSteps:
             status=status,
             occurred_at=self._clock.now(),
             qualifier=qualifier,
-            counts=counts or counts_of(snapshot),
+            counts=counts or snapshot.counts(),
             textlocal_group_id=textlocal_group_id,
             batch_id=batch_id,
             cost_credits=cost_credits,
             message_parts=message_parts,
-            send_at=send_at or snapshot.optional_time("send_at") or run.header.scheduled_at,
+            send_at=send_at or snapshot.send_at or run.header.scheduled_at,
             error=error,
             metadata=run.header.metadata,
             sends=sends,
@@ -802,14 +801,3 @@ async def first_error_raised() -> AsyncIterator[None]:
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
         raise first from group
-
-
-def counts_of(snapshot: CampaignSnapshot) -> RecipientCounts:
-    return RecipientCounts(
-        requested=snapshot.int_field("requested"),
-        matched=snapshot.int_field("matched"),
-        unmatched=snapshot.int_field("unmatched"),
-        invalid_numbers=snapshot.int_field("invalid_numbers"),
-        duplicates=snapshot.int_field("duplicates"),
-        skipped=snapshot.int_field("skipped"),
-    )

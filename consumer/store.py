@@ -6,17 +6,20 @@ queues and appends the output events the change causes to the outbox stream. A c
 never leaves a state change without its status event, nor an event without its state.
 
 Redis errors are translated into `StoreUnavailable` here; nothing above sees redis-py's types.
+This module is the store layer with `consumer.campaign_record` (the campaign's hash as one typed
+value: its fields, how they read and are written) and `consumer.contact_store` (the contact
+index's hashes); only these two modules use the Redis client.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Unpack
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,10 +27,21 @@ from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from consumer.campaign_record import (
+    HEADER,
+    STATE,
+    CampaignField,
+    CampaignSnapshot,
+    CampaignUpdate,
+    counts_update,
+    encode_update,
+    lua_with_fields,
+    parse_campaign,
+)
 from consumer.clock import to_millis, to_unix_s
 from consumer.codec import SchemaRegistry
 from consumer.errors import ConfigError, StoreUnavailable
-from consumer.events import CampaignRecipients, CampaignScheduled
+from consumer.events import CampaignRecipients, CampaignScheduled, RecipientCounts
 from consumer.keys import RedisKeys
 from consumer.workflow import CampaignState
 
@@ -79,6 +93,18 @@ def redis_errors(operation: str) -> Iterator[None]:
         raise StoreUnavailable(f"Redis {operation}: {type(exc).__name__}: {exc}") from exc
 
 
+def connect_redis(url: str) -> aioredis.Redis:
+    """The one Redis client of a process, made by the wiring (`consumer.app`) and handed to the
+    store's classes (`CampaignStore`, `consumer.contact_store.ContactStore`), which alone use it."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=15,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+
+
 @dataclass(frozen=True)
 class OutboxEntry:
     """An output event waiting to be published: logical topic, key, encoded value."""
@@ -88,35 +114,6 @@ class OutboxEntry:
     value: bytes | None  # None publishes a tombstone (compacted topics)
     event_id: str
     entry_id: str = ""  # the stream entry id, once read back
-
-
-@dataclass(frozen=True)
-class CampaignSnapshot:
-    """A campaign's hash, read at one moment, with typed fields."""
-
-    key: str
-    state: CampaignState
-    header: CampaignScheduled | None
-    fields: Mapping[str, str]
-
-    def int_field(self, name: str, default: int = 0) -> int:
-        value = self.fields.get(name)
-        return default if value in (None, "") else int(value)
-
-    def optional_int(self, name: str) -> int | None:
-        value = self.fields.get(name)
-        return None if value in (None, "") else int(value)
-
-    def optional_time(self, name: str) -> datetime | None:
-        millis = self.optional_int(name)
-        return None if millis is None else datetime.fromtimestamp(millis / 1000, UTC)
-
-    def text(self, name: str, default: str = "") -> str:
-        return self.fields.get(name, default)
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self.fields.get("cancel_requested") == "1"
 
 
 @dataclass(frozen=True)
@@ -153,24 +150,35 @@ class Transition:
         self.lease_key, self.lease_token = lease_key, token
         return self
 
-    def set(self, **values: str | int | float | bytes | None) -> Transition:
-        present = {name: value for name, value in values.items() if value is not None}
-        if present:
-            self.ops += ["hset", len(present)]
-            for name, value in present.items():
-                self.ops += [name, value]
+    def set(self, **values: Unpack[CampaignUpdate]) -> Transition:
+        """Write fields of the campaign's record (a None value is not written)."""
+        flat = encode_update(values)
+        if flat:
+            self.ops += ["hset", len(flat) // 2, *flat]
+        return self
+
+    def set_counts(self, counts: RecipientCounts) -> Transition:
+        """Write the recipient counts."""
+        return self.set(**counts_update(counts))
+
+    def set_header(self, encoded: bytes) -> Transition:
+        """Write the encoded CampaignScheduled (for tests and benchmarks seeding campaigns:
+        intake's script records it otherwise)."""
+        self.ops += ["hset", 1, HEADER, encoded]
         return self
 
     def set_state(self, state: CampaignState) -> Transition:
-        return self.set(state=state.value)
+        self.ops += ["hset", 1, STATE, state.value]
+        return self
 
     def set_in(self, key: str, field_name: str, value: str) -> Transition:
         """HSET one field of another hash (the campaign's sub-sends) with this change."""
         self.ops += ["hsetk", self._key_index(key), field_name, value]
         return self
 
-    def delete_fields(self, *names: str) -> Transition:
-        self.ops += ["hdel", len(names), *names]
+    def delete_fields(self, *fields: CampaignField[Any, Any]) -> Transition:
+        """Remove fields of the record (`CampaignSnapshot.poll_failures`, ...)."""
+        self.ops += ["hdel", len(fields), *(record_field.name for record_field in fields)]
         return self
 
     def enqueue(self, queue: str, member: str, due_at: datetime) -> Transition:
@@ -233,12 +241,12 @@ local function track_state(index, key, old, new, now)
 end
 """
 
-_APPLY = (
+_APPLY = lua_with_fields(
     _TRACK_STATE
     + r"""
 local hash = KEYS[1]
 if KEYS[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then return 'lease-lost' end
-local state = redis.call('HGET', hash, 'state')
+local state = redis.call('HGET', hash, '$state')
 -- ARGV[1]: the states this change expects, comma-separated ('-' stands for "no campaign yet");
 -- empty means any.
 if ARGV[1] ~= '' then
@@ -285,16 +293,16 @@ while i <= #ARGV do
     return redis.error_reply('unknown op ' .. tostring(op))
   end
 end
-redis.call('HSET', hash, 'updated_at', ARGV[3])
+redis.call('HSET', hash, '$updated_at', ARGV[3])
 redis.call('ZADD', ARGV[4], ARGV[3], ARGV[5])
-track_state(ARGV[4], ARGV[5], state, redis.call('HGET', hash, 'state'), ARGV[3])
+track_state(ARGV[4], ARGV[5], state, redis.call('HGET', hash, '$state'), ARGV[3])
 return 'ok'
 """
 )
 
 # Recording a recipients batch: idempotent by event id and by batch index; the campaign turns
 # READY when the header is in and every batch has arrived.
-_RECORD_BATCH = (
+_RECORD_BATCH = lua_with_fields(
     _TRACK_STATE
     + r"""
 local campaign, batches, recipients, seen, work, collecting, index =
@@ -308,7 +316,7 @@ if seen_as then
   if seen_as == fingerprint or seen_as == '1' then return {'duplicate-event', ''} end
   return {'event-id-reused', ''}
 end
-local state = redis.call('HGET', campaign, 'state')
+local state = redis.call('HGET', campaign, '$state')
 if state and state ~= 'COLLECTING' then
   redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'ignored', state}
@@ -318,7 +326,7 @@ if redis.call('SISMEMBER', batches, batch_index) == 1 then
   redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'duplicate-batch', state or ''}
 end
-local count = tonumber(redis.call('HGET', campaign, 'batch_count') or '-1')
+local count = tonumber(redis.call('HGET', campaign, '$batch_count') or '-1')
 if count > 0 and tonumber(batch_index) >= count then return {'bad-index', state or ''} end
 -- The batch's customer ids are kept as the one string they came in (joined by RS): storing is
 -- cheap here, on intake's path; the resolution splits and de-duplicates them, batch by batch.
@@ -328,7 +336,7 @@ if customers > 0 then redis.call('HSET', recipients, batch_index, joined) end
 local codes = ARGV[10]
 if codes ~= '' then
   redis.call('HSET', KEYS[8], batch_index, codes)
-  if redis.call('HEXISTS', campaign, 'codes_overflow') == 0 then
+  if redis.call('HEXISTS', campaign, '$codes_overflow') == 0 then
     local start = 1
     while true do
       local stop = string.find(codes, '\30', start, true)
@@ -336,7 +344,7 @@ if codes ~= '' then
       if code ~= '' then
         redis.call('SADD', KEYS[9], code)
         if redis.call('SCARD', KEYS[9]) > tonumber(ARGV[11]) then
-          redis.call('HSET', campaign, 'codes_overflow', '1')
+          redis.call('HSET', campaign, '$codes_overflow', '1')
           break
         end
       end
@@ -345,19 +353,19 @@ if codes ~= '' then
     end
   end
 end
-redis.call('HINCRBY', campaign, 'requested', customers)
-redis.call('HINCRBY', campaign, 'with_promo', with_promo)
+redis.call('HINCRBY', campaign, '$requested', customers)
+redis.call('HINCRBY', campaign, '$with_promo', with_promo)
 redis.call('SADD', batches, batch_index)
-redis.call('HSET', campaign, 'updated_at', now)
+redis.call('HSET', campaign, '$updated_at', now)
 redis.call('ZADD', index, now, key)
 if not state then
   state = 'COLLECTING'
-  redis.call('HSET', campaign, 'state', state, 'created_at', now)
+  redis.call('HSET', campaign, '$state', state, '$created_at', now)
   redis.call('ZADD', collecting, 'NX', deadline, key)
 end
 if count > 0 and redis.call('SCARD', batches) >= count then
   state = 'READY'
-  redis.call('HSET', campaign, 'state', state, 'ready_at', now)
+  redis.call('HSET', campaign, '$state', state, '$ready_at', now)
   redis.call('ZREM', collecting, key)
   redis.call('ZADD', work, now, key)
 end
@@ -368,7 +376,7 @@ return {'recorded', state}
 )
 
 # Recording a campaign header (CampaignScheduled), with its ACCEPTED status event.
-_RECORD_HEADER = (
+_RECORD_HEADER = lua_with_fields(
     _TRACK_STATE
     + r"""
 local campaign, batches, seen, work, collecting, outbox, index =
@@ -380,32 +388,32 @@ if seen_as then
   if seen_as == fingerprint or seen_as == '1' then return {'duplicate-event', ''} end
   return {'event-id-reused', ''}
 end
-local state = redis.call('HGET', campaign, 'state')
+local state = redis.call('HGET', campaign, '$state')
 if state and state ~= 'COLLECTING' then
   redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'ignored', state}
 end
 local state_before = state
-if redis.call('HEXISTS', campaign, 'header') == 1 then
+if redis.call('HEXISTS', campaign, '$header') == 1 then
   redis.call('SET', seen, fingerprint, 'EX', ttl)
   return {'ignored', 'header-present'}
 end
 for _, member in ipairs(redis.call('SMEMBERS', batches)) do
   if tonumber(member) >= tonumber(batch_count) then return {'bad-index', member} end
 end
-redis.call('HSET', campaign, 'header', header, 'batch_count', batch_count, 'updated_at', now)
-if not state then redis.call('HSET', campaign, 'created_at', now) end
+redis.call('HSET', campaign, '$header', header, '$batch_count', batch_count, '$updated_at', now)
+if not state then redis.call('HSET', campaign, '$created_at', now) end
 redis.call('ZADD', index, now, key)
 redis.call('XADD', outbox, '*', 'topic', ARGV[7], 'key', key, 'value', ARGV[8],
   'event_id', ARGV[9], 'tombstone', '0')
 if redis.call('SCARD', batches) >= tonumber(batch_count) then
   state = 'READY'
-  redis.call('HSET', campaign, 'state', state, 'ready_at', now)
+  redis.call('HSET', campaign, '$state', state, '$ready_at', now)
   redis.call('ZREM', collecting, key)
   redis.call('ZADD', work, now, key)
 else
   state = 'COLLECTING'
-  redis.call('HSET', campaign, 'state', state)
+  redis.call('HSET', campaign, '$state', state)
   redis.call('ZADD', collecting, 'GT', deadline, key)
 end
 track_state(index, key, state_before, state, now)
@@ -480,7 +488,8 @@ return 0
 # leaves the set and the index; one filed under the wrong state moves to its own; one still there
 # is looked at again when its hash expires (PTTL), or after another retention period (no TTL:
 # a finished campaign whose segment clean-up is still pending). Returns {removed, any set full}.
-_TRIM_STATE_SETS = r"""
+_TRIM_STATE_SETS = lua_with_fields(
+    r"""
 local index, campaign_prefix = ARGV[1], ARGV[2]
 local cutoff, now, limit = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
 local removed, full = 0, 0
@@ -490,7 +499,7 @@ for i = 6, #ARGV do
   if #members >= limit then full = 1 end
   for _, key in ipairs(members) do
     local hash = campaign_prefix .. key
-    local state = redis.call('HGET', hash, 'state')
+    local state = redis.call('HGET', hash, '$state')
     if not state then
       redis.call('ZREM', set, key)
       redis.call('ZREM', index, key)
@@ -509,17 +518,19 @@ for i = 6, #ARGV do
 end
 return {removed, full}
 """
+)
 
 # Filing index members in the sets of their states (an upgrade from a version without the sets,
 # or a check): each member leaves every other state set and joins its own (NX: a newer score
 # stays); a member whose hash is gone leaves the index. ARGV: index, campaign key prefix, the
 # number of states n, the n states, then the members. Returns how many left the index.
-_INDEX_STATES = r"""
+_INDEX_STATES = lua_with_fields(
+    r"""
 local index, campaign_prefix, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local dropped = 0
 for i = 4 + n, #ARGV do
   local key = ARGV[i]
-  local state = redis.call('HGET', campaign_prefix .. key, 'state')
+  local state = redis.call('HGET', campaign_prefix .. key, '$state')
   for j = 4, 3 + n do
     if ARGV[j] ~= state then redis.call('ZREM', index .. ':state:' .. ARGV[j], key) end
   end
@@ -533,6 +544,7 @@ for i = 4 + n, #ARGV do
 end
 return dropped
 """
+)
 
 # --- opt-outs ----------------------------------------------------------------------------------
 # One page of a contact index's HSCAN: the customer ids whose entry's number (before the first
@@ -751,28 +763,27 @@ class CampaignStore:
                 as_bytes(name): as_bytes(value)
                 for name, value in (await self.redis.hgetall(self.keys.campaign(key))).items()
             }
-        if not raw or b"state" not in raw:
+        if not raw or STATE.encode() not in raw:
             return None
-        header_bytes = raw.pop(b"header", None)
+        header_bytes = raw.pop(HEADER.encode(), None)
         header = None
         if header_bytes:
             decoded = self._registry.decode(header_bytes, expected={"CampaignScheduled"})
             header = CampaignScheduled.from_fields(decoded.fields)
         fields = {name.decode(): value.decode() for name, value in raw.items()}
-        return CampaignSnapshot(
-            key=key, state=CampaignState(fields["state"]), header=header, fields=fields
-        )
+        return parse_campaign(key, fields, header)
 
-    async def load_fields(self, key: str) -> dict[str, str] | None:
-        """The campaign's plain fields, without decoding its header (which may be what fails)."""
+    async def load_without_header(self, key: str) -> CampaignSnapshot | None:
+        """The campaign's record without decoding its header (which may be what fails): its
+        `header` is None, and text that is not UTF-8 reads with replacement characters."""
         with redis_errors("HGETALL campaign"):
             raw = await self.redis.hgetall(self.keys.campaign(key))
         fields = {
             as_text(name): as_bytes(value).decode(errors="replace")
             for name, value in raw.items()
-            if as_bytes(name) != b"header"
+            if as_text(name) != HEADER
         }
-        return fields if "state" in fields else None
+        return parse_campaign(key, fields, None)
 
     def transition(self, key: str) -> Transition:
         return Transition(key=key)
@@ -998,7 +1009,9 @@ class CampaignStore:
         """The distinct per-customer promo codes intake kept, and whether there were more."""
         with redis_errors("SMEMBERS codes"):
             members = await self.redis.smembers(self.keys.distinct_codes(key))
-            overflow = await self.redis.hexists(self.keys.campaign(key), "codes_overflow")
+            overflow = await self.redis.hexists(
+                self.keys.campaign(key), CampaignSnapshot.codes_overflow.name
+            )
         return sorted(as_text(member) for member in members), bool(overflow)
 
     async def loaded_chunk_names(self, key: str) -> set[str]:
@@ -1014,7 +1027,8 @@ class CampaignStore:
     async def count_step_retry(self, key: str) -> int:
         """One more transient step failure in a row for the campaign (steps reset it)."""
         with redis_errors("HINCRBY failures"):
-            return int(await self.redis.hincrby(self.keys.campaign(key), "failures", 1))
+            failures = CampaignSnapshot.failures.name
+            return int(await self.redis.hincrby(self.keys.campaign(key), failures, 1))
 
     async def count_handler_failure(self, role: str, member: str) -> int:
         """One more unexpected handler failure in a row for a member of a role's queue."""
@@ -1057,16 +1071,6 @@ class CampaignStore:
     async def release_lease(self, lease_key: str, token: str) -> None:
         with redis_errors("release lease"):
             await self._release(keys=[lease_key], args=[token])
-
-    @asynccontextmanager
-    async def lease(self, lease_key: str, token: str, ttl_ms: int) -> AsyncIterator[bool]:
-        """Hold a lease for a block (yields False when another holder has it)."""
-        held = await self.acquire_lease(lease_key, token, ttl_ms)
-        try:
-            yield held
-        finally:
-            if held:
-                await self.release_lease(lease_key, token)
 
     # --- outbox -----------------------------------------------------------------------------
 
@@ -1174,6 +1178,28 @@ class CampaignStore:
         """Move a member's due time, only if it is still in the queue (ZADD XX)."""
         with redis_errors("ZADD XX"):
             await self.redis.zadd(queue, {member: to_millis(due_at)}, xx=True)
+
+    async def replace_template_copy(self, entries: Mapping[int, str]) -> None:
+        """Replace the copy of TextLocal's templates (template id → JSON), atomically."""
+        key = self.keys.templates_catalog
+        with redis_errors("replace templates"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if entries:
+                    pipe.hset(key, mapping={str(i): value for i, value in entries.items()})
+                await pipe.execute()
+
+    async def template_copy_entries(self) -> list[bytes]:
+        """Every template of the copy (JSON), in no particular order."""
+        with redis_errors("HGETALL templates"):
+            raw = await self.redis.hgetall(self.keys.templates_catalog)
+        return [as_bytes(value) for value in raw.values()]
+
+    async def template_copy_entry(self, template_id: int) -> bytes | None:
+        """One template of the copy (JSON), or None when the copy does not have it."""
+        with redis_errors("HGET template"):
+            raw = await self.redis.hget(self.keys.templates_catalog, str(template_id))
+        return None if raw is None else as_bytes(raw)
 
     async def published_templates(self) -> dict[int, str]:
         """Template id → fingerprint of what the catalog last published."""
@@ -1342,5 +1368,6 @@ __all__ = [
     "IntakeOutcome",
     "OutboxEntry",
     "Transition",
+    "connect_redis",
     "redis_errors",
 ]

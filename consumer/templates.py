@@ -10,11 +10,8 @@ import asyncio
 import json
 from collections.abc import Sequence
 
-import redis.asyncio as aioredis
-
 from consumer.clock import monotonic_s
-from consumer.keys import RedisKeys
-from consumer.store import as_bytes, redis_errors
+from consumer.store import CampaignStore
 from consumer.textlocal import TextLocalClient
 from consumer.textlocal_types import Template
 
@@ -22,11 +19,11 @@ REFRESH_ON_MISS_INTERVAL_S = 60.0
 
 
 class TemplateCopy:
-    """Template id → Template, from Redis, refreshed from TextLocal when asked or on a miss."""
+    """Template id → Template, from Redis (the store's template copy), refreshed from TextLocal
+    when asked or on a miss."""
 
-    def __init__(self, redis: aioredis.Redis, keys: RedisKeys, client: TextLocalClient) -> None:
-        self._redis = redis
-        self._keys = keys
+    def __init__(self, store: CampaignStore, client: TextLocalClient) -> None:
+        self._store = store
         self._client = client
         self._last_refresh_s = float("-inf")
         self._refreshing = asyncio.Lock()
@@ -54,25 +51,15 @@ class TemplateCopy:
         return templates
 
     async def replace(self, templates: Sequence[Template]) -> None:
-        with redis_errors("replace templates"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(self._keys.templates_catalog)
-                if templates:
-                    pipe.hset(
-                        self._keys.templates_catalog,
-                        mapping={str(t.id): _to_json(t) for t in templates},
-                    )
-                await pipe.execute()
+        await self._store.replace_template_copy({t.id: _to_json(t) for t in templates})
 
     async def stored_all(self) -> list[Template]:
-        with redis_errors("HGETALL templates"):
-            raw = await self._redis.hgetall(self._keys.templates_catalog)
-        return sorted((_from_json(as_bytes(value)) for value in raw.values()), key=lambda t: t.id)
+        raw = await self._store.template_copy_entries()
+        return sorted((_from_json(value) for value in raw), key=lambda t: t.id)
 
     async def _stored(self, template_id: int) -> Template | None:
-        with redis_errors("HGET template"):
-            raw = await self._redis.hget(self._keys.templates_catalog, str(template_id))
-        return None if raw is None else _from_json(as_bytes(raw))
+        raw = await self._store.template_copy_entry(template_id)
+        return None if raw is None else _from_json(raw)
 
 
 def _to_json(template: Template) -> str:

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from consumer.contact_index import ContactIndex
+from consumer.contact_store import ContactStore
 from consumer.events import CampaignRef, CampaignStatusEvent, RecipientCounts, StatusCode
 from consumer.executor import Executor, ExecutorSettings
 from consumer.fault_points import FaultPoints, NoFaultPoints
@@ -118,7 +119,7 @@ class WorkflowRig:
         transition = (
             self.store.transition(ref.key)
             .expect(snapshot.state)
-            .set(cancel_requested="1", cancel_reason=reason)
+            .set(cancel_requested=True, cancel_reason=reason)
             .enqueue(keys.work_queue, ref.key, self.clock.now())
         )
         assert (await self.store.apply(transition, self.clock.now())).ok
@@ -170,9 +171,9 @@ async def workflow_rig(
     async with TextLocalClient(
         settings, TextLocalCredentials.from_api_key(sandbox.api_key), observer=metrics
     ) as client:
-        index = ContactIndex(redis_client, store.keys)
+        index = ContactIndex(ContactStore(redis_client, store.keys))
         await index.rebuild(client, group, clock.now())
-        templates = TemplateCopy(redis_client, store.keys, client)
+        templates = TemplateCopy(store, client)
         steps = CampaignSteps(
             store,
             index,

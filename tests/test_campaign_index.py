@@ -65,7 +65,7 @@ async def finished(store: CampaignStore, key: str, at: datetime, state: S = S.DO
         store.transition(key)
         .expect(absent=True)
         .set_state(state)
-        .set(ended_at=1)
+        .set(ended_at=at)
         .expire(store.keys.campaign(key), int(RETENTION.total_seconds()))
     )
     assert (await store.apply(transition, at)).ok

@@ -138,7 +138,7 @@ async def rig(
     store = CampaignStore(redis_client, RedisKeys(prefix=key_prefix), REGISTRY)
     settings = TextLocalSettings(api_url=sandbox.url, rate_limit_per_s=1000, backoff_base_s=0.01)
     async with TextLocalClient(settings, TextLocalCredentials.from_api_key(sandbox.api_key)) as c:
-        copy = TemplateCopy(redis_client, store.keys, c)
+        copy = TemplateCopy(store, c)
         catalog = TemplateCatalog(store, copy, c, REGISTRY, [UK, VIP], sandbox.clock)
         yield CatalogRig(sandbox, store, copy, catalog, sandbox.clock)
 

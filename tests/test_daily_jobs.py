@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from consumer.catalog import TemplateCatalog
 from consumer.clock import to_millis
 from consumer.contact_index import ContactIndex
+from consumer.contact_store import ContactStore
 from consumer.daily_jobs import (
     CONTACTS_JOB,
     JOB_NAMES,
@@ -88,7 +89,7 @@ class JobsRig:
         self, owner: str, retry_after: timedelta = timedelta(minutes=15)
     ) -> tuple[DailyJobs, Metrics]:
         metrics = Metrics(CollectorRegistry())
-        copy = TemplateCopy(self.store.redis, self.store.keys, self.client)
+        copy = TemplateCopy(self.store, self.client)
         catalog = TemplateCatalog(self.store, copy, self.client, REGISTRY, self.groups, self.clock)
         jobs = DailyJobs(
             self.store,
@@ -132,7 +133,12 @@ async def rig(
     )
     async with TextLocalClient(settings, TextLocalCredentials.from_api_key(sandbox.api_key)) as c:
         yield JobsRig(
-            sandbox, store, c, ContactIndex(redis_client, store.keys), groups, sandbox.clock
+            sandbox,
+            store,
+            c,
+            ContactIndex(ContactStore(redis_client, store.keys)),
+            groups,
+            sandbox.clock,
         )
 
 
@@ -158,7 +164,7 @@ async def test_a_fresh_deployment_runs_every_job_at_start(rig: JobsRig) -> None:
     assert await rig.calls("get_optouts") == 1
     assert await rig.index.size(rig.groups[0].group_id) == UK_CONTACTS
     assert await rig.index.size(rig.groups[1].group_id) == VIP_CONTACTS
-    assert len(await TemplateCopy(rig.store.redis, rig.store.keys, rig.client).stored_all()) == 2
+    assert len(await TemplateCopy(rig.store, rig.client).stored_all()) == 2
     for job in JOB_NAMES:
         assert (
             metrics.registry.get_sample_value(

@@ -48,7 +48,7 @@ async def test_campaign_is_sent_once_to_each_matched_valid_number(rig: WorkflowR
 
     snapshot = await rig.snapshot(ref)
     assert snapshot.state == CampaignState.SENT
-    messages = await rig.sandbox.admin.messages(snapshot.int_field("batch_id"))
+    messages = await rig.sandbox.admin.messages(snapshot.batch_id)
     numbers = Counter(m.number for m in messages)
     assert len(numbers) == 600
     assert set(numbers.values()) == {1}
@@ -63,7 +63,7 @@ async def test_campaign_is_sent_once_to_each_matched_valid_number(rig: WorkflowR
         "duplicates": 5,
         "skipped": 0,
     }
-    assert statuses[-1]["batch_id"] == snapshot.int_field("batch_id")
+    assert statuses[-1]["batch_id"] == snapshot.batch_id
     assert statuses[-1]["metadata"] == {"journey": "welcome"}
     calls = await rig.sandbox.admin.call_counts()
     assert calls["send"] == 1
@@ -83,7 +83,7 @@ async def test_contacts_are_loaded_in_chunks_of_at_most_1500(rig: WorkflowRig) -
         assert snapshot.state == CampaignState.SENT
         calls = await rig.sandbox.admin.call_counts()
         assert calls["create_contacts_bulk"] == 3
-        assert await rig.sandbox.admin.group_size(snapshot.int_field("group_id")) == 3200
+        assert await rig.sandbox.admin.group_size(snapshot.group_id or 0) == 3200
 
 
 async def test_future_send_is_scheduled_and_cancellation_removes_it(rig: WorkflowRig) -> None:
@@ -94,7 +94,7 @@ async def test_future_send_is_scheduled_and_cancellation_removes_it(rig: Workflo
     snapshot = await rig.snapshot(ref)
     assert snapshot.state == CampaignState.SENT
     scheduled = await rig.client.get_scheduled()
-    assert [s.group_id for s in scheduled] == [snapshot.int_field("group_id")]
+    assert [s.group_id for s in scheduled] == [snapshot.group_id]
     assert [s["status"] for s in await rig.statuses(ref)][-1] == "SCHEDULED"
 
     await rig.request_cancel(ref)
@@ -136,7 +136,7 @@ async def test_cancel_before_the_send_deletes_the_segment(rig: WorkflowRig) -> N
     await rig.steps.create_segment(run)
     await rig.steps.load_contacts(run)
     await rig.store.release_lease(lease, "test-replica")
-    group_id = run.snapshot.int_field("group_id")
+    group_id = run.snapshot.group_id
     assert group_id in await rig.sandbox.admin.groups()
 
     await rig.request_cancel(ref)
@@ -157,7 +157,7 @@ async def test_lost_send_reply_is_reconciled_not_resent(rig: WorkflowRig) -> Non
     assert (await rig.sandbox.admin.call_counts())["send"] == 1
     messages = await rig.sandbox.admin.messages()
     assert len(messages) == 20
-    assert {m.batch_id for m in messages} == {snapshot.int_field("batch_id")}
+    assert {m.batch_id for m in messages} == {snapshot.batch_id}
 
 
 async def test_dropped_send_request_is_sent_again_after_the_grace(rig: WorkflowRig) -> None:
@@ -301,7 +301,7 @@ async def test_interrupted_loading_resumes_without_reloading(
         snapshot = await rig.snapshot(ref)
         assert snapshot.state == CampaignState.SENT
         assert (await sandbox.admin.call_counts())["create_contacts_bulk"] == 3
-        assert await sandbox.admin.group_size(snapshot.int_field("group_id")) == 3200
+        assert await sandbox.admin.group_size(snapshot.group_id or 0) == 3200
         assert len(await sandbox.admin.messages()) == 3200
 
 
@@ -331,5 +331,5 @@ async def test_a_group_name_this_campaign_never_asked_for_is_not_adopted(
     await rig.executor.run_until_idle()
     snapshot = await rig.snapshot(ref)
     assert snapshot.state == CampaignState.FAILED
-    assert snapshot.text("error_code") == "SEGMENT_NAME_TAKEN"
+    assert snapshot.error_code == "SEGMENT_NAME_TAKEN"
     assert (await rig.sandbox.admin.call_counts()).get("send", 0) == 0

@@ -120,7 +120,7 @@ async def test_header_and_batches_make_a_ready_campaign(rig: IntakeRig) -> None:
     assert snapshot is not None
     assert snapshot.header is not None
     assert snapshot.header.metadata == {"journey": "welcome"}
-    assert snapshot.int_field("requested") == 5
+    assert snapshot.requested == 5
     stored = await rig.store.redis.hvals(rig.store.keys.recipients(ref.key))
     customers = sorted(i for batch in stored for i in as_text(batch).split("\x1e"))
     assert customers == ["C1", "C2", "C3", "C4", "C5"]
@@ -153,7 +153,7 @@ async def test_redelivered_events_change_nothing(rig: IntakeRig) -> None:
     await eventually(_metric_reaches(rig, "events_duplicate_total", 3))
     snapshot = await rig.store.load(ref.key)
     assert snapshot is not None
-    assert snapshot.int_field("requested") == 3
+    assert snapshot.requested == 3
     assert await rig.statuses(ref) == [("ACCEPTED", None)]
 
 
@@ -286,7 +286,7 @@ async def test_cancel_of_a_ready_campaign_is_handed_to_the_executor(rig: IntakeR
     snapshot = await rig.store.load(ref.key)
     assert snapshot is not None
     assert snapshot.state == CampaignState.READY
-    assert snapshot.text("cancel_reason") == "budget"
+    assert snapshot.cancel_reason == "budget"
 
 
 def _metric_reaches(rig: IntakeRig, name: str, total: float) -> Callable[[], Awaitable[bool]]:

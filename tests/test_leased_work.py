@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from consumer.clock import ManualClock, SystemClock
 from consumer.errors import StoreUnavailable
 from consumer.keys import RedisKeys
-from consumer.leased_work import Lease, LeasedWorkers
+from consumer.leased_work import Lease, LeasedWorkers, holding
 from consumer.metrics import Metrics
 from consumer.store import CampaignStore, as_text
 from consumer.workflow import CampaignState
@@ -91,7 +91,7 @@ async def test_a_member_in_hand_is_never_started_twice_and_old_tokens_fail_the_f
     lease_key = store.keys.prefix + "lease:m1"
     new_token = as_text(await redis_client.get(lease_key))
     assert new_token != first_token
-    stale = store.transition("m1").fenced(lease_key, first_token).set(note="stale")
+    stale = store.transition("m1").fenced(lease_key, first_token).set(poll_error="stale")
     assert (await store.apply(stale, SystemClock().now())).reason == "lease-lost"
     recorder.release.set()
     await pool.drain(5)
@@ -198,3 +198,19 @@ async def _true(value: bool) -> bool:
 
 async def _lease_gone(redis_client: aioredis.Redis, key: str) -> bool:
     return not await redis_client.exists(key)
+
+
+async def test_holding_claims_renews_and_releases_a_lease_for_a_block(
+    store: CampaignStore, redis_client: aioredis.Redis
+) -> None:
+    """`holding` claims a lease for a block, keeps it past its TTL, and frees it after; a second
+    holder meanwhile gets None."""
+    key = store.keys.prefix + "lease:job"
+    async with holding(store, key, "a#1", 300) as held:
+        assert held is not None
+        async with holding(store, key, "b#1", 300) as other:
+            assert other is None
+        await asyncio.sleep(0.5)  # longer than the TTL: renewed meanwhile
+        assert as_text(await redis_client.get(key)) == "a#1"
+        assert not held.lost.is_set()
+    assert await redis_client.get(key) is None

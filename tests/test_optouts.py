@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from consumer.contact_index import ContactIndex
+from consumer.contact_store import ContactStore
 from consumer.errors import ContactIndexMissing, StoreUnavailable
 from consumer.events import CustomerOptOutEvent
 from consumer.keys import RedisKeys
@@ -147,7 +148,12 @@ async def rig(
     sandbox.clock.set(datetime(2025, 3, 5, 8, 0, tzinfo=UTC))
     async with TextLocalClient(settings, TextLocalCredentials.from_api_key(sandbox.api_key)) as c:
         yield OptOutRig(
-            sandbox, store, c, ContactIndex(redis_client, store.keys), groups, sandbox.clock
+            sandbox,
+            store,
+            c,
+            ContactIndex(ContactStore(redis_client, store.keys)),
+            groups,
+            sandbox.clock,
         )
 
 

@@ -92,7 +92,7 @@ async def test_the_union_of_outcomes_is_the_sandbox_s_final_statuses(stack: Stac
 
     async def polled_once() -> bool:
         snapshot = await stack.store.load(ref.key)
-        return snapshot is not None and snapshot.int_field("polls_done") >= 1
+        return snapshot is not None and snapshot.polls_done >= 1
 
     await eventually(polled_once, timeout_s=60, interval_s=0.1)
     await stack.sandbox.admin.advance_clock(timedelta(seconds=120))
@@ -100,9 +100,10 @@ async def test_the_union_of_outcomes_is_the_sandbox_s_final_statuses(stack: Stac
     await wait_until_published(stack)
     snapshot = await stack.store.load(ref.key)
     assert snapshot is not None
+    assert snapshot.batch_id is not None
 
     records = read_topic(stack.bootstrap, stack.topics.outcomes)
-    truth = await sandbox_truth(stack, snapshot.int_field("batch_id"))
+    truth = await sandbox_truth(stack, snapshot.batch_id)
     assert len(truth) == RECIPIENTS
     assert set(truth.values()) <= set(LETTERS), "the sandbox should have settled every message"
     by_id = {r["event_id"]: r for r in records}
@@ -136,7 +137,8 @@ async def test_outcomes_recorded_before_a_kill_are_published_after_it(stack: Sta
     assert await killed.wait_exit(60) == -signal.SIGKILL
     snapshot = await stack.store.load(ref.key)
     assert snapshot is not None
-    assert snapshot.int_field("polls_done") == 1
+    assert snapshot.batch_id is not None
+    assert snapshot.polls_done == 1
 
     restarted = stack.daemon("restarted", **FAST_POLLS).start()
     await restarted.wait_ready()
@@ -154,7 +156,7 @@ async def test_outcomes_recorded_before_a_kill_are_published_after_it(stack: Sta
         for customer in customers
     )
     assert max(published.values()) == 1
-    truth = await sandbox_truth(stack, snapshot.int_field("batch_id"))
+    truth = await sandbox_truth(stack, snapshot.batch_id)
     assert dict(published) == {(c, LETTERS[letter]): 1 for c, letter in truth.items()}
     assert {r["poll_number"] for r in records} == {1}
     assert_no_numbers([str(r) for r in records])

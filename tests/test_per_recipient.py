@@ -181,7 +181,7 @@ async def test_a_campaign_that_would_send_nothing_is_rejected(rig: WorkflowRig) 
     await rig.executor.run_until_idle()
     snapshot = await rig.snapshot(ref)
     assert snapshot.state == CampaignState.REJECTED
-    assert snapshot.text("error_code") == "NO_PROMO_CODE"
+    assert snapshot.error_code == "NO_PROMO_CODE"
     calls = await rig.sandbox.admin.call_counts()
     assert calls.get("send", 0) == 0
     assert calls.get("bulk_json", 0) == 0

@@ -115,7 +115,8 @@ async def send_campaign(rig: WorkflowRig, ref: CampaignRef, ids: list[str], **he
     await rig.executor.run_until_idle()
     snapshot = await rig.snapshot(ref)
     assert snapshot.state == CampaignState.SENT
-    return snapshot.int_field("batch_id")
+    assert snapshot.batch_id is not None
+    return snapshot.batch_id
 
 
 async def metrics_events(rig: WorkflowRig, ref: CampaignRef | None = None) -> list[dict[str, Any]]:
@@ -149,7 +150,7 @@ async def test_a_sent_campaign_is_polled_once_a_day_for_seven_days(
     ) as rig:
         ref = new_ref()
         batch_id = await send_campaign(rig, ref, [str(c["custom1"]) for c in SPREAD_CONTACTS])
-        group_id = (await rig.snapshot(ref)).int_field("group_id")
+        group_id = (await rig.snapshot(ref)).group_id
         poller = poller_for(rig)
         assert await poller.run_due() == 0  # nothing due on the day of the send
 
@@ -293,7 +294,7 @@ async def test_a_transient_failure_keeps_the_slot(rig: WorkflowRig) -> None:
     assert await poller.run_due() == 0
     assert await status_batch_calls(rig) == 5  # the client's five attempts
     assert sample(rig, "polls_total", outcome="retry") == 1
-    assert (await rig.snapshot(ref)).int_field("poll_failures") == 1
+    assert (await rig.snapshot(ref)).poll_failures == 1
     assert await metrics_events(rig, ref) == []
 
     rig.clock.advance(timedelta(seconds=3))  # past the 2 s backoff
@@ -317,8 +318,8 @@ async def test_a_permanent_error_consumes_the_slot_without_an_event(rig: Workflo
     rig.clock.advance(DAY)
     assert await poller.run_due() == 1
     snapshot = await rig.snapshot(ref)
-    assert (snapshot.state, snapshot.int_field("polls_done")) == (CampaignState.POLLING, 1)
-    assert snapshot.text("poll_error").startswith("TEXTLOCAL_901")
+    assert (snapshot.state, snapshot.polls_done) == (CampaignState.POLLING, 1)
+    assert snapshot.poll_error.startswith("TEXTLOCAL_901")
     rig.clock.advance(DAY)
     assert await poller.run_due() == 1
     assert await rig.state(ref) == CampaignState.DONE
@@ -364,7 +365,7 @@ async def test_a_poller_back_after_days_makes_one_poll_for_the_latest_slot(
     assert await status_batch_calls(rig) == 1
     assert [e["poll_number"] for e in await metrics_events(rig, ref)] == [3]
     assert sample(rig, "polls_overdue") == 0
-    slot4 = poll_slot((await rig.snapshot(ref)).optional_time("sent_at") or T0, DAY, 7 * DAY, 4)
+    slot4 = poll_slot((await rig.snapshot(ref)).sent_at or T0, DAY, 7 * DAY, 4)
     score = await rig.store.redis.zscore(rig.store.keys.poll_queue, ref.key)
     assert score == int(slot4.due_at.timestamp() * 1000)
 
@@ -374,12 +375,12 @@ async def test_the_segment_is_kept_for_the_retention_then_deleted(rig: WorkflowR
     """With a two-day retention the segment outlives the final poll by two days, then goes."""
     ref = new_ref()
     await send_campaign(rig, ref, customer_ids(1, 10), metrics_window_days=1)
-    group_id = (await rig.snapshot(ref)).int_field("group_id")
+    group_id = (await rig.snapshot(ref)).group_id
     poller = poller_for(rig, segment_retention=2 * DAY)
     rig.clock.advance(DAY)
     assert await poller.run_due() == 1
     snapshot = await rig.snapshot(ref)
-    assert (snapshot.state, snapshot.text("segment_cleanup")) == (CampaignState.DONE, "1")
+    assert (snapshot.state, snapshot.segment_cleanup) == (CampaignState.DONE, True)
     rig.clock.advance(DAY)
     await poller.run_due()
     assert group_id in await rig.sandbox.admin.groups()

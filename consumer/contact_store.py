@@ -1,0 +1,106 @@
+"""The contact index in Redis: the store's part for `consumer.contact_index` (DESIGN §1.5).
+
+Every Redis operation on the index lives here, behind the same error translation as the
+campaign store (`StoreUnavailable`); `ContactIndex` keeps the rules (packing, versions,
+resolution) and calls these. Per group, each build is a hash of its own (customer id → packed
+entry, `keys.contacts_version`), and one string names the current one (`keys.contacts_current`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import redis.asyncio as aioredis
+
+from consumer.keys import RedisKeys
+from consumer.store import ID_SEPARATOR, as_text, redis_errors
+
+# One Lua call per recipients batch: split the batch's joined ids and look each up in the index;
+# the answer is one string "id RS entry RS id RS entry ..." (entry "" when the index has no id).
+_RESOLVE_BATCH = r"""
+local joined = redis.call('HGET', KEYS[1], ARGV[1])
+if not joined then return '' end
+local ids, start = {}, 1
+while true do
+  local stop = string.find(joined, '\30', start, true)
+  ids[#ids + 1] = string.sub(joined, start, (stop or 0) - 1)
+  if not stop then break end
+  start = stop + 1
+end
+local out = {}
+for first = 1, #ids, 4000 do
+  local last = math.min(first + 3999, #ids)
+  local entries = redis.call('HMGET', KEYS[2], unpack(ids, first, last))
+  for i = first, last do
+    out[#out + 1] = ids[i]
+    out[#out + 1] = entries[i - first + 1] or ''
+  end
+end
+return table.concat(out, '\30')
+"""
+
+
+class ContactStore:
+    """Reads and writes the per-group contact index hashes and their version pointer."""
+
+    def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
+        self._redis = redis
+        self.keys = keys
+        self._resolve_batch = redis.register_script(_RESOLVE_BATCH)
+
+    async def current_version(self, group_id: int) -> str | None:
+        with redis_errors("GET contact index version"):
+            version = await self._redis.get(self.keys.contacts_current(group_id))
+        return None if version is None else as_text(version)
+
+    async def has_version(self, group_id: int, version: str) -> bool:
+        with redis_errors("EXISTS contact index version"):
+            return bool(await self._redis.exists(self.keys.contacts_version(group_id, version)))
+
+    async def version_size(self, group_id: int, version: str) -> int:
+        """How many customer ids a version of the index holds."""
+        with redis_errors("HLEN contact index"):
+            return int(await self._redis.hlen(self.keys.contacts_version(group_id, version)))
+
+    async def resolve_batch(
+        self, recipients_key: str, group_id: int, version: str, batch: int
+    ) -> list[str]:
+        """`[id, entry, id, entry, ...]` for the ids of one recipients batch (in batch order),
+        entry "" for an id the index does not know; [] for a batch that is not there."""
+        index_key = self.keys.contacts_version(group_id, version)
+        with redis_errors("resolve batch"):
+            joined = await self._resolve_batch(keys=[recipients_key, index_key], args=[batch])
+        return as_text(joined).split(ID_SEPARATOR) if joined else []
+
+    async def batch_codes(self, codes_key: str, batch: int) -> list[str]:
+        """The own promo codes of one recipients batch, aligned with its ids ([] without)."""
+        with redis_errors("HGET batch codes"):
+            raw = await self._redis.hget(codes_key, str(batch))
+        return as_text(raw).split(ID_SEPARATOR) if raw else []
+
+    async def add_entries(self, group_id: int, version: str, entries: Mapping[str, str]) -> None:
+        """Write packed entries (customer id → entry) into a version being built."""
+        if entries:
+            with redis_errors("HSET contact index"):
+                await self._redis.hset(
+                    self.keys.contacts_version(group_id, version),
+                    mapping=dict(entries),  # type: ignore[arg-type]
+                )
+
+    async def discard_version(self, group_id: int, version: str) -> None:
+        """Drop a version (a build that failed half-way)."""
+        with redis_errors("UNLINK half-built index"):
+            await self._redis.unlink(self.keys.contacts_version(group_id, version))
+
+    async def switch_version(self, group_id: int, version: str, previous_ttl_s: int) -> None:
+        """Make `version` the current one (one atomic SET); the previous one expires later."""
+        with redis_errors("switch contact index"):
+            answer = await self._redis.set(self.keys.contacts_current(group_id), version, get=True)
+            previous = None if answer is None else as_text(answer)
+            if previous is not None and previous != version:
+                await self._redis.expire(
+                    self.keys.contacts_version(group_id, previous), previous_ttl_s
+                )
+
+
+__all__ = ["ContactStore"]
