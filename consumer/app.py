@@ -57,6 +57,7 @@ from consumer.metrics import Metrics
 from consumer.outbox import OutboxPublisher
 from consumer.poller import Poller, PollerSettings
 from consumer.rate_limit import AccountRateLimiter
+from consumer.receipts import receipts_app
 from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S, CampaignSteps, StepSettings
 from consumer.store import CampaignStore
 from consumer.templates import TemplateCopy
@@ -164,6 +165,9 @@ async def build_parts(
             send_reconcile_grace=workflow.send_reconcile_grace,
             max_group_texts=workflow.max_group_texts,
             bulk_chunk_size=workflow.bulk_chunk_size,
+            receipts=settings.receipts.enabled,
+            receipt_url=settings.receipts.receipt_url,
+            receipt_retention=settings.receipts.retention,
         ),
         clock,
         metrics,
@@ -230,12 +234,15 @@ class Daemon:
         )
         await monitor.probe_all()
         runner = await self._serve_http(health, monitor)
+        receipt_runner = await self._serve_receipts()
         log_event(
             log,
             "daemon.started",
             roles=sorted(settings.roles),
             instance=parts.owner,
             http_port=settings.http_port,
+            receipts_port=settings.receipts.port if receipt_runner else None,
+            receipt_url_on_sends=settings.receipts.receipt_url is not None,
         )
         tasks = {
             asyncio.create_task(self._supervise(name, role), name=name): name
@@ -257,6 +264,8 @@ class Daemon:
                     error=repr(task.exception()),
                 )
         self.stopping.set()
+        if receipt_runner is not None:
+            await receipt_runner.cleanup()  # first: no receipt is accepted while stopping
         await self._finish(tasks)
         await runner.cleanup()
         await parts.close()
@@ -409,6 +418,17 @@ class Daemon:
         await runner.setup()
         site = web.TCPSite(runner, parts.settings.http_host, parts.settings.http_port)
         await site.start()
+        return runner
+
+    async def _serve_receipts(self) -> web.AppRunner | None:
+        """The receipt listener on its own port, when a receipt token is configured."""
+        receipts = self.parts.settings.receipts
+        if not receipts.enabled:
+            return None
+        app = receipts_app(receipts, self.parts.store, self.parts.metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, receipts.host, receipts.port).start()
         return runner
 
     async def _refresh_campaign_gauge(self) -> None:

@@ -144,6 +144,23 @@ class Metrics:
             "Final delivery outcome of sent messages (at each window's last poll), by status.",
             ("status",),
         )
+        # delivery receipts (consumer.receipts, consumer.receipt_outcomes)
+        self.receipts = counter(
+            "receipts_total",
+            "Requests to the receipt listener, by result (accepted, duplicate, "
+            "unknown_reference, backlog_full, unavailable, malformed, bad_token, "
+            "method_not_allowed).",
+            ("result",),
+        )
+        self.receipts_backlog = gauge(
+            "receipts_backlog", "Receipts recorded in Redis, not yet turned into outcomes."
+        )
+        self.receipts_applied = counter(
+            "receipts_applied_total",
+            "Recorded receipts handled by the drain, by result (outcome: a customer's first "
+            "final outcome; already_final; unknown_number; campaign_gone; retried; given_up).",
+            ("result",),
+        )
         # coordination and jobs
         self.leases_held = gauge(
             "leases_held", "Redis leases this replica holds, by kind.", ("kind",)
