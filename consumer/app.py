@@ -197,6 +197,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(kafka.input_topic, partitions, {}),
         TopicSpec(kafka.status_topic, partitions, {}),
         TopicSpec(kafka.metrics_topic, partitions, {}),
+        TopicSpec(kafka.outcomes_topic, partitions, {}),
         TopicSpec(kafka.dlq_topic, partitions, {}),
         templates_topic_spec(kafka.templates_topic, partitions),
     ]

@@ -309,6 +309,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("kafka.input_topic", "optimove.sms.campaigns.v1", _text, "Campaign events from Optimove."),
     Option("kafka.status_topic", "textlocal.sms.campaign-status.v1", _text, "CampaignStatus events."),
     Option("kafka.metrics_topic", "textlocal.sms.delivery-metrics.v1", _text, "DeliveryMetrics events."),
+    Option("kafka.outcomes_topic", "textlocal.sms.customer-outcomes.v1", _text, "CustomerOutcomes events (customer ids per delivery outcome)."),
     Option("kafka.templates_topic", "textlocal.sms.templates.v1", _text, "Template catalog (compacted)."),
     Option("kafka.dlq_topic", "optimove.sms.campaigns.v1.dlq", _text, "Dead letters of the input topic."),
     Option("kafka.create_topics", False, _boolean, "Create missing topics at start (output topics and DLQ; templates compacted)."),
@@ -343,6 +344,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("receipts.port", 9109, _port, "Port of the receipt listener (its own: exposing it exposes neither /metrics nor the health endpoints)."),
     Option("receipts.max_backlog", 100000, _positive_int, "Receipts recorded and not yet turned into outcomes, beyond which new ones are refused with 503 and Retry-After."),
     Option("receipts.retention_s", 864000.0, _positive_float, "How long a campaign's receipts are remembered for de-duplication, from its send (default 10 days: the 7-day window and TextLocal's 4 days for unknowns)."),
+    # Per-customer outcomes
+    Option("outcomes.enabled", True, _boolean, "Publish CustomerOutcomes (customer ids per delivery outcome, each final outcome once); costs about 40 MB of Redis per million recipients for a campaign's window. Off: only DeliveryMetrics."),
     # Process
     Option("roles", ",".join(ROLES), _roles, "Roles this process runs: intake, executor, poller, daily."),
     Option("http.host", "0.0.0.0", _text, "Address of the /metrics, /healthz, /readyz server."),  # noqa: S104 - a pod's port
@@ -367,6 +370,7 @@ class KafkaSettings:
     max_record_bytes: int = 1_000_000
     session_timeout_ms: int = 10_000
     group_instance_id: str | None = None
+    outcomes_topic: str = "textlocal.sms.customer-outcomes.v1"
     properties: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def client_config(self) -> dict[str, str]:
@@ -389,6 +393,7 @@ class KafkaSettings:
         return {
             "status": self.status_topic,
             "metrics": self.metrics_topic,
+            "outcomes": self.outcomes_topic,
             "templates": self.templates_topic,
         }
 
@@ -427,6 +432,7 @@ class WorkflowSettings:
     max_metadata_bytes: int = 16_384
     max_group_texts: int = 20
     bulk_chunk_size: int = 1_000
+    outcomes_enabled: bool = True
 
     @property
     def intake_limits(self) -> IntakeLimits:
@@ -548,6 +554,7 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             input_topic=values["kafka.input_topic"],
             status_topic=values["kafka.status_topic"],
             metrics_topic=values["kafka.metrics_topic"],
+            outcomes_topic=values["kafka.outcomes_topic"],
             templates_topic=values["kafka.templates_topic"],
             dlq_topic=values["kafka.dlq_topic"],
             create_topics=values["kafka.create_topics"],
@@ -578,6 +585,7 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             max_group_texts=values["workflow.max_group_texts"],
             bulk_chunk_size=min(values["workflow.bulk_chunk_size"], 10_000),
             max_metadata_bytes=values["workflow.max_metadata_bytes"],
+            outcomes_enabled=values["outcomes.enabled"],
         ),
         roles=values["roles"],
         http_host=values["http.host"],

@@ -48,6 +48,12 @@ class RedisKeys:
         """Set of chunk indexes TextLocal has accepted (chunks: see contact_index.resolve)."""
         return f"{self.prefix}campaign:{key}:chunks-loaded"
 
+    def recipient_numbers(self, key: str) -> str:
+        """Hash: number → what was published for its customer (one character: `-` nothing, else
+        the outcome's status letter) followed by the customer id; the campaign's recipients as
+        sent to, recorded while resolving them, kept until its window ends (consumer.outcomes)."""
+        return f"{self.prefix}campaign:{key}:numbers"
+
     def campaign_lease(self, key: str) -> str:
         return f"{self.campaign_lease_prefix}{key}"
 

@@ -161,6 +161,12 @@ class Metrics:
             "final outcome; already_final; unknown_number; campaign_gone; retried; given_up).",
             ("result",),
         )
+        self.customer_outcomes = counter(
+            "customer_outcomes_total",
+            "Customers whose outcome was published in CustomerOutcomes, by outcome and source "
+            "(poll, receipt).",
+            ("outcome", "source"),
+        )
         # coordination and jobs
         self.leases_held = gauge(
             "leases_held", "Redis leases this replica holds, by kind.", ("kind",)

@@ -536,6 +536,37 @@ return dropped
 """
 
 
+# Recording one CustomerOutcomes record (consumer.outcomes): every number must still be eligible
+# (its value's first character `-`, or `P` when the outcome is final); then each is marked with
+# the outcome's letter and the record goes to the outbox. If any is not, nothing is written and
+# the ineligible numbers are returned. KEYS: the campaign's numbers hash, the outbox. ARGV: the
+# letter, '1' when final, the outbox entry (topic, key, value, event id), then the numbers.
+_RECORD_OUTCOME_CHUNK = r"""
+local numbers, outbox = KEYS[1], KEYS[2]
+local letter, final = ARGV[1], ARGV[2] == '1'
+local refused, values = {}, {}
+for i = 7, #ARGV do
+  local value = redis.call('HGET', numbers, ARGV[i])
+  local mark = value and string.sub(value, 1, 1)
+  if value and (mark == '-' or (final and mark == 'P')) then
+    values[i] = value
+  else
+    refused[#refused + 1] = ARGV[i]
+  end
+end
+if #refused > 0 then return refused end
+for i = 7, #ARGV do
+  redis.call('HSET', numbers, ARGV[i], letter .. string.sub(values[i], 2))
+end
+redis.call('XADD', outbox, '*', 'topic', ARGV[3], 'key', ARGV[4], 'value', ARGV[5],
+  'event_id', ARGV[6], 'tombstone', '0')
+return refused
+"""
+
+# The mark of a number whose customer has nothing published yet (see keys.recipient_numbers).
+NOTHING_PUBLISHED = "-"
+
+
 class CampaignStore:
     """Reads and atomically changes campaigns, queues, leases and the outbox in Redis."""
 
@@ -554,6 +585,7 @@ class CampaignStore:
         self._index_states = redis.register_script(_INDEX_STATES)
         self._accept_receipt = redis.register_script(_ACCEPT_RECEIPT)
         self._digest_key: bytes | None = None
+        self._record_outcome_chunk = redis.register_script(_RECORD_OUTCOME_CHUNK)
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -804,6 +836,75 @@ class CampaignStore:
                     break
             await self.redis.set(keys.campaign_states_indexed, "1")
         return dropped
+
+    # --- per-customer outcomes (consumer.outcomes) -------------------------------------------
+
+    async def record_recipient_numbers(
+        self, key: str, pairs: Sequence[tuple[str, str]], ttl_s: int
+    ) -> None:
+        """Remember which customer each number of the campaign was sent for (number, customer
+        id), nothing published yet; the hash expires after `ttl_s` unless deleted earlier."""
+        if not pairs:
+            return
+        numbers = self.keys.recipient_numbers(key)
+        mapping = {number: NOTHING_PUBLISHED + customer_id for number, customer_id in pairs}
+        with redis_errors("record recipient numbers"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(numbers, mapping=mapping)  # type: ignore[arg-type]
+                pipe.expire(numbers, ttl_s)
+                await pipe.execute()
+
+    async def outcome_candidates(
+        self, key: str, numbers: Sequence[str], *, final: bool
+    ) -> dict[str, str]:
+        """Number → customer id, of the `numbers` whose customer may still take an outcome:
+        nothing published yet, or (when `final`) only PENDING. Numbers not of this campaign
+        are left out."""
+        if not numbers:
+            return {}
+        with redis_errors("HMGET recipient numbers"):
+            values = await self.redis.hmget(self.keys.recipient_numbers(key), list(numbers))
+        eligible = (NOTHING_PUBLISHED, "P") if final else (NOTHING_PUBLISHED,)
+        found: dict[str, str] = {}
+        for number, raw in zip(numbers, values, strict=True):
+            if raw is None:
+                continue
+            value = as_text(raw)
+            if value[:1] in eligible:
+                found[number] = value[1:]
+        return found
+
+    async def record_outcome_chunk(
+        self, key: str, letter: str, numbers: Sequence[str], entry: OutboxEntry
+    ) -> list[str]:
+        """Mark `numbers` with the outcome `letter` and append `entry` (their record) to the
+        outbox, atomically; nothing is written if any of them is no longer eligible, and those
+        are returned (see `_RECORD_OUTCOME_CHUNK`)."""
+        final = "0" if letter == "P" else "1"
+        with redis_errors("record outcomes"):
+            refused = await self._record_outcome_chunk(
+                keys=[self.keys.recipient_numbers(key), self.keys.outbox],
+                args=[
+                    letter,
+                    final,
+                    entry.topic,
+                    entry.key,
+                    entry.value or b"",
+                    entry.event_id,
+                    *numbers,
+                ],
+            )
+        return [as_text(number) for number in refused or []]
+
+    async def published_outcomes(self, key: str) -> dict[str, str]:
+        """Customer id → the letter of what was published for it ("-" nothing); for tests and
+        the operator (HSCAN, so a large campaign does not block Redis)."""
+        found: dict[str, str] = {}
+        with redis_errors("HSCAN recipient numbers"):
+            async for _, raw in self.redis.hscan_iter(self.keys.recipient_numbers(key), count=5000):
+                value = as_text(raw)
+                found[value[1:]] = value[:1]
+        return found
 
     # --- queues and leases ------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ class DaemonTopics:
     metrics: str
     templates: str
     dlq: str
+    outcomes: str
 
 
 def daemon_environment(
@@ -77,6 +78,7 @@ def daemon_environment(
         "TEXTLOCAL_CONSUMER_KAFKA_STATUS_TOPIC": topics.status,
         "TEXTLOCAL_CONSUMER_KAFKA_METRICS_TOPIC": topics.metrics,
         "TEXTLOCAL_CONSUMER_KAFKA_TEMPLATES_TOPIC": topics.templates,
+        "TEXTLOCAL_CONSUMER_KAFKA_OUTCOMES_TOPIC": topics.outcomes,
         "TEXTLOCAL_CONSUMER_KAFKA_DLQ_TOPIC": topics.dlq,
         "TEXTLOCAL_CONSUMER_REDIS_URL": redis_url,
         "TEXTLOCAL_CONSUMER_REDIS_KEY_PREFIX": key_prefix,
@@ -278,6 +280,7 @@ async def stack(
         metrics=new_topic("metrics", partitions=3),
         templates=new_topic("templates", config={"cleanup.policy": "compact"}),
         dlq=new_topic("dlq"),
+        outcomes=new_topic("outcomes", partitions=3),
     )
     group_id = await sandbox.admin.generate_contacts(
         "Optimove customers", MASTER_CONTACTS, first_number=FIRST_NUMBER

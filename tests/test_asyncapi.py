@@ -92,6 +92,7 @@ def test_channels_are_the_daemons_topics() -> None:
             "kafka.input_topic",
             "kafka.status_topic",
             "kafka.metrics_topic",
+            "kafka.outcomes_topic",
             "kafka.templates_topic",
             "kafka.dlq_topic",
         )

@@ -139,6 +139,7 @@ async def test_operator_commands_against_the_local_stack(
         metrics=new_topic("metrics"),
         templates=new_topic("templates", config={"cleanup.policy": "compact"}),
         dlq=new_topic("dlq"),
+        outcomes=new_topic("outcomes"),
     )
     env = daemon_environment(
         kafka_bootstrap=kafka_bootstrap,
@@ -234,7 +235,7 @@ async def test_campaign_status_shows_a_campaign_without_its_text(
                 kafka_bootstrap=kafka_bootstrap,
                 redis_url=redis_url,
                 key_prefix=key_prefix,
-                topics=DaemonTopics("i", "s", "m", "t", "d"),
+                topics=DaemonTopics("i", "s", "m", "t", "d", "o"),
                 sandbox=sandbox,
                 group_id=rig.group.group_id,
                 http_port=free_port(),

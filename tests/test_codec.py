@@ -100,6 +100,15 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "delivery_rate": 0.6,
         "metadata": {"k": "v"},
     },
+    "CustomerOutcomes": IDENTITY
+    | {
+        "outcome": "DELIVERED",
+        "customer_ids": ["C0000001", "C0000002"],
+        "observed_at": WHEN,
+        "source": "POLL",
+        "poll_number": 3,
+        "metadata": {"k": "v"},
+    },
     "Template": {
         "id": 1001,
         "title": "OPT_Welcome",
