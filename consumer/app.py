@@ -55,8 +55,10 @@ from consumer.keys import RedisKeys
 from consumer.logs import SCRUBBER, log_event
 from consumer.metrics import Metrics
 from consumer.outbox import OutboxPublisher
+from consumer.outcomes import OutcomeRecorder
 from consumer.poller import Poller, PollerSettings
 from consumer.rate_limit import AccountRateLimiter
+from consumer.receipt_outcomes import ReceiptOutcomes
 from consumer.receipts import receipts_app
 from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S, CampaignSteps, StepSettings
 from consumer.store import CampaignStore
@@ -90,6 +92,7 @@ class Parts:
     templates: TemplateCopy
     steps: CampaignSteps
     owner: str
+    faults: FaultPoints = field(default_factory=NoFaultPoints)
     closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -186,6 +189,7 @@ async def build_parts(
         templates=templates,
         steps=steps,
         owner=settings.instance_id,
+        faults=faults or NoFaultPoints(),
         closers=closers,
     )
 
@@ -223,7 +227,11 @@ class Daemon:
         health = HealthState(
             parts.clock,
             parts.metrics.registry,
-            tuple(name for name in ("intake", "executor", "poller", "outbox") if name in roles),
+            tuple(
+                name
+                for name in ("intake", "executor", "poller", "outbox", "receipts")
+                if name in roles
+            ),
             started_at=parts.clock.now(),
         )
         executor = roles.get("executor")
@@ -307,7 +315,7 @@ class Daemon:
     async def _finish(self, tasks: Mapping[asyncio.Task[None], str]) -> None:
         """Wait for the roles to drain (they bound themselves); the outbox goes last."""
         drain_s = self.parts.settings.workflow.drain_timeout_s
-        last = ("outbox", "gauge", "dependencies")
+        last = ("outbox", "receipts", "gauge", "dependencies")
         roles = [t for t, name in tasks.items() if name not in last]
         if roles:
             await asyncio.wait(roles, timeout=drain_s + 5)
@@ -334,6 +342,16 @@ class Daemon:
                 parts.owner,
             )
         }
+        if settings.receipts.enabled:
+            # Wherever the listener runs; one replica at a time drains (a lease).
+            roles["receipts"] = ReceiptOutcomes(
+                parts.store,
+                OutcomeRecorder(parts.store, parts.registry, parts.metrics.customer_outcomes),
+                parts.metrics,
+                parts.clock,
+                parts.owner,
+                parts.faults,
+            )
         if "intake" in settings.roles:
             self._source = KafkaEventSource(
                 settings.kafka.consumer_config(),

@@ -539,6 +539,11 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             f"must differ from http.port ({values['http.port']}): the receipt listener has "
             "its own port, so exposing it exposes neither /metrics nor the health endpoints",
         )
+    if values["receipts.token"] and not values["outcomes.enabled"]:
+        raise ConfigError(
+            f"{ENV_PREFIX}RECEIPTS_TOKEN (receipts.token)",
+            "needs outcomes.enabled: receipts are turned into CustomerOutcomes, nothing else",
+        )
     if values["receipts.public_url"] and not values["receipts.token"]:
         raise ConfigError(
             f"{ENV_PREFIX}RECEIPTS_TOKEN (receipts.token)",

@@ -162,7 +162,7 @@ class RedisKeys:
     @property
     def receipts(self) -> str:
         """Stream: receipts accepted and not yet turned into outcomes (its length is the
-        backlog the listener bounds). Entries: reference, number, status, at, attempts."""
+        backlog the listener bounds). Entries: ref, number, status, at."""
         return f"{self.prefix}receipts"
 
     def receipt_reference(self, reference: str) -> str:

@@ -1215,20 +1215,11 @@ class CampaignStore:
             raw = await self.redis.xrange(self.keys.receipts, "-", "+", count=limit)
         return [_receipt_entry(entry_id, fields or {}) for entry_id, fields in raw or []]
 
-    async def receipts_done(
-        self, entry_ids: Sequence[str], retry: Sequence[ReceiptEntry] = ()
-    ) -> None:
-        """Delete handled receipts; `retry` go to the stream's end again, one attempt more."""
-        if not entry_ids and not retry:
-            return
-        with redis_errors("XDEL receipts"):
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for entry in retry:
-                    pipe.xadd(self.keys.receipts, _receipt_fields(entry, entry.attempts + 1))
-                ids = [*entry_ids, *(entry.entry_id for entry in retry)]
-                if ids:
-                    pipe.xdel(self.keys.receipts, *ids)
-                await pipe.execute()
+    async def receipts_done(self, entry_ids: Sequence[str]) -> None:
+        """Delete receipts the drain has turned into outcomes (or dropped)."""
+        if entry_ids:
+            with redis_errors("XDEL receipts"):
+                await self.redis.xdel(self.keys.receipts, *entry_ids)
 
     async def receipts_backlog(self) -> int:
         with redis_errors("XLEN receipts"):
@@ -1249,7 +1240,7 @@ if ttl == -2 then return 'unknown_reference' end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 'duplicate' end
 if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[2]) then return 'backlog_full' end
 redis.call('XADD', KEYS[3], '*', 'ref', ARGV[3], 'number', ARGV[4], 'status', ARGV[5],
-  'at', ARGV[6], 'attempts', '0')
+  'at', ARGV[6])
 redis.call('HSET', KEYS[2], ARGV[1], '1')
 if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 return 'accepted'
@@ -1259,24 +1250,13 @@ return 'accepted'
 @dataclass(frozen=True)
 class ReceiptEntry:
     """A delivery receipt as recorded: the send's reference, the number, the status letter
-    (D, U, I or ?), when TextLocal says it happened (Unix s), attempts to apply it so far."""
+    (D, U, I, E or ?) and when TextLocal says it happened (Unix s)."""
 
     reference: str
     number: str
     status: str
     at_s: int
-    attempts: int = 0
     entry_id: str = ""
-
-
-def _receipt_fields(entry: ReceiptEntry, attempts: int) -> dict[Any, Any]:
-    return {
-        "ref": entry.reference,
-        "number": entry.number,
-        "status": entry.status,
-        "at": entry.at_s,
-        "attempts": attempts,
-    }
 
 
 def _receipt_entry(entry_id: object, raw: Mapping[Any, Any]) -> ReceiptEntry:
@@ -1286,7 +1266,6 @@ def _receipt_entry(entry_id: object, raw: Mapping[Any, Any]) -> ReceiptEntry:
         number=values.get("number", ""),
         status=values.get("status", ""),
         at_s=int(values.get("at") or 0),
-        attempts=int(values.get("attempts") or 0),
         entry_id=as_text(entry_id),
     )
 

@@ -18,9 +18,12 @@ from consumer.config import ReceiptSettings, describe_settings, load_settings
 from consumer.errors import ConfigError
 from consumer.keys import RedisKeys
 from consumer.metrics import Metrics
+from consumer.outcomes import OutcomeRecorder
+from consumer.receipt_outcomes import ReceiptOutcomes
 from consumer.receipts import MalformedReceipt, parse_receipt, receipt_digest, receipts_app
 from consumer.store import CampaignStore, ReceiptEntry
 from tests.helpers import REGISTRY
+from textlocal_sandbox import ManualClock
 
 TOKEN = "t0ken-" + "x" * 40
 REFERENCE = "42.2_38-0123456789abcdef0123"
@@ -284,3 +287,59 @@ async def test_beyond_the_backlog_receipts_are_refused_with_retry_after(listener
     await listener.store.receipts_done([first.entry_id])
     assert (await listener.post(data=receipt_form(number="447700900200")))[0] == 200
     assert listener.count("backlog_full") == 1
+
+
+# --- the drain: receipts into CustomerOutcomes ------------------------------------------------
+
+
+CAMPAIGN_KEY = "42:2.38:505"
+
+
+async def outcome_records(store: CampaignStore) -> list[dict[str, Any]]:
+    entries = await store.outbox_read(1000)
+    return [REGISTRY.decode(e.value).fields for e in entries if e.topic == "outcomes" and e.value]
+
+
+@pytest.mark.integration
+async def test_the_drain_publishes_each_customers_first_final_outcome_once(
+    listener: Listener,
+) -> None:
+    """Receipts become one CustomerOutcomes record per outcome, with customer ids and never a
+    number; the same receipts again, or a later receipt with another status for a customer
+    already settled, publish nothing; numbers not of the campaign are ignored."""
+    store = listener.store
+    await store.record_recipient_numbers(
+        CAMPAIGN_KEY, [(f"44770090000{n}", f"C{n}") for n in range(4)], ttl_s=3600
+    )
+    drain = ReceiptOutcomes(
+        store,
+        OutcomeRecorder(store, REGISTRY, listener.metrics.customer_outcomes),
+        listener.metrics,
+        ManualClock(),
+        "test",
+    )
+
+    async def deliver(*receipts: tuple[int, str]) -> None:
+        for n, status in receipts:
+            entry = parse_receipt(receipt_form(number=f"44770090000{n}", status=status))
+            key = await store.receipt_digest_key()
+            await store.accept_receipt(entry, receipt_digest(key, entry), 100)
+
+    await deliver((0, "D"), (1, "D"), (2, "U"), (9, "D"))
+    assert await drain.drain() == 4
+    records = await outcome_records(store)
+    by_outcome = {r["outcome"]: sorted(r["customer_ids"]) for r in records}
+    assert by_outcome == {"DELIVERED": ["C0", "C1"], "UNDELIVERED": ["C2"]}
+    assert {r["source"] for r in records} == {"RECEIPT"}
+    assert {r["poll_number"] for r in records} == {None}
+    assert "44770090000" not in repr(records)
+    assert await store.receipts_backlog() == 0
+
+    await deliver((0, "D"), (2, "D"), (3, "?"))  # the first is a duplicate: not recorded
+    assert await drain.drain() == 2
+    records = await outcome_records(store)
+    assert [(r["outcome"], r["customer_ids"]) for r in records[-1:]] == [("UNKNOWN", ["C3"])]
+    assert len(records) == 3
+    applied = listener.metrics.registry.get_sample_value
+    assert applied("textlocal_consumer_receipts_applied_total", {"result": "outcome"}) == 4
+    assert applied("textlocal_consumer_receipts_applied_total", {"result": "no_change"}) == 2
