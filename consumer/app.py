@@ -171,6 +171,7 @@ async def build_parts(
             receipts=settings.receipts.enabled,
             receipt_url=settings.receipts.receipt_url,
             receipt_retention=settings.receipts.retention,
+            outcomes_enabled=workflow.outcomes_enabled,
         ),
         clock,
         metrics,
@@ -410,6 +411,14 @@ class Daemon:
                     parts.clock,
                     parts.metrics,
                     parts.owner,
+                    outcomes=(
+                        OutcomeRecorder(
+                            parts.store, parts.registry, parts.metrics.customer_outcomes
+                        )
+                        if workflow.outcomes_enabled
+                        else None
+                    ),
+                    faults=parts.faults,
                 ),
                 workflow.drain_timeout_s,
             )

@@ -43,6 +43,8 @@ OLD_VERSION_GRACE_S = 3600
 _SEPARATOR = "\x1f"  # unit separator: cannot appear in TextLocal's fields
 
 Progress = Callable[[int, int], None]  # (contacts indexed so far, contacts in the group)
+# Receives one batch's (number, customer id) pairs of the recipients taken (consumer.outcomes).
+MatchedVisitor = Callable[[list[tuple[str, str]]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ class ContactIndex:
         version: str,
         write_chunk: Callable[[int, str, int], Awaitable[None]],
         check: Callable[[], None] = lambda: None,
+        *,
+        on_matched: MatchedVisitor | None = None,
     ) -> Resolution:
         """Resolve a campaign's customer ids into `create_contacts_bulk` payloads.
 
@@ -166,7 +170,8 @@ class ContactIndex:
         campaign); `write_chunk(index, json, count)` receives each payload of ≤1,500 contacts,
         whose `group.customer_id_field` holds the customer id. A number is taken once: a customer
         id repeated, or two customers sharing a number, count as duplicates. `check` runs
-        between batches (the caller's lease check).
+        between batches (the caller's lease check); `on_matched`, when given, receives each
+        batch's (number, customer id) pairs of the recipients taken, after that batch.
 
         Deterministic: the same batches and index version always give the same chunks, in the
         same order, so a resumed resolution can skip the chunks TextLocal already accepted.
@@ -189,6 +194,7 @@ class ContactIndex:
                 # Redis looks the next batch up while this one is turned into chunks.
                 last = batch + 1 == batch_count
                 following = None if last else asyncio.ensure_future(fetch(batch + 1))
+                taken: list[tuple[str, str]] = []
                 for position in range(0, len(fields), 2):
                     entry = fields[position + 1]
                     if not entry:
@@ -204,10 +210,14 @@ class ContactIndex:
                         continue
                     numbers_seen.add(as_int)
                     matched += 1
+                    if on_matched is not None:
+                        taken.append((number, fields[position]))
                     chunk.append("{" + fragment + id_field + _json_string(fields[position]) + "}")
                     if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
                         await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
                         chunks, chunk = chunks + 1, []
+                if on_matched is not None:
+                    await on_matched(taken)
                 check()
                 if following is not None:
                     fields = await following
@@ -232,6 +242,7 @@ class ContactIndex:
         *,
         text_of: Callable[[str, str | None], int | None] | None = None,
         write_chunk: Callable[[int, str, int], Awaitable[None]] | None = None,
+        on_matched: MatchedVisitor | None = None,
     ) -> Resolution:
         """Like `resolve`, one recipient at a time (with language and own promo code).
 
@@ -243,7 +254,7 @@ class ContactIndex:
         into that text's `create_contacts_bulk` chunks of ≤1,500, the customer id in
         `group.customer_id_field`, and `write_chunk(text, json, count)` receives each chunk in
         order (each text's last one after the last batch, texts in index order). Only the others
-        are visited. `chunks` counts the chunks written.
+        are visited. `chunks` counts the chunks written. `on_matched` as in `resolve`.
         """
         index_key = self._keys.contacts_version(group.group_id, version)
         id_field = f',"{group.customer_id_field}":'
@@ -265,6 +276,7 @@ class ContactIndex:
                 # Redis looks the next batch up while this one is visited.
                 last = batch + 1 == batch_count
                 following = None if last else asyncio.ensure_future(fetch(batch + 1))
+                taken: list[tuple[str, str]] = []
                 for position in range(0, len(fields), 2):
                     entry = fields[position + 1]
                     if not entry:
@@ -280,6 +292,8 @@ class ContactIndex:
                         continue
                     numbers_seen.add(as_int)
                     matched += 1
+                    if on_matched is not None:
+                        taken.append((number, fields[position]))
                     code = (codes[position // 2] if position // 2 < len(codes) else "") or None
                     text = None if text_of is None else text_of(language, code)
                     if text is None:
@@ -294,6 +308,8 @@ class ContactIndex:
                         assert write_chunk is not None
                         await write_chunk(text, "[" + ",".join(chunk) + "]", len(chunk))
                         chunks += 1
+                if on_matched is not None:
+                    await on_matched(taken)
                 check()
                 if following is not None:
                     fields, codes = await following

@@ -34,6 +34,7 @@ POINTS = frozenset(
         "send.recorded",  # SENT is recorded with its status event, not yet published
         # Receipts turned into outcome records (in the outbox), the receipts not yet deleted.
         "receipts.outcomes_recorded",
+        "poll.recorded",  # a poll and its CustomerOutcomes are recorded, not yet published
     }
 )
 

@@ -231,6 +231,7 @@ class MultiSend:
                     run.check_lease,
                     text_of=router.text_of if plan.texts else None,
                     write_chunk=write_chunk,
+                    on_matched=self._steps.numbers_recorder(run),
                 )
                 for _ in loaders:
                     await ready.put(None)

@@ -39,6 +39,13 @@ Decisions where the design is silent:
   `overdue_after` (default one hour) ago and not claimed by anyone. Claimed and retrying members
   are scored in the future, so a non-zero value means polling is not keeping up, or stopped.
 - On the final poll `delivery_outcomes_total` counts each message by status (pending included).
+- **Per-customer outcomes** (`consumer.outcomes`, when enabled): each poll reads the messages of
+  every batch as the reply streams in (`status_batch_messages`) and publishes, in
+  `CustomerOutcomes` records of up to 10,000, the customers whose final outcome was not
+  published yet; the window's last poll also publishes PENDING for those still without one.
+  They are recorded (each record atomically with its customers' marks) before the poll's
+  transition, so a crash between them repeats the poll, which publishes only what is still
+  missing. The final poll's transition deletes the campaign's numbers.
 """
 
 from __future__ import annotations
@@ -55,14 +62,17 @@ from consumer.codec import SchemaRegistry
 from consumer.dependencies import FailureStreak
 from consumer.errors import ConsumerError, PermanentError, TextLocalApiError, TransientError
 from consumer.events import CampaignRef, DeliveryMetricsEvent
+from consumer.fault_points import FaultPoints, NoFaultPoints
 from consumer.give_up import InternalErrorEnding
 from consumer.leased_work import DEFAULT_MAX_FAILURES, Lease, LeasedWorkers, LeaseLost
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import metrics_entry
+from consumer.outcomes import OutcomeBatch, OutcomeRecorder, OutcomeSource, OutcomeTarget
 from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S
 from consumer.store import CampaignSnapshot, CampaignStore, Transition
-from consumer.textlocal_types import BatchStatus
+from consumer.textlocal import MessageVisitor
+from consumer.textlocal_types import BatchStatus, MessageStatuses
 from consumer.workflow import (
     CampaignState,
     PollSlot,
@@ -82,6 +92,8 @@ class BatchStatusSource(Protocol):
     """What the poller needs of the TextLocal client."""
 
     async def status_batch(self, batch_id: int) -> BatchStatus: ...
+
+    async def status_batch_messages(self, batch_id: int, visit: MessageVisitor) -> BatchStatus: ...
 
 
 class SegmentDeleter(Protocol):
@@ -129,8 +141,13 @@ class Poller:
         clock: Clock,
         metrics: Metrics,
         owner: str,
+        *,
+        outcomes: OutcomeRecorder | None = None,
+        faults: FaultPoints | None = None,
     ) -> None:
         self._store = store
+        self._outcomes = outcomes
+        self._faults = faults or NoFaultPoints()
         self._keys = store.keys
         self._client = client
         self._segments = segments
@@ -254,26 +271,54 @@ class Poller:
         if slot is None:
             await self._not_due_yet(snapshot, lease, window, polls_done)
             return
+        outcomes = self._outcome_batch(snapshot, slot)
         try:
-            status = await self._batch_status(snapshot, window.batch_id)
+            status = await self._batch_status(snapshot, window.batch_id, outcomes)
+            published = 0 if outcomes is None else await outcomes.finish()
         except TransientError as exc:
             await self._retry_later(snapshot, lease, exc, poll_number=slot.number)
             return
         except (TextLocalApiError, PermanentError) as exc:
             await self._record_failed_poll(snapshot, lease, window, slot, exc)
         else:
-            await self._record_poll(snapshot, lease, window, slot, status)
+            await self._record_poll(snapshot, lease, window, slot, status, published)
         if slot.is_final and self._settings.segment_retention <= timedelta(0):
             fresh = await self._store.load(key)
             if fresh is not None and fresh.text("segment_cleanup") == "1":
                 await self._clean_up(fresh, lease)
 
-    async def _batch_status(self, snapshot: CampaignSnapshot, batch_id: int) -> BatchStatus:
-        """The campaign's delivery counts: one batch, or the sum over all of its sub-sends."""
+    def _outcome_batch(self, snapshot: CampaignSnapshot, slot: PollSlot) -> OutcomeBatch | None:
+        """Where this poll's per-customer outcomes go (None when they are off)."""
+        if self._outcomes is None:
+            return None
+        return self._outcomes.batch(
+            OutcomeTarget.of(snapshot),
+            self._clock.now(),
+            OutcomeSource.POLL,
+            slot.number,
+            include_pending=slot.is_final,
+        )
+
+    async def _batch_status(
+        self, snapshot: CampaignSnapshot, batch_id: int, outcomes: OutcomeBatch | None = None
+    ) -> BatchStatus:
+        """The campaign's delivery counts: one batch, or the sum over all of its sub-sends;
+        with `outcomes`, every message's status goes there as the replies are read."""
         batch_ids = json.loads(snapshot.text("batch_ids") or "[]") or [batch_id]
+        if outcomes is None:
+            read = self._client.status_batch
+        else:
+            batch = outcomes
+
+            async def visit(run: MessageStatuses) -> None:
+                await batch.add_statuses(run.numbers, run.statuses)
+
+            async def read(batch_id: int) -> BatchStatus:
+                return await self._client.status_batch_messages(batch_id, visit)
+
         if len(batch_ids) == 1:
-            return await self._client.status_batch(int(batch_ids[0]))
-        statuses = [await self._client.status_batch(int(b)) for b in batch_ids]
+            return await read(int(batch_ids[0]))
+        statuses = [await read(int(b)) for b in batch_ids]
         return BatchStatus(
             batch_id=batch_id,
             **{
@@ -311,6 +356,7 @@ class Poller:
         window: PollWindow,
         slot: PollSlot,
         status: BatchStatus,
+        customers_published: int = 0,
     ) -> None:
         event = DeliveryMetricsEvent(
             ref=snapshot.header.ref if snapshot.header else CampaignRef.from_key(snapshot.key),
@@ -332,7 +378,10 @@ class Poller:
         transition = self._advance(snapshot, lease, window, slot).emit(
             self._keys.outbox, metrics_entry(self._registry, event)
         )
+        if slot.is_final:
+            transition.delete_key(self._keys.recipient_numbers(snapshot.key))
         await self._apply(snapshot.key, transition)
+        self._faults.reached("poll.recorded")
         self._polls_recorded += 1
         self._metrics.polls.labels("ok").inc()
         if slot.is_final:
@@ -348,6 +397,7 @@ class Poller:
             num_messages=status.num_messages,
             delivered=status.delivered,
             pending=status.pending,
+            customers_published=customers_published,
         )
 
     async def _record_failed_poll(

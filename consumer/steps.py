@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 from consumer.clock import Clock, to_millis
 from consumer.codec import SchemaRegistry
-from consumer.contact_index import ContactIndex, Resolution
+from consumer.contact_index import ContactIndex, MatchedVisitor, Resolution
 from consumer.errors import (
     PermanentError,
     TextLocalApiError,
@@ -88,6 +88,13 @@ class StepSettings:
     receipts: bool = False
     receipt_url: str | None = None
     receipt_retention: timedelta = timedelta(days=10)
+    # Record each recipient's number while resolving, for CustomerOutcomes (consumer.outcomes).
+    outcomes_enabled: bool = True
+
+
+# The numbers recorded for CustomerOutcomes outlive the window by this much at most: the final
+# poll deletes them, this bounds them for campaigns that never get there (cancelled, failed).
+RECIPIENT_NUMBERS_MARGIN = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -245,6 +252,7 @@ class CampaignSteps:
                 version,
                 write_chunk,
                 run.check_lease,
+                on_matched=self.numbers_recorder(run),
             )
             for _ in loaders:
                 await ready.put(None)
@@ -276,6 +284,22 @@ class CampaignSteps:
             chunks=found.chunks,
             **vars(counts),
         )
+
+    def numbers_recorder(self, run: CampaignRun) -> MatchedVisitor | None:
+        """What records the recipients' numbers for CustomerOutcomes while resolving (None when
+        outcomes are off). They are kept until the window's end (the final poll deletes them),
+        at most until `RECIPIENT_NUMBERS_MARGIN` after it."""
+        if not self._settings.outcomes_enabled:
+            return None
+        header = run.header
+        window_days = header.metrics_window_days or self._settings.default_window_days
+        ends_at = max(header.scheduled_at, self._clock.now()) + timedelta(days=window_days)
+        ttl_s = int((ends_at + RECIPIENT_NUMBERS_MARGIN - self._clock.now()).total_seconds())
+
+        async def record(pairs: list[tuple[str, str]]) -> None:
+            await self._store.record_recipient_numbers(run.key, pairs, ttl_s)
+
+        return record
 
     async def index_version(self, run: CampaignRun) -> str:
         """The contact-index version this campaign resolves against, recorded at first use."""

@@ -74,6 +74,7 @@ from consumer.textlocal_types import (
     HistoryPage,
     JsonObject,
     MalformedReply,
+    MessageStatuses,
     NewContact,
     ScheduledSend,
     SenderNames,
@@ -91,6 +92,7 @@ from consumer.textlocal_types import (
     parse_created_group,
     parse_groups,
     parse_history_page,
+    parse_message_statuses,
     parse_scheduled,
     parse_send,
     parse_sender_names,
@@ -102,6 +104,7 @@ __all__ = [
     "MAX_CONTACTS_PER_BULK_CALL",
     "MAX_NUMBERS_PER_SEND",
     "UNSAFE_TO_REPEAT",
+    "MessageVisitor",
     "TextLocalClient",
     "TextLocalCredentials",
     "TextLocalObserver",
@@ -109,6 +112,8 @@ __all__ = [
 ]
 
 ResultT = TypeVar("ResultT")
+# Receives a batch's per-message statuses, run by run, while its status_batch reply is read.
+MessageVisitor = Callable[[MessageStatuses], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
@@ -531,6 +536,20 @@ class TextLocalClient:
         """Delivery counts of a batch (the per-recipient list is skipped, not decoded)."""
         return await self._call("status_batch", [("batch_id", str(batch_id))], parse_batch_status)
 
+    async def status_batch_messages(self, batch_id: int, visit: MessageVisitor) -> BatchStatus:
+        """Delivery counts of a batch, and every message's status on the way.
+
+        The reply is read as it streams in: each network chunk's complete `messages` elements
+        go to `visit` as one `MessageStatuses` run (about 1,600 per 64 KB), awaited before
+        the next chunk is read, so a million-message report is never held whole. A failure
+        part way through is retried like any read, and the retry's runs start again from the
+        first message: `visit` must tolerate seeing a message twice. An error `visit` raises
+        ends the call, unretried. The request timeout covers the visits.
+        """
+        return await self._call(
+            "status_batch", [("batch_id", str(batch_id))], parse_batch_status, visit=visit
+        )
+
     async def get_scheduled(self) -> list[ScheduledSend]:
         return await self._call("get_scheduled", [], parse_scheduled)
 
@@ -656,9 +675,11 @@ class TextLocalClient:
         command: str,
         params: list[tuple[str, str]],
         parse: Callable[[JsonObject], ResultT],
+        *,
+        visit: MessageVisitor | None = None,
     ) -> ResultT:
         async def attempt() -> ResultT:
-            return await self._attempt(command, params, parse)
+            return await self._attempt(command, params, parse, visit)
 
         def on_retry(error: TextLocalUnavailable, delay_s: float) -> None:
             reason = type(error).__name__
@@ -687,12 +708,13 @@ class TextLocalClient:
         command: str,
         params: list[tuple[str, str]],
         parse: Callable[[JsonObject], ResultT],
+        visit: MessageVisitor | None = None,
     ) -> ResultT:
         async with self._concurrency:
             await self._rate_limiter.acquire()
             started_s = self._monotonic()
             try:
-                reply = await self._post(command, params)
+                reply = await self._post(command, params, visit)
                 failure = failure_of(reply)
                 if failure is not None:
                     raise TextLocalApiError(command, *failure)
@@ -712,7 +734,9 @@ class TextLocalClient:
             self._finished(command, None, started_s)
             return result
 
-    async def _post(self, command: str, params: list[tuple[str, str]]) -> JsonObject:
+    async def _post(
+        self, command: str, params: list[tuple[str, str]], visit: MessageVisitor | None = None
+    ) -> JsonObject:
         """One HTTP exchange; the only place aiohttp's exceptions are translated."""
         if self._session is None:
             raise RuntimeError("TextLocalClient is not open: use 'async with' or await open()")
@@ -725,7 +749,7 @@ class TextLocalClient:
         try:
             async with self._session.post(url, data=form, timeout=self._timeout) as response:
                 self._check_http_status(command, response)
-                return await self._read_reply(command, response)
+                return await self._read_reply(command, response, visit)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # Nothing reached TextLocal: safe to try again, whatever the command.
             raise TextLocalUnavailable(command, f"cannot connect ({type(exc).__name__})") from exc
@@ -753,13 +777,17 @@ class TextLocalClient:
         # statuses below 400 are treated the same).
         raise TextLocalUnavailable(command, f"HTTP {status}", http_status=status)
 
-    async def _read_reply(self, command: str, response: aiohttp.ClientResponse) -> JsonObject:
+    async def _read_reply(
+        self, command: str, response: aiohttp.ClientResponse, visit: MessageVisitor | None
+    ) -> JsonObject:
         skipped = _PER_RECIPIENT_ARRAYS.get(command)
         if skipped is None:
             return decode_reply(await response.read())
-        skipper = TopLevelArraySkipper(skipped)
+        skipper = TopLevelArraySkipper(skipped, capture=None if visit is None else "messages")
         async for chunk in response.content.iter_chunked(_READ_CHUNK_BYTES):
             skipper.feed(chunk)
+            if visit is not None and (items := skipper.take_items()):
+                await visit(parse_message_statuses(items))
         return skipper.result()
 
     @staticmethod

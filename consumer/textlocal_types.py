@@ -11,6 +11,10 @@ logged result never carries them.
 `send` and `status_batch` replies list every recipient in a top-level `messages` array, about
 40 MB for a million recipients. `TopLevelArraySkipper` drops that array from the byte stream
 before JSON decoding, so those replies are parsed in memory proportional to the rest of the reply.
+It can also capture one such array instead: its elements (flat objects, as TextLocal's
+`messages[{recipient, status}]` are) are decoded as each chunk completes them and handed out
+with `take_items()`, so the per-message statuses are read in memory of one chunk
+(`MessageStatuses`, `parse_message_statuses`).
 """
 
 from __future__ import annotations
@@ -115,6 +119,18 @@ class BatchStatus:
     invalid: int
     expired: int
     unknown: int
+
+
+@dataclass(frozen=True)
+class MessageStatuses:
+    """A run of a batch's per-message statuses, in reply order: numbers (international digits,
+    as TextLocal reports them) and status letters (D, U, P, I, E, ?). Never in a repr."""
+
+    numbers: tuple[str, ...] = field(repr=False)
+    statuses: tuple[str, ...] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
 
 
 @dataclass(frozen=True)
@@ -389,6 +405,26 @@ def parse_batch_status(reply: JsonObject) -> BatchStatus:
     )
 
 
+def parse_message_statuses(items: Sequence[object]) -> MessageStatuses:
+    """`status_batch`'s `messages[{recipient, status}]` elements (recipient an int or digits)."""
+    numbers: list[str] = []
+    statuses: list[str] = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise MalformedReply("status_batch.messages[]: expected an object")
+        recipient, status = item.get("recipient"), item.get("status")
+        if isinstance(recipient, int) and not isinstance(recipient, bool):
+            numbers.append(str(recipient))
+        elif isinstance(recipient, str):
+            numbers.append(recipient.strip().removeprefix("+"))
+        else:
+            raise MalformedReply("status_batch.messages[].recipient: expected a number")
+        if not isinstance(status, str):
+            raise MalformedReply("status_batch.messages[].status: expected text")
+        statuses.append(status)
+    return MessageStatuses(tuple(numbers), tuple(statuses))
+
+
 def parse_scheduled(reply: JsonObject) -> list[ScheduledSend]:
     sends: list[ScheduledSend] = []
     for item in as_list(reply.get("scheduled", []), "get_scheduled.scheduled"):
@@ -507,6 +543,14 @@ _SKIPPABLE_RUN = re.compile(rb'(?:[^"\[\]]++|"(?:[^"\\]++|\\.)*+")*+', re.DOTALL
 _PLAIN_RUN = re.compile(rb'[^"\[\]{}]*+')
 _STRING_CONTENT = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
+# A captured array's complete elements: flat objects (no brackets or braces outside strings);
+# the first after optional whitespace, each further one after a comma.
+_FLAT_OBJECT = rb'\{(?:[^{}\[\]"]++|"(?:[^"\\]++|\\.)*+")*+\}'
+_FIRST_ELEMENT = re.compile(rb"\s*+" + _FLAT_OBJECT, re.DOTALL)
+_MORE_ELEMENTS = re.compile(rb"(?:\s*+,\s*+" + _FLAT_OBJECT + rb")*+", re.DOTALL)
+_WHITESPACE = re.compile(rb"\s*+")
+# An element of a captured array cut by chunk boundaries is buffered up to this size.
+_MAX_ELEMENT_BYTES = 64 * 1024
 _OPENERS, _CLOSERS = frozenset(b"[{"), frozenset(b"]}")
 
 
@@ -518,12 +562,31 @@ class TopLevelArraySkipper:
     was kept. The scan tracks strings and escapes, so brackets inside strings do not confuse it,
     and keys are matched only at the top level (depth 1), so a nested "messages" is kept.
     `max_kept_bytes` bounds what a hostile or broken reply can make us hold.
+
+    With `capture`, that key's top-level array is not dropped but read: its elements, which must
+    be flat JSON objects, are decoded as soon as the bytes fed complete them (one `json.loads`
+    per chunk) and collected for `take_items()`; `result()` shows the array as [].
     """
 
-    def __init__(self, keys: frozenset[str], *, max_kept_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        keys: frozenset[str],
+        *,
+        max_kept_bytes: int = 16 * 1024 * 1024,
+        capture: str | None = None,
+    ) -> None:
         self._key_pattern = re.compile(
             rb'"(?:' + b"|".join(re.escape(key.encode()) for key in sorted(keys)) + rb')"\s*:\s*\Z'
         )
+        self._capture_pattern = (
+            None
+            if capture is None
+            else re.compile(rb'"' + re.escape(capture.encode()) + rb'"\s*:\s*\Z')
+        )
+        self._capturing = False
+        self._captured_any = False
+        self._partial = b""  # a captured element not complete yet
+        self._items: list[object] = []
         self._max_kept_bytes = max_kept_bytes
         self._kept = bytearray()
         self._depth = 0
@@ -533,6 +596,11 @@ class TopLevelArraySkipper:
         self._last_key_start = -1  # where the latest depth-1 string starts in `_kept`
 
     def feed(self, chunk: bytes) -> None:
+        if self._capturing:
+            rest = self._capture(chunk)
+            if rest is None:
+                return
+            chunk = rest
         pos, end = 0, len(chunk)
         copy_from = 0  # start of the bytes of this chunk not yet copied (when not skipping)
         if self._escape_pending and end:
@@ -577,6 +645,11 @@ class TopLevelArraySkipper:
                 if byte == ord("[") and self._depth == 1:
                     self._keep(chunk[copy_from:pos])
                     copy_from = pos
+                    if self._is_key(self._capture_pattern):
+                        self._kept += b"[]"
+                        self._capturing = True
+                        self.feed(chunk[pos + 1 :])
+                        return
                     if self._is_skipped_key():
                         self._kept += b"[]"
                         self._skip_depth = 1
@@ -592,9 +665,49 @@ class TopLevelArraySkipper:
 
     def _is_skipped_key(self) -> bool:
         """Whether what was kept ends with one of the keys and its colon."""
-        if self._last_key_start < 0:
+        return self._is_key(self._key_pattern)
+
+    def _is_key(self, pattern: re.Pattern[bytes] | None) -> bool:
+        if pattern is None or self._last_key_start < 0:
             return False
-        return self._key_pattern.match(self._kept, self._last_key_start) is not None
+        return pattern.match(self._kept, self._last_key_start) is not None
+
+    def _capture(self, data: bytes) -> bytes | None:
+        """Decode the captured array's elements completed by `data`; the bytes after the
+        array's end, or None while it goes on."""
+        buffered = self._partial + data if self._partial else data
+        start = 0
+        first = None if self._captured_any else _FIRST_ELEMENT.match(buffered)
+        if first is not None:
+            start = first.end()
+        end = _match_end(_MORE_ELEMENTS, buffered, start)
+        if end:
+            # What was matched is elements separated by commas, with one leading comma when
+            # an earlier run had the first element.
+            run = buffered[:end] if first is not None else buffered[:end].lstrip()[1:]
+            try:
+                decoded = json.loads(b"[" + run + b"]")
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise MalformedReply("reply: malformed per-message list") from exc
+            self._items.extend(decoded)
+            self._captured_any = True
+        after = _match_end(_WHITESPACE, buffered, end)
+        following = buffered[after : after + 1]
+        if following == b"]":
+            self._capturing = False
+            self._partial = b""
+            return buffered[after + 1 :]
+        if following and following != (b"," if self._captured_any else b"{"):
+            raise MalformedReply("reply: per-message list not as documented")
+        self._partial = buffered[end:]
+        if len(self._partial) > _MAX_ELEMENT_BYTES:
+            raise MalformedReply("reply: per-message list not as documented")
+        return None
+
+    def take_items(self) -> list[object]:
+        """The captured array's elements decoded since the last call."""
+        items, self._items = self._items, []
+        return items
 
     def _keep(self, data: bytes) -> None:
         self._kept += data
@@ -602,7 +715,7 @@ class TopLevelArraySkipper:
             raise MalformedReply("reply: larger than the client accepts")
 
     def result(self) -> JsonObject:
-        if self._skip_depth or self._in_string:
+        if self._skip_depth or self._in_string or self._capturing:
             raise MalformedReply("reply: truncated JSON")
         return decode_reply(bytes(self._kept))
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from consumer.textlocal_types import (
     Balance,
     Contact,
+    JsonObject,
     MalformedReply,
     NewContact,
     SendResult,
@@ -27,6 +28,7 @@ from consumer.textlocal_types import (
     parse_created_group,
     parse_groups,
     parse_history_page,
+    parse_message_statuses,
     parse_scheduled,
     parse_send,
     parse_sender_names,
@@ -378,3 +380,82 @@ def test_million_recipient_reply_is_parsed_in_little_memory() -> None:
     assert (result.batch_id, result.num_messages, result.cost) == (4242, recipients, 1000000.0)
     assert result.content == "Hi [there]"
     assert peak_bytes < 1_000_000
+
+
+# --- capturing the per-message statuses -------------------------------------------------------
+
+
+def capture_all(chunks: list[bytes]) -> tuple[list[object], JsonObject]:
+    skipper = TopLevelArraySkipper(MESSAGES, capture="messages")
+    items: list[object] = []
+    for chunk in chunks:
+        skipper.feed(chunk)
+        items += skipper.take_items()
+    return items, skipper.result()
+
+
+@given(
+    messages=st.lists(
+        st.fixed_dictionaries(
+            {
+                "recipient": st.integers(min_value=10**9, max_value=10**14),
+                "status": st.sampled_from(["D", "U", "P", "I", "E", "?"]),
+            },
+            optional={"id": st.text(alphabet='ab[]{}",:\\ é', max_size=5)},
+        ),
+        max_size=8,
+    ),
+    chunk_size=st.integers(min_value=1, max_value=40),
+    indent=st.sampled_from([None, 1]),
+)
+def test_captured_messages_agree_with_json_whatever_the_chunking(
+    messages: list[dict[str, object]], chunk_size: int, indent: int | None
+) -> None:
+    """For any chunk boundaries, the captured elements are the array's, in order, and the rest
+    of the reply is json.loads' with the array emptied."""
+    reply = {"batch_id": 7, "messages": messages, "num_messages": len(messages), "z": [1]}
+    raw = json.dumps(reply, indent=indent).encode()
+    items, rest = capture_all(_chunks(raw, chunk_size))
+    assert items == messages
+    assert rest == {**reply, "messages": []}
+
+
+def test_captured_statuses_are_numbers_and_letters() -> None:
+    """Recipients as ints or digit strings become digit strings beside their letters."""
+    raw = (
+        b'{"messages":[{"recipient":447700900001,"status":"D"},'
+        b'{"recipient":"447700900002","status":"P"}]}'
+    )
+    items, _ = capture_all([raw])
+    statuses = parse_message_statuses(items)
+    assert statuses.numbers == ("447700900001", "447700900002")
+    assert statuses.statuses == ("D", "P")
+    assert "4477" not in repr(statuses)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"messages":[{"recipient":1,"status":"D"} {"recipient":2,"status":"D"}]}',
+        b'{"messages":[,{"recipient":1,"status":"D"}]}',
+        b'{"messages":[1, 2]}',
+        b'{"messages":[{"recipient":{"nested":1},"status":"D"}]}',
+    ],
+)
+def test_a_per_message_list_not_as_documented_is_malformed(raw: bytes) -> None:
+    """Missing commas, non-objects or nested objects in the list are refused, not guessed."""
+
+    def read() -> None:
+        items, _ = capture_all(_chunks(raw, 5))
+        parse_message_statuses(items)
+
+    with pytest.raises(MalformedReply, match=r"per-message|truncated"):
+        read()
+
+
+def test_a_reply_cut_inside_the_captured_list_is_truncated() -> None:
+    """A reply ending inside the per-message list is malformed."""
+    skipper = TopLevelArraySkipper(MESSAGES, capture="messages")
+    skipper.feed(b'{"batch_id": 1, "messages": [{"recipient": 1, "status": "D"},')
+    with pytest.raises(MalformedReply, match="truncated"):
+        skipper.result()
