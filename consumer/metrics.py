@@ -158,7 +158,8 @@ class Metrics:
         self.receipts_applied = counter(
             "receipts_applied_total",
             "Recorded receipts handled by the drain, by result (outcome: a customer's first "
-            "final outcome; already_final; unknown_number; campaign_gone; retried; given_up).",
+            "final outcome; no_change: already final or not a recipient; left_to_poll: U, which "
+            "may be an expiry; campaign_gone; given_up).",
             ("result",),
         )
         self.customer_outcomes = counter(

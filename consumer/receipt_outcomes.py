@@ -14,7 +14,11 @@ stream: the next holder reads them again, the recorder finds their customers mar
 publishes nothing new, and the outbox publishes the records already written, with their own
 event ids. Receipts never touch DeliveryMetrics, which the daily polls alone compute.
 
-A record's `observed_at` is the latest receipt time among its receipts. A receipt whose
+A `U` receipt is left to the polls (counted `left_to_poll`): TextLocal's receipts know only D, U,
+I and ?, so an expired message arrives as U, while `status_batch` tells E (EXPIRED) from U; were
+the receipt taken, a customer's final outcome would depend on whether receipts are on. D, I
+and ? mean the same in both. A record's `observed_at` is the latest receipt time among its
+receipts. A receipt whose
 reference has expired since it was accepted is dropped (counted `campaign_gone`). An unexpected
 error is logged (never with a receipt's content) and counted; after `max_failures` in a row the
 receipt at the head of the stream is dropped (`given_up`), so one bad entry cannot stop the rest.
@@ -49,7 +53,9 @@ from consumer.store import CampaignStore, ReceiptEntry
 log = logging.getLogger("consumer.receipts")
 
 ROLE = "receipts"
-APPLIED_RESULTS = ("outcome", "no_change", "campaign_gone", "given_up")
+APPLIED_RESULTS = ("outcome", "no_change", "left_to_poll", "campaign_gone", "given_up")
+# Receipt statuses taken as final outcomes; U is left to the polls (see above).
+TAKEN_STATUSES = frozenset({"D", "I", "?", "E"})
 
 
 class ReceiptOutcomes:
@@ -125,12 +131,15 @@ class ReceiptOutcomes:
         """Record the outcomes of one batch of receipts, then delete the receipts."""
         campaigns = await self._store.receipt_campaigns([e.reference for e in entries])
         groups: dict[tuple[str, Outcome], list[ReceiptEntry]] = {}
-        gone = 0
+        gone = left = 0
         for entry in entries:
             key = campaigns.get(entry.reference)
             outcome = outcome_of_status(entry.status)
             if key is None or outcome is None or not outcome.is_final:
                 gone += 1
+                continue
+            if entry.status not in TAKEN_STATUSES:
+                left += 1
                 continue
             groups.setdefault((key, outcome), []).append(entry)
         published = 0
@@ -145,7 +154,8 @@ class ReceiptOutcomes:
         await self._store.receipts_done([e.entry_id for e in entries])
         applied = self._metrics.receipts_applied
         applied.labels("outcome").inc(published)
-        applied.labels("no_change").inc(len(entries) - gone - published)
+        applied.labels("no_change").inc(len(entries) - gone - left - published)
+        applied.labels("left_to_poll").inc(left)
         applied.labels("campaign_gone").inc(gone)
         log_event(
             log,
@@ -153,6 +163,7 @@ class ReceiptOutcomes:
             receipts=len(entries),
             campaigns=len({key for key, _ in groups}),
             customers_published=published,
+            left_to_poll=left,
             campaign_gone=gone,
         )
 

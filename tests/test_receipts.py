@@ -306,7 +306,8 @@ async def test_the_drain_publishes_each_customers_first_final_outcome_once(
 ) -> None:
     """Receipts become one CustomerOutcomes record per outcome, with customer ids and never a
     number; the same receipts again, or a later receipt with another status for a customer
-    already settled, publish nothing; numbers not of the campaign are ignored."""
+    already settled, publish nothing; numbers not of the campaign are ignored; U is left to the
+    polls (it may be an expiry)."""
     store = listener.store
     await store.record_recipient_numbers(
         CAMPAIGN_KEY, [(f"44770090000{n}", f"C{n}") for n in range(4)], ttl_s=3600
@@ -325,11 +326,11 @@ async def test_the_drain_publishes_each_customers_first_final_outcome_once(
             key = await store.receipt_digest_key()
             await store.accept_receipt(entry, receipt_digest(key, entry), 100)
 
-    await deliver((0, "D"), (1, "D"), (2, "U"), (9, "D"))
-    assert await drain.drain() == 4
+    await deliver((0, "D"), (1, "D"), (2, "I"), (9, "D"), (3, "U"))
+    assert await drain.drain() == 5
     records = await outcome_records(store)
     by_outcome = {r["outcome"]: sorted(r["customer_ids"]) for r in records}
-    assert by_outcome == {"DELIVERED": ["C0", "C1"], "UNDELIVERED": ["C2"]}
+    assert by_outcome == {"DELIVERED": ["C0", "C1"], "INVALID": ["C2"]}
     assert {r["source"] for r in records} == {"RECEIPT"}
     assert {r["poll_number"] for r in records} == {None}
     assert "44770090000" not in repr(records)
@@ -343,3 +344,4 @@ async def test_the_drain_publishes_each_customers_first_final_outcome_once(
     applied = listener.metrics.registry.get_sample_value
     assert applied("textlocal_consumer_receipts_applied_total", {"result": "outcome"}) == 4
     assert applied("textlocal_consumer_receipts_applied_total", {"result": "no_change"}) == 2
+    assert applied("textlocal_consumer_receipts_applied_total", {"result": "left_to_poll"}) == 1
