@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import timedelta
 from typing import Any
 
@@ -26,7 +26,15 @@ from tests.daemon import (
     customer_ids,
     free_port,
 )
-from tests.helpers import REGISTRY, consume, eventually
+from tests.helpers import REGISTRY, consume, eventually, new_ref
+from tests.test_outcomes_daemon import (
+    FAST_POLLS,
+    LETTERS,
+    RECIPIENTS,
+    read_topic,
+    sandbox_truth,
+    wait_until_published,
+)
 from textlocal_sandbox.delivery import EXPIRED, UNDELIVERED, DeliveryModel
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -244,3 +252,46 @@ def _backlog_empty(stack: Stack) -> Any:
         return await stack.store.receipts_backlog() == 0
 
     return backlog_empty
+
+
+async def test_receipts_on_give_the_final_sets_the_polls_alone_give(stack: Stack) -> None:
+    """25,000 recipients, receipts on, polls every 4 s: the sandbox posts receipts as messages
+    settle while the polls run; the union of CustomerOutcomes is, customer by customer, the
+    sandbox's final status (what the polls alone publish: tests/test_outcomes_daemon.py), each
+    once, from both sources; receipts change no DeliveryMetrics count."""
+    port, token = free_port(), secrets.token_hex(24)
+    daemon = stack.daemon(**FAST_POLLS, **receipts_env(port, token)).start()
+    await daemon.wait_ready()
+    ref = new_ref()
+    stack.publish(*stack.campaign(ref, customer_ids(1, RECIPIENTS), 3))
+    await stack.wait_for_state(ref, *SENT, timeout_s=120)
+    # Settle delays run from 60 to 120 s: at the first poll about half have settled, and the
+    # sandbox's ticker posts their receipts meanwhile (every 0.5 s).
+    await stack.sandbox.admin.advance_clock(timedelta(seconds=90))
+
+    async def polled_once() -> bool:
+        snapshot = await stack.store.load(ref.key)
+        return snapshot is not None and snapshot.int_field("polls_done") >= 1
+
+    await eventually(polled_once, timeout_s=60, interval_s=0.1)
+    await stack.sandbox.admin.advance_clock(timedelta(seconds=120))
+    await stack.wait_for_state(ref, CampaignState.DONE, timeout_s=90)
+    await stack.sandbox.admin.flush_receipts()  # waits for the round in flight
+    await eventually(_backlog_empty(stack), timeout_s=30)
+    await wait_until_published(stack)
+    snapshot = await stack.store.load(ref.key)
+    assert snapshot is not None
+
+    records = {r["event_id"]: r for r in read_topic(stack.bootstrap, stack.topics.outcomes)}
+    truth = await sandbox_truth(stack, snapshot.int_field("batch_id"))
+    published = Counter((c, r["outcome"]) for r in records.values() for c in r["customer_ids"])
+    assert max(published.values()) == 1, "a customer's outcome was published twice"
+    assert dict(published) == {(c, LETTERS[letter]): 1 for c, letter in truth.items()}
+    assert {r["source"] for r in records.values()} == {"POLL", "RECEIPT"}
+    metrics = read_topic(stack.bootstrap, stack.topics.metrics)
+    final = [m for m in metrics if m["campaign_id"] == ref.campaign_id and m["is_final"]]
+    assert final
+    assert final[-1]["num_messages"] == RECIPIENTS
+    assert final[-1]["delivered"] == sum(1 for s in truth.values() if s == "D")
+    assert_no_number_leaked(daemon, list(records.values()))
+    assert await daemon.stop() == 0
