@@ -78,7 +78,7 @@ fmt: venv  ## format and autofix
 run: stack-up  ## the demo: sandbox + daemon + a sample campaign on the local stack (Ctrl-C stops)
 	$(PY) deploy/local/demo.py $(ARGS)
 
-bench: stack-up  ## benchmarks: 1M-recipient campaigns (one text; languages; own codes), polls, outcomes, sandbox, history, load, takeover
+bench: stack-up  ## benchmarks: 1M-recipient campaigns (one text; languages; own codes), polls, outcomes, sandbox, history, load, takeover, receipts
 	$(PY) bench/bench_campaign.py
 	$(PY) bench/bench_variants.py
 	$(PY) bench/bench_polls.py
@@ -87,6 +87,7 @@ bench: stack-up  ## benchmarks: 1M-recipient campaigns (one text; languages; own
 	$(PY) bench/bench_history.py
 	$(PY) bench/bench_load.py
 	$(PY) bench/bench_takeover.py
+	$(PY) bench/bench_receipts.py
 
 clean: stack-down  ## stop the stack and remove caches (keeps Maven's jar cache)
 	rm -rf .cache/stack .mypy_cache .ruff_cache .pytest_cache

@@ -60,6 +60,8 @@ from consumer.outbox import OutboxPublisher
 from consumer.outcomes import OutcomeRecorder
 from consumer.poller import Poller, PollerSettings
 from consumer.rate_limit import AccountRateLimiter
+from consumer.receipt_outcomes import ReceiptOutcomes
+from consumer.receipts import receipts_app
 from consumer.steps import FINISHED_CAMPAIGN_RETENTION_S, CampaignSteps, StepSettings
 from consumer.store import CampaignStore, connect_redis
 from consumer.templates import TemplateCopy
@@ -91,8 +93,8 @@ class Parts:
     templates: TemplateCopy
     steps: CampaignSteps
     owner: str
-    closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
     faults: FaultPoints = field(default_factory=NoFaultPoints)
+    closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
 
     async def close(self) -> None:
         for close in reversed(self.closers):
@@ -161,6 +163,9 @@ async def build_parts(
             send_reconcile_grace=workflow.send_reconcile_grace,
             max_group_texts=workflow.max_group_texts,
             bulk_chunk_size=workflow.bulk_chunk_size,
+            receipts=settings.receipts.enabled,
+            receipt_url=settings.receipts.receipt_url,
+            receipt_retention=settings.receipts.retention,
             outcomes_enabled=workflow.outcomes_enabled,
         ),
         clock,
@@ -179,8 +184,8 @@ async def build_parts(
         templates=templates,
         steps=steps,
         owner=settings.instance_id,
-        closers=closers,
         faults=faults or NoFaultPoints(),
+        closers=closers,
     )
 
 
@@ -218,7 +223,11 @@ class Daemon:
         health = HealthState(
             parts.clock,
             parts.metrics.registry,
-            tuple(name for name in ("intake", "executor", "poller", "outbox") if name in roles),
+            tuple(
+                name
+                for name in ("intake", "executor", "poller", "outbox", "receipts")
+                if name in roles
+            ),
             started_at=parts.clock.now(),
         )
         executor = roles.get("executor")
@@ -230,12 +239,15 @@ class Daemon:
         )
         await monitor.probe_all()
         runner = await self._serve_http(health, monitor)
+        receipt_runner = await self._serve_receipts()
         log_event(
             log,
             "daemon.started",
             roles=sorted(settings.roles),
             instance=parts.owner,
             http_port=settings.http_port,
+            receipts_port=settings.receipts.port if receipt_runner else None,
+            receipt_url_on_sends=settings.receipts.receipt_url is not None,
         )
         tasks = {
             asyncio.create_task(self._supervise(name, role), name=name): name
@@ -257,6 +269,8 @@ class Daemon:
                     error=repr(task.exception()),
                 )
         self.stopping.set()
+        if receipt_runner is not None:
+            await receipt_runner.cleanup()  # first: no receipt is accepted while stopping
         await self._finish(tasks)
         await runner.cleanup()
         await parts.close()
@@ -297,7 +311,7 @@ class Daemon:
     async def _finish(self, tasks: Mapping[asyncio.Task[None], str]) -> None:
         """Wait for the roles to drain (they bound themselves); the outbox goes last."""
         drain_s = self.parts.settings.workflow.drain_timeout_s
-        last = ("outbox", "gauge", "dependencies")
+        last = ("outbox", "receipts", "gauge", "dependencies")
         roles = [t for t, name in tasks.items() if name not in last]
         if roles:
             await asyncio.wait(roles, timeout=drain_s + 5)
@@ -324,6 +338,16 @@ class Daemon:
                 parts.owner,
             )
         }
+        if settings.receipts.enabled:
+            # Wherever the listener runs; one replica at a time drains (a lease).
+            roles["receipts"] = ReceiptOutcomes(
+                parts.store,
+                OutcomeRecorder(parts.store, parts.registry, parts.metrics.customer_outcomes),
+                parts.metrics,
+                parts.clock,
+                parts.owner,
+                parts.faults,
+            )
         if "intake" in settings.roles:
             self._source = KafkaEventSource(
                 settings.kafka.consumer_config(),
@@ -417,6 +441,17 @@ class Daemon:
         await runner.setup()
         site = web.TCPSite(runner, parts.settings.http_host, parts.settings.http_port)
         await site.start()
+        return runner
+
+    async def _serve_receipts(self) -> web.AppRunner | None:
+        """The receipt listener on its own port, when a receipt token is configured."""
+        receipts = self.parts.settings.receipts
+        if not receipts.enabled:
+            return None
+        app = receipts_app(receipts, self.parts.store, self.parts.metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, receipts.host, receipts.port).start()
         return runner
 
     async def _refresh_campaign_gauge(self) -> None:

@@ -41,10 +41,10 @@ KAFKA_PROPERTY_ENV = f"{ENV_PREFIX}KAFKA_PROPERTY_"
 ROLES = ("intake", "executor", "poller", "daily")
 _SECRET_WORDS = ("password", "secret", "key", "token", "credentials")
 # What Kubernetes puts in a pod's environment for a Service named textlocal-consumer (service
-# links; the Deployment turns them off, but another Service of that name may bring them back).
+# links, also of the receipts Service textlocal-consumer-receipts; the Deployment turns them off, but another Service of that name may bring them back).
 _SERVICE_LINK = re.compile(
     ENV_PREFIX
-    + r"(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+    + r"(RECEIPTS_)?(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
 )
 
 
@@ -129,6 +129,36 @@ def _roles(raw: object) -> frozenset[str]:
     if unknown:
         raise _QuotedValueError(f"{expected}; {quote(unknown[0])} is not a role")
     return frozenset(names)
+
+
+# A receipt token goes into a URL path as it is: URL-safe characters only, and long enough that
+# it cannot be guessed (32 characters of `openssl rand -hex 16` carry 128 bits).
+MIN_RECEIPT_TOKEN_CHARS = 32
+_RECEIPT_TOKEN = re.compile(r"[A-Za-z0-9_~.-]*")
+
+
+def _receipt_token(raw: object) -> str:
+    token = _text(raw)
+    if not _RECEIPT_TOKEN.fullmatch(token):
+        raise ValueError("may hold only letters, digits and - _ . ~ (it goes into a URL path)")
+    if token and len(token) < MIN_RECEIPT_TOKEN_CHARS:
+        raise ValueError(
+            f"must be at least {MIN_RECEIPT_TOKEN_CHARS} characters (e.g. openssl rand -hex 32)"
+        )
+    return token
+
+
+def _http_base_url(raw: object) -> str:
+    url = _text(raw)
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError("must be an http(s) URL") from None
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("must be an http(s) URL without query or fragment")
+    return url.rstrip("/")
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
@@ -308,6 +338,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("workflow.bulk_chunk_size", 1000, _positive_int, "Personal texts (names, many promo codes) per bulk_json call (at most 10,000)."),
     Option("workflow.max_handler_failures", 5, _positive_int, "Unexpected errors in a row on one campaign (executor, poller) before it ends FAILED INTERNAL_ERROR."),
     Option("workflow.max_metadata_bytes", 16384, _positive_int, "Largest campaign metadata (echoed on every output event); larger is REJECTED METADATA_TOO_LARGE."),
+    # Delivery receipts (DESIGN §4b; docs/DECISIONS.md "Delivery receipts")
+    Option("receipts.token", "", _receipt_token, "Secret path token of the receipt listener (at least 32 of A-Z a-z 0-9 - _ . ~); empty: no receipt listener.", secret=True),
+    Option("receipts.public_url", "", _http_base_url, "Public base URL at which TextLocal reaches the receipt listener (e.g. https://sms-receipts.example.com); when set, sends carry receipt_url = it + /receipts/<token>."),
+    Option("receipts.host", "0.0.0.0", _text, "Address of the receipt listener."),  # noqa: S104 - a pod's port
+    Option("receipts.port", 9109, _port, "Port of the receipt listener (its own: exposing it exposes neither /metrics nor the health endpoints)."),
+    Option("receipts.max_backlog", 100000, _positive_int, "Receipts recorded and not yet turned into outcomes, beyond which new ones are refused with 503 and Retry-After."),
+    Option("receipts.retention_s", 864000.0, _positive_float, "How long a campaign's receipts are remembered for de-duplication, from its send (default 10 days: the 7-day window and TextLocal's 4 days for unknowns)."),
     # Per-customer outcomes
     Option("outcomes.enabled", True, _boolean, "Publish CustomerOutcomes (customer ids per delivery outcome, each final outcome once); costs about 65 MiB of Redis per million recipients during a campaign's window. Off: only DeliveryMetrics."),
     # Process
@@ -410,6 +447,35 @@ class WorkflowSettings:
 
 
 @dataclass(frozen=True)
+class ReceiptSettings:
+    """The receipt listener (on when a token is set) and the URL sends carry."""
+
+    token: str = field(default="", repr=False)
+    public_url: str = ""
+    host: str = "0.0.0.0"  # noqa: S104 - a pod's port
+    port: int = 9109
+    max_backlog: int = 100_000
+    retention: timedelta = timedelta(days=10)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token)
+
+    @property
+    def receipt_url(self) -> str | None:
+        """What sends carry as `receipt_url` (None: no public URL configured)."""
+        if not (self.token and self.public_url):
+            return None
+        return f"{self.public_url}/receipts/{self.token}"
+
+    def __repr__(self) -> str:
+        return (
+            f"ReceiptSettings(enabled={self.enabled}, public_url={self.public_url!r}, "
+            f"port={self.port}, max_backlog={self.max_backlog})"
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     textlocal: TextLocalSettings
     credentials: TextLocalCredentials
@@ -423,6 +489,7 @@ class Settings:
     log_format: str
     log_level: str
     instance_id: str
+    receipts: ReceiptSettings = field(default_factory=ReceiptSettings)
 
     def secrets(self) -> list[str]:
         """Every secret value, for the log scrubber."""
@@ -430,6 +497,7 @@ class Settings:
             self.credentials.api_key,
             self.credentials.password,
             self.credentials.password_hash,
+            self.receipts.token,
             *(v for k, v in self.kafka.properties.items() if _looks_secret(k)),
         ]
         password = _url_password(self.redis.url)
@@ -467,6 +535,22 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             f"{ENV_PREFIX}WORKFLOW_SEND_RECONCILE_GRACE_S (workflow.send_reconcile_grace_s)",
             f"must be longer than textlocal.request_timeout_s ({textlocal.request_timeout_s:g}): "
             "a send still in flight must have landed before it is looked for and sent again",
+        )
+    if values["receipts.token"] and values["receipts.port"] == values["http.port"]:
+        raise ConfigError(
+            f"{ENV_PREFIX}RECEIPTS_PORT (receipts.port)",
+            f"must differ from http.port ({values['http.port']}): the receipt listener has "
+            "its own port, so exposing it exposes neither /metrics nor the health endpoints",
+        )
+    if values["receipts.token"] and not values["outcomes.enabled"]:
+        raise ConfigError(
+            f"{ENV_PREFIX}RECEIPTS_TOKEN (receipts.token)",
+            "needs outcomes.enabled: receipts are turned into CustomerOutcomes, nothing else",
+        )
+    if values["receipts.public_url"] and not values["receipts.token"]:
+        raise ConfigError(
+            f"{ENV_PREFIX}RECEIPTS_TOKEN (receipts.token)",
+            "is required when receipts.public_url is set (the receipt URL carries it)",
         )
     return Settings(
         textlocal=textlocal,
@@ -518,6 +602,14 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
         log_format=values["log.format"],
         log_level=values["log.level"],
         instance_id=values["instance_id"] or f"{socket.gethostname()}-{os.getpid()}",
+        receipts=ReceiptSettings(
+            token=values["receipts.token"],
+            public_url=values["receipts.public_url"],
+            host=values["receipts.host"],
+            port=values["receipts.port"],
+            max_backlog=values["receipts.max_backlog"],
+            retention=timedelta(seconds=values["receipts.retention_s"]),
+        ),
     )
 
 

@@ -32,6 +32,8 @@ POINTS = frozenset(
         "send.returned",  # TextLocal accepted the send; its batch id is not recorded yet
         "personal.chunk_sent",  # TextLocal accepted a bulk_json chunk; not recorded yet
         "send.recorded",  # SENT is recorded with its status event, not yet published
+        # Receipts turned into outcome records (in the outbox), the receipts not yet deleted.
+        "receipts.outcomes_recorded",
         "poll.recorded",  # a poll and its CustomerOutcomes are recorded, not yet published
     }
 )

@@ -173,6 +173,33 @@ class RedisKeys:
     def daily_job_last_success(self, job: str) -> str:
         return f"{self.prefix}daily:{job}:last-success"
 
+    # --- delivery receipts (consumer.receipts) -----------------------------------------------
+    @property
+    def receipts(self) -> str:
+        """Stream: receipts accepted and not yet turned into outcomes (its length is the
+        backlog the listener bounds). Entries: ref, number, status, at."""
+        return f"{self.prefix}receipts"
+
+    def receipt_reference(self, reference: str) -> str:
+        """String: the campaign key a send's `custom` reference stands for (set before the send,
+        expiring with the receipts' retention). `reference` is `workflow.short_reference`:
+        letters, digits, `_`, `.` and `-` only."""
+        return f"{self.prefix}receipts:ref:{reference}"
+
+    def receipts_seen(self, reference: str) -> str:
+        """Hash: keyed digest of (reference, number, status) → 1, per receipt accepted (its
+        de-duplication; no number in it), expiring with the reference."""
+        return f"{self.prefix}receipts:seen:{reference}"
+
+    @property
+    def receipt_digest_key(self) -> str:
+        """String: the random key of the receipts' digests, made once per deployment."""
+        return f"{self.prefix}receipts:digest-key"
+
+    @property
+    def receipts_lease(self) -> str:
+        return f"{self.prefix}lease:receipts"
+
     # --- TextLocal --------------------------------------------------------------------------
     def textlocal_rate_limit(self, account: str) -> str:
         """String: the account's shared rate limit (GCRA's next turn, µs of Redis' clock).

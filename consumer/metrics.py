@@ -144,6 +144,24 @@ class Metrics:
             "Final delivery outcome of sent messages (at each window's last poll), by status.",
             ("status",),
         )
+        # delivery receipts (consumer.receipts, consumer.receipt_outcomes)
+        self.receipts = counter(
+            "receipts_total",
+            "Requests to the receipt listener, by result (accepted, duplicate, "
+            "unknown_reference, backlog_full, unavailable, malformed, bad_token, "
+            "method_not_allowed).",
+            ("result",),
+        )
+        self.receipts_backlog = gauge(
+            "receipts_backlog", "Receipts recorded in Redis, not yet turned into outcomes."
+        )
+        self.receipts_applied = counter(
+            "receipts_applied_total",
+            "Recorded receipts handled by the drain, by result (outcome: a customer's first "
+            "final outcome; no_change: already final or not a recipient; left_to_poll: U, which "
+            "may be an expiry; campaign_gone; given_up).",
+            ("result",),
+        )
         self.customer_outcomes = counter(
             "customer_outcomes_total",
             "Customers whose outcome was published in CustomerOutcomes, by outcome and source "

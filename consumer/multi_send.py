@@ -59,7 +59,6 @@ from consumer.workflow import (
     message_cost,
     poll_slot,
     segment_group_name,
-    short_reference,
 )
 
 if TYPE_CHECKING:
@@ -430,6 +429,7 @@ class MultiSend:
         entry = {**entry, "state": PENDING, "attempted_at": to_millis(self._clock.now())}
         await self._set_record(run, records, name_field, entry, CampaignState.SEND_PENDING)
         cost = message_cost(text)
+        custom = await self._steps.send_reference(run, send_at)
         run.check_lease()
         try:
             result = await self._client.send(
@@ -438,7 +438,8 @@ class MultiSend:
                 sender=run.header.sender or self._steps.contact_group(run).sender,
                 schedule_time=send_at if scheduled else None,
                 validity=_validity(run, send_at),
-                custom=short_reference(run.header.ref),
+                custom=custom,
+                receipt_url=self._steps.receipt_url,
                 optouts=True,
                 test=run.header.test_mode,
                 unicode=cost.unicode,
@@ -569,6 +570,7 @@ class MultiSend:
         send_at, scheduled = self._send_time(run)
         entry = {"state": PENDING, "attempted_at": to_millis(self._clock.now())}
         await self._set_record(run, records, name_field, entry, CampaignState.SEND_PENDING)
+        custom = await self._steps.send_reference(run, send_at)
         run.check_lease()
         try:
             result = await self._client.bulk_json(
@@ -576,7 +578,8 @@ class MultiSend:
                 sender=run.header.sender or self._steps.contact_group(run).sender,
                 test=run.header.test_mode,
                 schedule_time=send_at if scheduled else None,
-                custom=short_reference(run.header.ref),
+                custom=custom,
+                receipt_url=self._steps.receipt_url,
                 unicode=unicode,
             )
         except TextLocalOutcomeUnknown:

@@ -81,6 +81,11 @@ class StepSettings:
     max_group_texts: int = 20
     # Messages per bulk_json call for personal texts.
     bulk_chunk_size: int = 1_000
+    # Receipts (consumer.receipts): with `receipts`, each send's reference is registered before
+    # the send, kept `receipt_retention` past its send time; sends carry `receipt_url` if set.
+    receipts: bool = False
+    receipt_url: str | None = None
+    receipt_retention: timedelta = timedelta(days=10)
     # Record each recipient's number while resolving, for CustomerOutcomes (consumer.outcomes).
     outcomes_enabled: bool = True
 
@@ -435,6 +440,7 @@ class CampaignSteps:
             if run.header.validity_hours
             else None
         )
+        custom = await self.send_reference(run, send_at)
         run.check_lease()
         try:
             result = await self._client.send(
@@ -443,7 +449,8 @@ class CampaignSteps:
                 sender=run.header.sender or self.contact_group(run).sender,
                 schedule_time=send_at if scheduled else None,
                 validity=validity,
-                custom=short_reference(run.header.ref),
+                custom=custom,
+                receipt_url=self.receipt_url,
                 optouts=True,
                 test=run.header.test_mode,
                 unicode=snapshot.unicode,
@@ -720,6 +727,20 @@ class CampaignSteps:
         )
 
     # --- helpers -------------------------------------------------------------------------------
+
+    async def send_reference(self, run: CampaignRun, send_at: datetime) -> str:
+        """The `custom` reference the campaign's sends carry; with receipts on, registered
+        first (so its receipts are accepted) until `receipt_retention` after `send_at`."""
+        reference = short_reference(run.header.ref)
+        if self._settings.receipts:
+            ahead = max(send_at - self._clock.now(), timedelta(0))
+            retention = ahead + self._settings.receipt_retention
+            await self._store.register_receipt_reference(reference, run.key, retention)
+        return reference
+
+    @property
+    def receipt_url(self) -> str | None:
+        return self._settings.receipt_url
 
     def contact_group(self, run: CampaignRun) -> ContactGroup:
         group = contact_group_for(run.header.template_name, self._groups)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -646,6 +647,8 @@ class CampaignStore:
         self._rate_limit_turn = redis.register_script(_RATE_LIMIT_TURN)
         self._trim_state_sets = redis.register_script(_TRIM_STATE_SETS)
         self._index_states = redis.register_script(_INDEX_STATES)
+        self._accept_receipt = redis.register_script(_ACCEPT_RECEIPT)
+        self._digest_key: bytes | None = None
         self._record_outcome_chunk = redis.register_script(_RECORD_OUTCOME_CHUNK)
         self._numbers_in_index = redis.register_script(_NUMBERS_IN_INDEX)
         self._record_optouts = redis.register_script(_RECORD_OPTOUTS)
@@ -1313,6 +1316,121 @@ class CampaignStore:
         with redis_errors("SET daily job last success"):
             await self.redis.set(self.keys.daily_job_last_success(job), to_millis(at))
 
+    # --- delivery receipts (consumer.receipts; DESIGN §4b) ----------------------------------
+
+    async def register_receipt_reference(
+        self, reference: str, campaign_key: str, retention: timedelta
+    ) -> None:
+        """Remember which campaign a send's `custom` reference stands for, before the send, so
+        a receipt carrying it is accepted (and none for a reference never sent is)."""
+        with redis_errors("SET receipt reference"):
+            await self.redis.set(
+                self.keys.receipt_reference(reference),
+                campaign_key,
+                ex=max(1, int(retention.total_seconds())),
+            )
+
+    async def receipt_campaigns(self, references: Sequence[str]) -> dict[str, str]:
+        """reference → campaign key, for the references still known."""
+        if not references:
+            return {}
+        unique = list(dict.fromkeys(references))
+        with redis_errors("MGET receipt references"):
+            found = await self.redis.mget([self.keys.receipt_reference(r) for r in unique])
+        return {ref: as_text(key) for ref, key in zip(unique, found, strict=True) if key}
+
+    async def receipt_digest_key(self) -> bytes:
+        """The deployment's random key for receipt digests (made by the first replica to ask)."""
+        if self._digest_key is None:
+            with redis_errors("receipt digest key"):
+                await self.redis.set(self.keys.receipt_digest_key, os.urandom(32), nx=True)
+                key = await self.redis.get(self.keys.receipt_digest_key)
+            self._digest_key = as_bytes(key)
+        return self._digest_key
+
+    async def accept_receipt(self, receipt: ReceiptEntry, digest: str, max_backlog: int) -> str:
+        """Record one receipt, atomically: "accepted"; "duplicate" (its digest was seen);
+        "unknown_reference" (no send of ours carries its reference); "backlog_full" (already
+        `max_backlog` receipts wait)."""
+        keys = self.keys
+        with redis_errors("accept receipt"):
+            result = await self._accept_receipt(
+                keys=[
+                    keys.receipt_reference(receipt.reference),
+                    keys.receipts_seen(receipt.reference),
+                    keys.receipts,
+                ],
+                args=[
+                    digest,
+                    max_backlog,
+                    receipt.reference,
+                    receipt.number,
+                    receipt.status,
+                    receipt.at_s,
+                ],
+            )
+        return as_text(result)
+
+    async def receipts_read(self, limit: int) -> list[ReceiptEntry]:
+        """The oldest receipts waiting, up to `limit`."""
+        with redis_errors("XRANGE receipts"):
+            raw = await self.redis.xrange(self.keys.receipts, "-", "+", count=limit)
+        return [_receipt_entry(entry_id, fields or {}) for entry_id, fields in raw or []]
+
+    async def receipts_done(self, entry_ids: Sequence[str]) -> None:
+        """Delete receipts the drain has turned into outcomes (or dropped)."""
+        if entry_ids:
+            with redis_errors("XDEL receipts"):
+                await self.redis.xdel(self.keys.receipts, *entry_ids)
+
+    async def receipts_backlog(self) -> int:
+        with redis_errors("XLEN receipts"):
+            return int(await self.redis.xlen(self.keys.receipts))
+
+    async def wait_for_receipts(self, after_id: str, timeout_ms: int) -> None:
+        """Block until a receipt is added after `after_id`, or the timeout."""
+        with redis_errors("XREAD receipts"):
+            await self.redis.xread({self.keys.receipts: after_id}, count=1, block=timeout_ms)
+
+
+# Accepting a receipt: the reference must be one of our sends; a digest seen before is a
+# duplicate (answered as accepted, recorded once); the backlog is bounded. The seen-hash lives
+# as long as the reference (set at the send), so it never outlives its campaign's receipts.
+_ACCEPT_RECEIPT = r"""
+local ttl = redis.call('TTL', KEYS[1])
+if ttl == -2 then return 'unknown_reference' end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 'duplicate' end
+if redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[2]) then return 'backlog_full' end
+redis.call('XADD', KEYS[3], '*', 'ref', ARGV[3], 'number', ARGV[4], 'status', ARGV[5],
+  'at', ARGV[6])
+redis.call('HSET', KEYS[2], ARGV[1], '1')
+if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+return 'accepted'
+"""
+
+
+@dataclass(frozen=True)
+class ReceiptEntry:
+    """A delivery receipt as recorded: the send's reference, the number, the status letter
+    (D, U, I, E or ?) and when TextLocal says it happened (Unix s)."""
+
+    reference: str
+    number: str
+    status: str
+    at_s: int
+    entry_id: str = ""
+
+
+def _receipt_entry(entry_id: object, raw: Mapping[Any, Any]) -> ReceiptEntry:
+    values = {as_text(name): as_text(value) for name, value in raw.items()}
+    return ReceiptEntry(
+        reference=values.get("ref", ""),
+        number=values.get("number", ""),
+        status=values.get("status", ""),
+        at_s=int(values.get("at") or 0),
+        entry_id=as_text(entry_id),
+    )
+
 
 def _apply_result(result: Any) -> ApplyResult:
     reason = result.decode() if isinstance(result, bytes) else str(result)
@@ -1367,6 +1485,7 @@ __all__ = [
     "CampaignStore",
     "IntakeOutcome",
     "OutboxEntry",
+    "ReceiptEntry",
     "Transition",
     "connect_redis",
     "redis_errors",

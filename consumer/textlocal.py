@@ -631,6 +631,7 @@ class TextLocalClient:
         schedule_time: datetime | None = None,
         custom: str | None = None,
         unicode: bool = False,
+        receipt_url: str | None = None,
     ) -> BulkResult:
         """Send personalised messages, (number, text) pairs, in one call. Never repeated blindly."""
         if not messages:
@@ -650,6 +651,8 @@ class TextLocalClient:
             data["schedule_time"] = _unix_s(schedule_time, "schedule_time")
         if custom is not None:
             data["custom"] = custom
+        if receipt_url is not None:
+            data["receipt_url"] = receipt_url
         if unicode:
             data["unicode"] = True
         return await self._call("bulk_json", [("data", _json_text(data))], parse_bulk)

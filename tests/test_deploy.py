@@ -313,6 +313,18 @@ def option(path: str) -> Option:
     return next(o for o in OPTIONS if o.path == path)
 
 
+def secret_example_values() -> dict[str, str]:
+    """The example Secret's keys, its receipt-token placeholder replaced by a valid token (a
+    placeholder cannot pass the token's own checks)."""
+    values = dict(
+        yaml.safe_load((K8S / "secret.example.yaml").read_text(encoding="utf-8"))["stringData"]
+    )
+    token = option("receipts.token").env
+    assert token in values, "the example Secret shows the receipt token"
+    values[token] = "0123456789abcdef" * 4
+    return values
+
+
 def drain_timeout_s(objects: list[Manifest]) -> float:
     drain = option("workflow.drain_timeout_s")
     return float(config_data(objects).get(drain.env, str(drain.default)))
@@ -361,6 +373,7 @@ def test_overlay_renders_with_the_test_renderer(overlay: str) -> None:
         "PodDisruptionBudget",
         "PodMonitor",
         "PrometheusRule",
+        "Service",
         "ServiceAccount",
     ]
     if overlay == "prod":
@@ -693,8 +706,10 @@ def test_probes_and_port_match_the_daemons_http_server(overlay: str) -> None:
     assert port.env not in config_data(objects), "the port is fixed by the probes: keep default"
     container = container_of(objects)
     assert port.env not in {e["name"] for e in container.get("env", [])}
+    receipts = option("receipts.port")
+    assert receipts.env not in config_data(objects), "the Service and policy use the default"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": port.default}
+    assert ports == {"http": port.default, "receipts": receipts.default}
 
     def probe(name: str) -> tuple[str, int]:
         get = container[name]["httpGet"]
@@ -710,7 +725,10 @@ def test_probes_and_port_match_the_daemons_http_server(overlay: str) -> None:
     assert [(e["port"], e["path"]) for e in endpoints] == [("http", METRICS_PATH)]
 
     ingress = only(objects, "NetworkPolicy")["spec"]["ingress"]
-    assert [p["port"] for rule in ingress for p in rule["ports"]] == [port.default]
+    assert [p["port"] for rule in ingress for p in rule["ports"]] == [
+        port.default,
+        receipts.default,
+    ]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -731,9 +749,7 @@ def test_each_pod_names_itself_and_gets_no_service_links(overlay: str) -> None:
     settings = load_settings(
         {
             **config_data(objects),
-            **yaml.safe_load((K8S / "secret.example.yaml").read_text(encoding="utf-8"))[
-                "stringData"
-            ],
+            **secret_example_values(),
             option("instance_id").env: "textlocal-consumer-7d9f-abcde",
             option("kafka.group_instance_id").env: "textlocal-consumer-7d9f-abcde",
         }
@@ -799,9 +815,10 @@ def test_config_map_is_a_valid_configuration(overlay: str) -> None:
         if key.startswith(KAFKA_PROPERTY_ENV):
             words = ("password", "secret", "key", "token", "credentials", "username")
             assert not any(word in key.lower() for word in words), key
-    secret_example = yaml.safe_load((K8S / "secret.example.yaml").read_text(encoding="utf-8"))
-    settings = load_settings({**data, **secret_example["stringData"]})
+    settings = load_settings({**data, **secret_example_values()})
     assert settings.http_port == option("http.port").default
+    assert settings.receipts.port == option("receipts.port").default
+    assert settings.receipts.enabled
     assert settings.log_format == "json"
     assert settings.kafka.group_id
     assert settings.contact_groups
@@ -869,14 +886,22 @@ def test_image_is_pinned(overlay: str) -> None:
 
 
 def test_network_policy_allows_only_what_the_daemon_needs() -> None:
-    """Ingress: the HTTP port from the monitoring namespace only. Egress: DNS, Kafka, Redis and
-    HTTPS to public addresses (private ranges and the metadata address excluded)."""
+    """Ingress: the HTTP port (metrics, health) from the monitoring namespace only, the receipts
+    port from the ingress controller's namespace only. Egress: DNS, Kafka, Redis and HTTPS to
+    public addresses (private ranges and the metadata address excluded)."""
     policy = only(rendered("prod"), "NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
-    [ingress] = policy["ingress"]
-    [peer] = ingress["from"]
-    assert set(peer) == {"namespaceSelector"}
-    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    metrics, receipts = policy["ingress"]
+    for rule, namespace, port in (
+        (metrics, "monitoring", option("http.port").default),
+        (receipts, "ingress-nginx", option("receipts.port").default),
+    ):
+        [peer] = rule["from"]
+        assert set(peer) == {"namespaceSelector"}
+        assert peer["namespaceSelector"]["matchLabels"] == {
+            "kubernetes.io/metadata.name": namespace
+        }
+        assert rule["ports"] == [{"protocol": "TCP", "port": port}]
     egress_ports = {(p["protocol"], p["port"]) for rule in policy["egress"] for p in rule["ports"]}
     assert {("UDP", 53), ("TCP", 53), ("TCP", 9092), ("TCP", 6379), ("TCP", 443)} <= egress_ports
     [https] = [r for r in policy["egress"] if r["ports"] == [{"protocol": "TCP", "port": 443}]]
@@ -884,6 +909,46 @@ def test_network_policy_allows_only_what_the_daemon_needs() -> None:
     excluded = [ipaddress.ip_network(cidr) for cidr in block["ipBlock"]["except"]]
     for address in ("10.1.2.3", "172.20.0.1", "192.168.1.1", "169.254.169.254"):
         assert any(ipaddress.ip_address(address) in net for net in excluded), address
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_receipts_service_exposes_the_receipt_port_only(overlay: str) -> None:
+    """One Service, selecting the pods, with one port: the container's receipts port (never the
+    HTTP port of /metrics and the probes)."""
+    objects = rendered(overlay)
+    service = only(objects, "Service")
+    pod_labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    [port] = service["spec"]["ports"]
+    container_ports = {p["name"]: p["containerPort"] for p in container_of(objects)["ports"]}
+    assert container_ports[port["targetPort"]] == option("receipts.port").default
+    assert option("http.port").default not in {port["port"], port.get("targetPort")}
+
+
+def test_example_ingress_routes_only_the_receipt_path_and_stays_out_of_the_overlays() -> None:
+    """The example Ingress is in no kustomization, validates, terminates TLS and sends only the
+    /receipts/ prefix to the receipts Service's port, in the prod namespace."""
+    path = K8S / "examples" / "receipts-ingress.yaml"
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text(encoding="utf-8"))
+        for entry in spec.get("resources", []) + spec.get("components", []):
+            target = (kustomization.parent / entry).resolve()
+            assert not target.is_relative_to(path.parent), f"{kustomization} includes {entry}"
+    for overlay in OVERLAYS:
+        assert not [o for o in rendered(overlay) if o["kind"] == "Ingress"]
+    [ingress] = [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc]
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(ingress, version, strict=True)
+    service = only(rendered("prod"), "Service")
+    assert ingress["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert ingress["spec"]["tls"]
+    [rule] = ingress["spec"]["rules"]
+    [route] = rule["http"]["paths"]
+    assert (route["path"], route["pathType"]) == ("/receipts/", "Prefix")
+    backend = route["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"] == {"name": service["spec"]["ports"][0]["name"]}
 
 
 # --- environments and scaling --------------------------------------------------------------------

@@ -214,3 +214,39 @@ async def test_large_group_status_is_fast_and_complete(sandbox: SandboxHandle, c
     assert report["num_delivered"] == count * 90 // 100
     total = sum(report[k] for k in report if k.startswith("num_") and k != "num_messages")
     assert total == report["num_messages"] == count
+
+
+async def test_receipt_mode_posts_twice_in_reverse_and_retries_refusals(
+    sandbox: SandboxHandle,
+) -> None:
+    """With the receipt mode set, each receipt is posted twice and a POST answered 503 is
+    retried after its Retry-After; a 400 is not retried. (Reverse order is set too; with 16
+    POSTs in flight the arrival order is not observable here.)"""
+    received: list[dict[str, str]] = []
+    answers = iter([503, 400])
+
+    async def record(request: web.Request) -> web.Response:
+        status = next(answers, 200)
+        if status == 200:
+            received.append(dict(await request.post()))  # type: ignore[arg-type]
+        return web.Response(status=status, headers={"Retry-After": "0"})
+
+    app = web.Application()
+    app.router.add_post("/r", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        await sandbox.admin.set_receipt_mode(retries=2, duplicate=True, reverse=True)
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/r"
+        await send_to(sandbox, [FAST_D, EXPIRED], receipt_url=url, custom="camp-8")
+        sandbox.clock.advance(timedelta(seconds=61))
+        await sandbox.admin.flush_receipts()
+        counts = await sandbox.admin.receipt_counts()
+    finally:
+        await runner.cleanup()
+    # Four POSTs due (two receipts, twice); one is answered 503 then 400 (not retried again).
+    assert counts == {"posted": 3, "failed": 1, "retried": 1}
+    numbers = [r["number"] for r in received]
+    assert sorted(set(numbers)) == sorted({str(FAST_D), str(EXPIRED)})
+    assert len(numbers) == 3

@@ -301,6 +301,22 @@ class SandboxAdminClient:
         data = await self._call("POST", "/receipts/flush")
         return int(data["posted"]), int(data["failed"])
 
+    async def set_receipt_mode(
+        self, *, retries: int = 0, duplicate: bool = False, reverse: bool = False
+    ) -> None:
+        """How receipts are posted from now on: retries after a refusal (5xx, 429, no answer),
+        each twice, each round in reverse order."""
+        await self._call(
+            "PUT",
+            "/receipts/mode",
+            {"retries": retries, "duplicate": duplicate, "reverse": reverse},
+        )
+
+    async def receipt_counts(self) -> dict[str, int]:
+        """Receipts posted, failed and retried so far."""
+        data = await self._call("GET", "/receipts")
+        return {name: int(data[name]) for name in ("posted", "failed", "retried")}
+
     async def reset(self) -> None:
         """Fresh account, no faults, counters at zero (the clock stays where it is)."""
         await self._call("POST", "/reset")

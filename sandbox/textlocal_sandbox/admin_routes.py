@@ -20,6 +20,7 @@ Paths (see admin_client.py for the matching calls):
   GET    /_sandbox/calls/log                  every request's arrival time and command, in order
   GET|PUT /_sandbox/balance                   {"sms", "mms"}
   POST   /_sandbox/receipts/flush             POST due receipts now; GET /_sandbox/receipts
+  PUT    /_sandbox/receipts/mode              {"retries"?, "duplicate"?, "reverse"?}
   POST   /_sandbox/reset
 """
 
@@ -35,6 +36,7 @@ from aiohttp import web
 from textlocal_sandbox.contacts import Contact, ContactGroup
 from textlocal_sandbox.faults import FaultPlan, FaultRule
 from textlocal_sandbox.model import Send
+from textlocal_sandbox.receipts import ReceiptMode
 from textlocal_sandbox.runtime import RUNTIME, SandboxRuntime
 from textlocal_sandbox.state import MY_CONTACTS_ID, OPTOUTS_ID
 
@@ -77,6 +79,7 @@ def add_admin_routes(app: web.Application) -> None:
         ("PUT", "/balance", set_balance),
         ("GET", "/receipts", get_receipts),
         ("POST", "/receipts/flush", flush_receipts),
+        ("PUT", "/receipts/mode", set_receipt_mode),
         ("POST", "/reset", reset),
     ]
     for method, path, handler in routes:
@@ -402,7 +405,29 @@ async def set_balance(request: web.Request) -> web.StreamResponse:
 
 async def get_receipts(request: web.Request) -> web.StreamResponse:
     receipts = _runtime(request).receipts
-    return web.json_response({"posted": receipts.posted, "failed": receipts.failed})
+    return web.json_response(
+        {
+            "posted": receipts.posted,
+            "failed": receipts.failed,
+            "retried": receipts.retried,
+            "mode": receipts.mode.to_json(),
+        }
+    )
+
+
+async def set_receipt_mode(request: web.Request) -> web.StreamResponse:
+    """Retries after a refusal, and duplicate / reversed posting (tests of the receiver)."""
+    body = await _body(request)
+    unknown = set(body) - {"retries", "duplicate", "reverse"}
+    if unknown:
+        raise AdminRequestError(f"unknown receipt mode fields {sorted(unknown)}")
+    mode = ReceiptMode(
+        retries=_int(body.get("retries", 0), "retries"),
+        duplicate=body.get("duplicate", False) is True,
+        reverse=body.get("reverse", False) is True,
+    )
+    _runtime(request).receipts.mode = mode
+    return web.json_response(mode.to_json())
 
 
 async def flush_receipts(request: web.Request) -> web.StreamResponse:

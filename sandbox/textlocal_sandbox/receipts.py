@@ -1,8 +1,12 @@
 """Delivery receipts: POSTed to a send's `receipt_url` as its messages settle.
 
 Assumed encoding (not published): one `application/x-www-form-urlencoded` POST per message with
-`number`, `status`, `customID` and `datetime` (`Y-m-d H:i:s`, UTC, when it settled); one attempt,
-no retries. Receipts carry only D, U, I or ? (as published), so an expired message reports U.
+`number`, `status`, `customID` and `datetime` (`Y-m-d H:i:s`, UTC, when it settled). Retries are
+not published either: by default one attempt, no retries; `ReceiptMode.retries` retries a POST
+answered 5xx or 429 or not answered, after its Retry-After (capped) or a short pause. For
+tests, `ReceiptMode` can also post every receipt twice (`duplicate`) and each round's receipts
+in reverse order (`reverse`). Receipts carry only D, U, I or ? (as published), so an expired
+message reports U.
 Messages settle in a hundred delay buckets (see delivery.py), so finding what settled since the
 last look is one pass over a send's recipients per newly settled set of buckets, never per tick.
 """
@@ -28,6 +32,27 @@ from textlocal_sandbox.state import SandboxState
 
 _log = logging.getLogger(__name__)
 _SLICE = 1_000
+
+
+# The longest a retry waits for (Retry-After is honoured up to this; none: RETRY_PAUSE_S).
+MAX_RETRY_WAIT_S = 5.0
+RETRY_PAUSE_S = 0.5
+
+
+@dataclass(frozen=True)
+class ReceiptMode:
+    """How receipts are posted: retries after a refusal, and the faults tests ask for."""
+
+    retries: int = 0
+    duplicate: bool = False
+    reverse: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.retries <= 10:
+            raise ValueError("retries must be within 0..10")
+
+    def to_json(self) -> dict[str, object]:
+        return {"retries": self.retries, "duplicate": self.duplicate, "reverse": self.reverse}
 
 
 @dataclass(frozen=True)
@@ -94,11 +119,15 @@ class ReceiptDispatcher:
         self.cursors: dict[int, int] = {}
         self.posted = 0
         self.failed = 0
+        self.retried = 0
+        self.mode = ReceiptMode()
 
     def reset(self) -> None:
         self.cursors.clear()
         self.posted = 0
         self.failed = 0
+        self.retried = 0
+        self.mode = ReceiptMode()
 
     async def dispatch(
         self, state: SandboxState, delivery: DeliveryModel, now_s: float
@@ -108,6 +137,10 @@ class ReceiptDispatcher:
             receipts = collect_due(state, delivery, now_s, self.cursors)
             if not receipts:
                 return 0, 0
+            if self.mode.reverse:
+                receipts.reverse()
+            if self.mode.duplicate:
+                receipts = [r for receipt in receipts for r in (receipt, receipt)]
             return await self._post_all(receipts)
 
     async def close(self) -> None:
@@ -123,13 +156,23 @@ class ReceiptDispatcher:
 
         async def post(receipt: Receipt) -> bool:
             async with gate:
-                try:
-                    async with session.post(receipt.url, data=receipt.form()) as response:
-                        await response.read()
-                        return response.status < 400
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    _log.info("sandbox.receipt.failed", extra={"error": type(exc).__name__})
-                    return False
+                for attempt in range(self.mode.retries + 1):
+                    if attempt:
+                        self.retried += 1
+                    wait_s = RETRY_PAUSE_S
+                    try:
+                        async with session.post(receipt.url, data=receipt.form()) as response:
+                            await response.read()
+                            if response.status < 400:
+                                return True
+                            if response.status != 429 and response.status < 500:
+                                return False  # refused for good: not retried
+                            wait_s = _retry_after_s(response.headers.get("Retry-After"))
+                    except (aiohttp.ClientError, TimeoutError) as exc:
+                        _log.info("sandbox.receipt.failed", extra={"error": type(exc).__name__})
+                    if attempt < self.mode.retries:
+                        await asyncio.sleep(wait_s)
+                return False
 
         posted = 0
         # In slices, so a big batch never holds one coroutine per message at once.
@@ -140,3 +183,10 @@ class ReceiptDispatcher:
         self.posted += posted
         self.failed += failed
         return posted, failed
+
+
+def _retry_after_s(header: str | None) -> float:
+    try:
+        return min(max(float(header or ""), 0.0), MAX_RETRY_WAIT_S)
+    except ValueError:
+        return RETRY_PAUSE_S
