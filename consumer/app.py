@@ -482,6 +482,7 @@ def daily_jobs(parts: Parts) -> DailyJobs:
     )
     optouts = OptOutImporter(
         parts.store,
+        parts.index,
         parts.client,
         parts.registry,
         settings.contact_groups,

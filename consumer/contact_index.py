@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring
@@ -292,6 +292,15 @@ class ContactIndex:
         if version is None:
             return 0
         return await self._store.version_size(group_id, version)
+
+    async def customers_with_numbers(
+        self, group_id: int, numbers: Collection[str]
+    ) -> dict[str, list[str]] | None:
+        """Number → the customer ids holding it in the group's current index (only the numbers
+        found, ids sorted), or None when the group has no index yet. One pass over the index,
+        inside Redis (`ContactStore.customers_with_numbers`): for the few numbers of a day's
+        opt-outs, cheaper than keeping a reverse index of every number."""
+        return await self._store.customers_with_numbers(group_id, numbers, uuid.uuid4().hex[:12])
 
     async def rebuild(
         self,

@@ -8,7 +8,7 @@ entry, `keys.contacts_version`), and one string names the current one (`keys.con
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import redis.asyncio as aioredis
 
@@ -39,6 +39,26 @@ end
 return table.concat(out, '\30')
 """
 
+# One page of a contact index's HSCAN: the customer ids whose entry's number (before the first
+# unit separator, 0x1F) is in the lookup set. KEYS: index hash, lookup set; ARGV: cursor, count.
+# Answers {next cursor, id, number, id, number, ...}.
+_NUMBERS_IN_INDEX = r"""
+local reply = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', ARGV[2])
+local out = {reply[1]}
+local fields = reply[2]
+for i = 1, #fields, 2 do
+  local entry = fields[i + 1]
+  local stop = string.find(entry, '\31', 1, true)
+  local number = stop and string.sub(entry, 1, stop - 1) or entry
+  if number ~= '' and redis.call('SISMEMBER', KEYS[2], number) == 1 then
+    out[#out + 1] = fields[i]
+    out[#out + 1] = number
+  end
+end
+return out
+"""
+_INDEX_SCAN_COUNT = 5000
+
 
 class ContactStore:
     """Reads and writes the per-group contact index hashes and their version pointer."""
@@ -47,6 +67,7 @@ class ContactStore:
         self._redis = redis
         self.keys = keys
         self._resolve_batch = redis.register_script(_RESOLVE_BATCH)
+        self._numbers_in_index = redis.register_script(_NUMBERS_IN_INDEX)
 
     async def current_version(self, group_id: int) -> str | None:
         with redis_errors("GET contact index version"):
@@ -101,6 +122,49 @@ class ContactStore:
                 await self._redis.expire(
                     self.keys.contacts_version(group_id, previous), previous_ttl_s
                 )
+
+    async def customers_with_numbers(
+        self, group_id: int, numbers: Collection[str], token: str
+    ) -> dict[str, list[str]] | None:
+        """Number → the customer ids that hold it in the group's current contact index (only
+        numbers found), or None when the group has no index yet.
+
+        The index is keyed by customer id, so this scans it: `HSCAN` inside Lua, a few thousand
+        entries per call, matching each entry's number (the part before the first unit separator,
+        `contact_index.IndexedContact.pack`) against a short-lived set of the wanted numbers.
+        Only the matches travel; the cost is one pass over the index per call of this method.
+        """
+        with redis_errors("GET contact index version"):
+            version = await self._redis.get(self.keys.contacts_current(group_id))
+        if version is None:
+            return None
+        found: dict[str, list[str]] = {}
+        if not numbers:
+            return found
+        index = self.keys.contacts_version(group_id, as_text(version))
+        lookup = self.keys.optouts_lookup(token)
+        with redis_errors("opt-out numbers in the contact index"):
+            try:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.sadd(lookup, *numbers)
+                    pipe.expire(lookup, 3600)
+                    await pipe.execute()
+                cursor = "0"
+                while True:
+                    reply = await self._numbers_in_index(
+                        keys=[index, lookup], args=[cursor, _INDEX_SCAN_COUNT]
+                    )
+                    cursor = as_text(reply[0])
+                    pairs = [as_text(value) for value in reply[1:]]
+                    for customer_id, number in zip(pairs[0::2], pairs[1::2], strict=True):
+                        found.setdefault(number, []).append(customer_id)
+                    if cursor == "0":
+                        break
+            finally:
+                await self._redis.unlink(lookup)
+        for customers in found.values():
+            customers.sort()
+        return found
 
 
 __all__ = ["ContactStore"]

@@ -7,7 +7,7 @@ A daily job (`daily_jobs.OPTOUTS_JOB`, after the contact refresh). One import:
 2. drops those already recorded: each opt-out has a marker (`optout_marker`: TextLocal's id, or
    a digest of number and time when its reply has none) kept in `keys.optouts_seen`;
 3. looks the new ones' numbers up in every contact group's current index (one scan of each
-   index, `CampaignStore.customers_with_numbers`) and makes one record per (opt-out, group,
+   index, `ContactIndex.customers_with_numbers`) and makes one record per (opt-out, group,
    customer id) holding the number: a number shared by two customers, or in two groups, opts
    all of them out, as TextLocal drops it from any send with `optouts=true`;
 4. records, in chunks in TextLocal's time order, each chunk's markers, its outbox entries and
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,6 +35,7 @@ from typing import Protocol
 
 from consumer.clock import Clock, to_unix_s
 from consumer.codec import SchemaRegistry
+from consumer.contact_index import ContactIndex
 from consumer.errors import ContactIndexMissing
 from consumer.events import CustomerOptOutEvent
 from consumer.logs import log_event
@@ -122,6 +122,7 @@ class OptOutImporter:
     def __init__(
         self,
         store: CampaignStore,
+        index: ContactIndex,
         client: OptOutSource,
         registry: SchemaRegistry,
         groups: Sequence[ContactGroup],
@@ -129,6 +130,7 @@ class OptOutImporter:
         metrics: Metrics,
     ) -> None:
         self._store = store
+        self._index = index
         self._client = client
         self._registry = registry
         self._groups = tuple(groups)
@@ -171,10 +173,9 @@ class OptOutImporter:
         numbers = {n for n in (normalise_number(o.number) for o in optouts) if n is not None}
         if not numbers:
             return {}
-        token = uuid.uuid4().hex[:12]
         found: dict[int, dict[str, list[str]]] = {}
         for group in self._groups:
-            by_number = await self._store.customers_with_numbers(group.group_id, numbers, token)
+            by_number = await self._index.customers_with_numbers(group.group_id, numbers)
             if by_number is None:
                 raise ContactIndexMissing(group.group_id)
             found[group.group_id] = by_number

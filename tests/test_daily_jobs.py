@@ -101,7 +101,9 @@ class JobsRig:
             self.clock,
             metrics,
             owner,
-            OptOutImporter(self.store, self.client, REGISTRY, self.groups, self.clock, metrics),
+            OptOutImporter(
+                self.store, self.index, self.client, REGISTRY, self.groups, self.clock, metrics
+            ),
         )
         return jobs, metrics
 

@@ -115,7 +115,7 @@ class OptOutRig:
     def importer(self) -> tuple[OptOutImporter, Metrics]:
         metrics = Metrics(CollectorRegistry())
         importer = OptOutImporter(
-            self.store, self.client, REGISTRY, self.groups, self.clock, metrics
+            self.store, self.index, self.client, REGISTRY, self.groups, self.clock, metrics
         )
         return importer, metrics
 
@@ -278,7 +278,9 @@ async def test_an_import_stopped_between_chunks_loses_and_repeats_nothing(rig: O
     await rig.sandbox.admin.add_optouts([UK_FIRST + n for n in range(500, 600)])
     crashing = CrashingStore(rig.store.redis, rig.store.keys, REGISTRY)
     metrics = Metrics(CollectorRegistry())
-    failing = OptOutImporter(crashing, rig.client, REGISTRY, rig.groups, rig.clock, metrics)
+    failing = OptOutImporter(
+        crashing, rig.index, rig.client, REGISTRY, rig.groups, rig.clock, metrics
+    )
     with pytest.raises(StoreUnavailable):
         await failing.import_optouts()
     assert len(await rig.records()) == 500
