@@ -17,6 +17,18 @@ The executor (campaigns in the work queue) and the poller (campaigns in the poll
   left unretrieved;
 - on stop, let handlers finish for up to the drain time, then cancel them and hand their members
   back (due now, so another replica takes them at once instead of after the lease).
+
+The outbox publisher and the receipt drain are each one stream worked by one replica at a time:
+`SingleHolder` is their loop, written once. Each turn it claims the role's lease (a token new at
+every claim) or renews the one it holds; while holding it works everything pending under
+`renewing`, then waits for more (the role's blocking read); not holding, it pauses half a TTL
+and tries again. A renewal that finds the lease gone ends the holding, and the next turn claims
+anew. Transient errors (an outage) are logged through `FailureStreak` and waited out; every
+other error is caught here, logged with its class and counted (`handler_failures{role}`), and
+after `max_failures` in a row the role's `give_up_head` ends the entry at the head of its stream
+(counted `handler_gave_up{role}`), so one bad entry cannot stop the rest. The heartbeat
+`loop_last_iteration{role}` is set each turn, `leases_held{role}` says whether this replica
+holds the lease, and the lease is released on stop.
 """
 
 from __future__ import annotations
@@ -30,7 +42,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from consumer.clock import Clock
+from consumer.clock import Clock, pause
+from consumer.dependencies import FailureStreak
 from consumer.errors import TransientError
 from consumer.logs import log_event
 from consumer.metrics import Metrics
@@ -304,3 +317,158 @@ class LeasedWorkers:
                 del self._running[member]
                 self._started.pop(member, None)
         self._metrics.leases_held.labels(self._kind).set(len(self._running))
+
+
+@dataclass(frozen=True)
+class HolderLog:
+    """Where and under which event names a `SingleHolder` logs, for its role.
+
+    `retrying`: a transient error (first of a streak at WARNING, see `FailureStreak`);
+    `failed`: an unexpected error (ERROR, with its class, and its text if `with_error_text`);
+    `gave_up`: the head entry given up (ERROR, with its id); `give_up_failed`: giving up could
+    not be recorded (WARNING; tried again after the next failure).
+    """
+
+    logger: logging.Logger
+    retrying: str
+    failed: str
+    gave_up: str
+    give_up_failed: str
+    with_error_text: bool = True
+
+
+# Works everything pending while the lease is held; returns how many entries it handled.
+WorkPending = Callable[[], Awaitable[int]]
+# Waits (a bounded blocking read) until more work may be pending.
+WaitForMore = Callable[[], Awaitable[None]]
+# Ends the entry at the head of the role's stream after repeated failures (the last error
+# given); returns its id, or None when the stream is empty. A TransientError: not recorded.
+GiveUpHead = Callable[[Exception], Awaitable[str | None]]
+
+
+class SingleHolder:
+    """Runs one role's work on one replica at a time, under the role's named lease."""
+
+    def __init__(
+        self,
+        store: CampaignStore,
+        *,
+        role: str,
+        lease_key: str,
+        work: WorkPending,
+        wait_for_more: WaitForMore,
+        give_up_head: GiveUpHead,
+        events: HolderLog,
+        metrics: Metrics,
+        clock: Clock,
+        owner: str,
+        lease_ttl_ms: int,
+        max_failures: int = DEFAULT_MAX_FAILURES,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._role = role
+        self._lease_key = lease_key
+        self._work = work
+        self._wait_for_more = wait_for_more
+        self._give_up_head = give_up_head
+        self._events = events
+        self._metrics = metrics
+        self._clock = clock
+        self._owner = owner
+        self._lease_ttl_ms = lease_ttl_ms
+        self._max_failures = max_failures
+        self._retry_after_s = retry_after_s  # the pause after a failed turn
+        self._holding = False
+        self._token = ""
+        self._failures = 0  # unexpected errors in a row
+        self._streak = FailureStreak(events.logger, events.retrying)
+        # At 0 from the start, so the first one is an increase (see consumer.metrics).
+        metrics.handler_failures.labels(role)
+        metrics.handler_gave_up.labels(role)
+
+    @property
+    def holding(self) -> bool:
+        """Whether this replica held the lease at the last claim or renewal."""
+        return self._holding
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                done = await self._work_while_held()
+                if done == 0:
+                    if self._holding:
+                        await self._wait_for_more()
+                    else:
+                        await pause(stopping, self._lease_ttl_ms / 2000)
+            except TransientError as exc:
+                self._streak.failed(error=str(exc))
+                await pause(stopping, self._retry_after_s)
+            except Exception as exc:  # noqa: BLE001 - one place for every other failure
+                await self._failed(exc)
+                await pause(stopping, self._retry_after_s)
+            else:
+                self._streak.succeeded()
+                self._failures = 0
+            # An outage waited out is not a stalled loop: the heartbeat goes on either way.
+            self._metrics.loop_last_iteration.labels(self._role).set(self._clock.now().timestamp())
+        with contextlib.suppress(TransientError):
+            await self.release()
+
+    async def claim(self) -> bool:
+        """Renew the lease if held, else claim it with a new token; True while this holds it."""
+        if self._holding:
+            self._holding = await self._store.renew_lease(
+                self._lease_key, self._token, self._lease_ttl_ms
+            )
+        else:
+            self._token = f"{self._owner}:{uuid.uuid4().hex[:12]}"  # new at every claim
+            self._holding = await self._store.acquire_lease(
+                self._lease_key, self._token, self._lease_ttl_ms
+            )
+        self._metrics.leases_held.labels(self._role).set(1 if self._holding else 0)
+        return self._holding
+
+    async def release(self) -> None:
+        """Free the lease if this replica holds it (another replica may claim it at once)."""
+        if self._holding:
+            self._holding = False
+            self._metrics.leases_held.labels(self._role).set(0)
+            await self._store.release_lease(self._lease_key, self._token)
+
+    async def _work_while_held(self) -> int:
+        """Work what is pending while holding the lease, renewing it meanwhile."""
+        if not await self.claim():
+            return 0
+        lease = Lease(self._lease_key, self._token)
+        async with renewing(self._store, lease, self._lease_ttl_ms):
+            done = await self._work()
+        if lease.lost.is_set():
+            self._holding = False
+        return done
+
+    async def _failed(self, error: Exception) -> None:
+        self._failures += 1
+        self._metrics.handler_failures.labels(self._role).inc()
+        events = self._events
+        text = {"error": str(error)[:500]} if events.with_error_text else {}
+        log_event(
+            events.logger,
+            events.failed,
+            logging.ERROR,
+            error_class=type(error).__name__,
+            **text,
+            failures=self._failures,
+            max_failures=self._max_failures,
+        )
+        if self._failures < self._max_failures:
+            return
+        try:
+            head = await self._give_up_head(error)
+        except TransientError as exc:
+            log_event(events.logger, events.give_up_failed, logging.WARNING, error=str(exc))
+            return
+        if head is not None:
+            self._metrics.handler_gave_up.labels(self._role).inc()
+            log_event(events.logger, events.gave_up, logging.ERROR, entry_id=head)
+        self._failures = 0

@@ -11,26 +11,24 @@ must not hold up every event behind it: after `MAX_REFUSALS` refusals in a row i
 in Redis (`keys.outbox_set_aside`, with Kafka's reason), counted and logged at ERROR, and the
 others flow on. Transient errors (broker away) still wait and retry, in order.
 
-The lease is claimed with a token new at each claim and renewed while a batch is being
-published (a broker taking its time must not let another replica publish beside this one). An
-unexpected error while publishing (a bug, an entry that does not parse) is logged and counted;
-after `max_failures` in a row the entry at the head of the stream is set aside with that error,
+The loop is the project's single-holder loop (`consumer.leased_work.SingleHolder`): the lease is
+claimed with a token new at each claim and renewed while a batch is being published (a broker
+taking its time must not let another replica publish beside this one). An unexpected error while
+publishing (a bug, an entry that does not parse) is logged and counted there; after
+`max_failures` in a row the entry at the head of the stream is set aside here with that error,
 so one bad entry cannot stop every status of every campaign.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from consumer.clock import Clock, pause
+from consumer.clock import Clock
 from consumer.codec import SchemaRegistry
-from consumer.dependencies import FailureStreak
-from consumer.errors import KafkaRecordRefused, TransientError
+from consumer.errors import KafkaRecordRefused
 from consumer.events import (
     CampaignStatusEvent,
     CustomerOptOutEvent,
@@ -38,7 +36,7 @@ from consumer.events import (
     TemplateRecord,
 )
 from consumer.kafka_io import OutboundRecord
-from consumer.leased_work import Lease, renewing
+from consumer.leased_work import HolderLog, SingleHolder
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.store import CampaignStore, OutboxEntry
@@ -116,80 +114,45 @@ class OutboxPublisher:
         self._publisher = publisher
         self._topics = dict(topics)
         self._metrics = metrics
-        self._clock = clock
-        self._owner = owner
-        self._lease_ttl_ms = lease_ttl_ms
         self._batch_size = batch_size
-        self._max_failures = max_failures
-        self._holding = False
-        self._token = ""
         self._last_id = "0-0"
         self._refusals: dict[str, int] = {}  # entry id → refusals in a row
-        self._failures = 0  # unexpected errors in a row
         # At 0 from the start, so the first one is an increase (see consumer.metrics).
-        metrics.handler_failures.labels("outbox")
-        metrics.handler_gave_up.labels("outbox")
         for kind in self._topics:
             metrics.outbox_set_aside.labels(kind)
-        self._streak = FailureStreak(log, "outbox.publish_failed")
+        self._holder = SingleHolder(
+            store,
+            role="outbox",
+            lease_key=store.keys.outbox_lease,
+            work=self.publish_pending,
+            wait_for_more=self._wait_for_more,
+            give_up_head=self._set_aside_head,
+            events=HolderLog(
+                log,
+                retrying="outbox.publish_failed",
+                failed="outbox.failed",
+                gave_up="outbox.head_set_aside",
+                give_up_failed="outbox.set_aside_failed",
+            ),
+            metrics=metrics,
+            clock=clock,
+            owner=owner,
+            lease_ttl_ms=lease_ttl_ms,
+            max_failures=max_failures,
+        )
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                published = await self._publish_while_held()
-                if published == 0:
-                    if self._holding:
-                        await self._store.wait_for_outbox(self._last_id, timeout_ms=500)
-                    else:
-                        await pause(stopping, self._lease_ttl_ms / 2000)
-            except TransientError as exc:
-                self._streak.failed(error=str(exc))
-                await pause(stopping, 1.0)
-            except Exception as exc:  # noqa: BLE001 - one place for every other failure
-                await self._failed(exc)
-                await pause(stopping, 1.0)
-            else:
-                self._streak.succeeded()
-                self._failures = 0
-            # An outage waited out is not a stalled loop: the heartbeat goes on either way.
-            self._metrics.loop_last_iteration.labels("outbox").set(self._clock.now().timestamp())
-        with contextlib.suppress(TransientError):
-            await self.release()
+        await self._holder.run(stopping)
 
-    async def _publish_while_held(self) -> int:
-        """Publish what is pending while holding the lease, renewing it meanwhile."""
-        if not await self._hold_lease():
-            return 0
-        lease = Lease(self._store.keys.outbox_lease, self._token)
-        async with renewing(self._store, lease, self._lease_ttl_ms):
-            published = await self.publish_pending()
-        if lease.lost.is_set():
-            self._holding = False
-        return published
+    async def _wait_for_more(self) -> None:
+        await self._store.wait_for_outbox(self._last_id, timeout_ms=500)
 
-    async def _failed(self, error: Exception) -> None:
-        self._failures += 1
-        self._metrics.handler_failures.labels("outbox").inc()
-        log_event(
-            log,
-            "outbox.failed",
-            logging.ERROR,
-            error_class=type(error).__name__,
-            error=str(error)[:500],
-            failures=self._failures,
-            max_failures=self._max_failures,
-        )
-        if self._failures < self._max_failures:
-            return
-        try:
-            head = await self._store.outbox_head_id()
-            if head is not None:
-                await self._store.outbox_set_aside_raw(head, f"{type(error).__name__}: {error}")
-                self._metrics.handler_gave_up.labels("outbox").inc()
-                log_event(log, "outbox.head_set_aside", logging.ERROR, entry_id=head)
-            self._failures = 0
-        except TransientError as exc:
-            log_event(log, "outbox.set_aside_failed", logging.WARNING, error=str(exc))
+    async def _set_aside_head(self, error: Exception) -> str | None:
+        """Set the head entry aside, as it is, after repeated unexpected errors."""
+        head = await self._store.outbox_head_id()
+        if head is not None:
+            await self._store.outbox_set_aside_raw(head, f"{type(error).__name__}: {error}")
+        return head
 
     async def publish_pending(self) -> int:
         """Publish every entry recorded so far (in batches); returns how many were published."""
@@ -257,7 +220,7 @@ class OutboxPublisher:
     async def publish_once(self) -> int | None:
         """Publish what is pending now (one-shot commands); None when a daemon holds the lease
         and will publish it itself."""
-        if not await self._hold_lease():
+        if not await self._holder.claim():
             return None
         try:
             return await self.publish_pending()
@@ -265,17 +228,4 @@ class OutboxPublisher:
             await self.release()
 
     async def release(self) -> None:
-        if self._holding:
-            self._holding = False
-            self._metrics.leases_held.labels("outbox").set(0)
-            await self._store.release_lease(self._store.keys.outbox_lease, self._token)
-
-    async def _hold_lease(self) -> bool:
-        lease = self._store.keys.outbox_lease
-        if self._holding:
-            self._holding = await self._store.renew_lease(lease, self._token, self._lease_ttl_ms)
-        else:
-            self._token = f"{self._owner}:{uuid.uuid4().hex[:12]}"  # new at every claim
-            self._holding = await self._store.acquire_lease(lease, self._token, self._lease_ttl_ms)
-        self._metrics.leases_held.labels("outbox").set(1 if self._holding else 0)
-        return self._holding
+        await self._holder.release()

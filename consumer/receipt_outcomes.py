@@ -19,26 +19,24 @@ I and ?, so an expired message arrives as U, while `status_batch` tells E (EXPIR
 the receipt taken, a customer's final outcome would depend on whether receipts are on. D, I
 and ? mean the same in both. A record's `observed_at` is the latest receipt time among its
 receipts. A receipt whose
-reference has expired since it was accepted is dropped (counted `campaign_gone`). An unexpected
-error is logged (never with a receipt's content) and counted; after `max_failures` in a row the
-receipt at the head of the stream is dropped (`given_up`), so one bad entry cannot stop the rest.
+reference has expired since it was accepted is dropped (counted `campaign_gone`). The loop is the
+project's single-holder loop (`consumer.leased_work.SingleHolder`): an unexpected error is
+logged there (never with a receipt's content) and counted; after `max_failures` in a row the
+receipt at the head of the stream is dropped here (`given_up`), so one bad entry cannot stop the
+rest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from consumer.clock import Clock, pause
-from consumer.dependencies import FailureStreak
-from consumer.errors import TransientError
+from consumer.clock import Clock
 from consumer.events import CampaignRef
 from consumer.fault_points import FaultPoints, NoFaultPoints
-from consumer.leased_work import Lease, renewing
+from consumer.leased_work import HolderLog, SingleHolder
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outcomes import (
@@ -77,43 +75,35 @@ class ReceiptOutcomes:
         self._store = store
         self._recorder = recorder
         self._metrics = metrics
-        self._clock = clock
-        self._owner = owner
         self._faults = faults or NoFaultPoints()
         self._batch_size = batch_size
-        self._lease_ttl_ms = lease_ttl_ms
-        self._max_failures = max_failures
-        self._holding = False
-        self._token = ""
-        self._failures = 0
         self._targets: dict[str, OutcomeTarget] = {}
         for result in APPLIED_RESULTS:
             metrics.receipts_applied.labels(result)
-        metrics.handler_failures.labels(ROLE)
-        metrics.handler_gave_up.labels(ROLE)
-        self._streak = FailureStreak(log, "receipts.drain_failed")
+        self._holder = SingleHolder(
+            store,
+            role=ROLE,
+            lease_key=store.keys.receipts_lease,
+            work=self.drain,
+            wait_for_more=self._wait_for_more,
+            give_up_head=self._drop_head,
+            events=HolderLog(
+                log,
+                retrying="receipts.drain_failed",
+                failed="receipts.drain_error",
+                gave_up="receipts.head_dropped",
+                give_up_failed="receipts.drop_failed",
+                with_error_text=False,  # it might carry a receipt's content
+            ),
+            metrics=metrics,
+            clock=clock,
+            owner=owner,
+            lease_ttl_ms=lease_ttl_ms,
+            max_failures=max_failures,
+        )
 
     async def run(self, stopping: asyncio.Event) -> None:
-        while not stopping.is_set():
-            try:
-                drained = await self._drain_while_held()
-                if drained == 0:
-                    if self._holding:
-                        await self._store.wait_for_receipts("$", timeout_ms=500)
-                    else:
-                        await pause(stopping, self._lease_ttl_ms / 2000)
-            except TransientError as exc:
-                self._streak.failed(error=str(exc))
-                await pause(stopping, 1.0)
-            except Exception as exc:  # noqa: BLE001 - one place for every other failure
-                await self._failed(exc)
-                await pause(stopping, 1.0)
-            else:
-                self._streak.succeeded()
-                self._failures = 0
-            self._metrics.loop_last_iteration.labels(ROLE).set(self._clock.now().timestamp())
-        with contextlib.suppress(TransientError):
-            await self._release()
+        await self._holder.run(stopping)
 
     async def drain(self) -> int:
         """Turn every receipt recorded so far into outcomes; returns how many receipts."""
@@ -181,52 +171,14 @@ class ReceiptOutcomes:
             self._targets[key] = target
         return target
 
-    async def _drain_while_held(self) -> int:
-        if not await self._hold_lease():
-            return 0
-        lease = Lease(self._store.keys.receipts_lease, self._token)
-        async with renewing(self._store, lease, self._lease_ttl_ms):
-            drained = await self.drain()
-        if lease.lost.is_set():
-            self._holding = False
-        return drained
+    async def _wait_for_more(self) -> None:
+        await self._store.wait_for_receipts("$", timeout_ms=500)
 
-    async def _failed(self, error: Exception) -> None:
-        self._failures += 1
-        self._metrics.handler_failures.labels(ROLE).inc()
-        log_event(
-            log,
-            "receipts.drain_error",
-            logging.ERROR,
-            error_class=type(error).__name__,
-            failures=self._failures,
-            max_failures=self._max_failures,
-        )
-        if self._failures < self._max_failures:
-            return
-        try:
-            head = await self._store.receipts_read(1)
-            await self._store.receipts_done([e.entry_id for e in head])
-            if head:
-                self._metrics.handler_gave_up.labels(ROLE).inc()
-                self._metrics.receipts_applied.labels("given_up").inc()
-                log_event(log, "receipts.head_dropped", logging.ERROR, entry_id=head[0].entry_id)
-            self._failures = 0
-        except TransientError as exc:
-            log_event(log, "receipts.drop_failed", logging.WARNING, error=str(exc))
-
-    async def _hold_lease(self) -> bool:
-        lease = self._store.keys.receipts_lease
-        if self._holding:
-            self._holding = await self._store.renew_lease(lease, self._token, self._lease_ttl_ms)
-        else:
-            self._token = f"{self._owner}:{uuid.uuid4().hex[:12]}"  # new at every claim
-            self._holding = await self._store.acquire_lease(lease, self._token, self._lease_ttl_ms)
-        self._metrics.leases_held.labels(ROLE).set(1 if self._holding else 0)
-        return self._holding
-
-    async def _release(self) -> None:
-        if self._holding:
-            self._holding = False
-            self._metrics.leases_held.labels(ROLE).set(0)
-            await self._store.release_lease(self._store.keys.receipts_lease, self._token)
+    async def _drop_head(self, error: Exception) -> str | None:
+        """Drop the receipt at the head of the stream after repeated unexpected errors."""
+        head = await self._store.receipts_read(1)
+        await self._store.receipts_done([e.entry_id for e in head])
+        if not head:
+            return None
+        self._metrics.receipts_applied.labels("given_up").inc()
+        return head[0].entry_id

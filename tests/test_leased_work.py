@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 
 import pytest
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from consumer.clock import ManualClock, SystemClock
 from consumer.errors import StoreUnavailable
 from consumer.keys import RedisKeys
-from consumer.leased_work import Lease, LeasedWorkers, holding
+from consumer.leased_work import HolderLog, Lease, LeasedWorkers, SingleHolder, holding
 from consumer.metrics import Metrics
 from consumer.store import CampaignStore, as_text
 from consumer.workflow import CampaignState
@@ -214,3 +215,225 @@ async def test_holding_claims_renews_and_releases_a_lease_for_a_block(
         assert as_text(await redis_client.get(key)) == "a#1"
         assert not held.lost.is_set()
     assert await redis_client.get(key) is None
+
+
+# --- the single-holder loop (the outbox publisher, the receipt drain) -------------------------
+
+
+class HeldRole:
+    """A role's hooks: work that raises the errors it is given (in turn) or records a turn, a
+    short wait for more, and a give_up_head that notes its calls."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.turns = 0
+        self.errors: list[Exception | None] = []  # raised by the next turns (None: a success)
+        self.gave_up: list[Exception] = []
+
+    async def work(self) -> int:
+        error = self.errors.pop(0) if self.errors else None
+        if error is not None:
+            raise error
+        self.turns += 1
+        return 0
+
+    async def wait_for_more(self) -> None:
+        await asyncio.sleep(0.01)  # stands in for a blocking stream read
+
+    async def give_up_head(self, error: Exception) -> str | None:
+        self.gave_up.append(error)
+        return f"head-{len(self.gave_up)}"
+
+
+HOLDER_LOG = HolderLog(
+    logging.getLogger("tests.holder"),
+    retrying="held.work_failed",
+    failed="held.failed",
+    gave_up="held.head_given_up",
+    give_up_failed="held.give_up_failed",
+)
+
+
+def single_holder(
+    store: CampaignStore, role: HeldRole, metrics: Metrics, ttl_ms: int = 300
+) -> SingleHolder:
+    return SingleHolder(
+        store,
+        role="held",
+        lease_key=store.keys.prefix + "lease:held",
+        work=role.work,
+        wait_for_more=role.wait_for_more,
+        give_up_head=role.give_up_head,
+        events=HOLDER_LOG,
+        metrics=metrics,
+        clock=SystemClock(),
+        owner=role.name,
+        lease_ttl_ms=ttl_ms,
+        retry_after_s=0.01,
+    )
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(f"textlocal_consumer_{name}", labels)
+
+
+async def test_of_two_holders_only_the_one_holding_the_lease_works(
+    store: CampaignStore, redis_client: aioredis.Redis
+) -> None:
+    """Two replicas run the loop on one lease: one works, the other waits; when the first stops
+    it releases the lease and the other claims it and works."""
+    roles = {name: HeldRole(name) for name in ("replica-a", "replica-b")}
+    metrics = {name: Metrics(CollectorRegistry()) for name in roles}
+    stopping = {name: asyncio.Event() for name in roles}
+    tasks = {
+        name: asyncio.create_task(single_holder(store, role, metrics[name]).run(stopping[name]))
+        for name, role in roles.items()
+    }
+    lease_key = store.keys.prefix + "lease:held"
+    await eventually(lambda: _true(any(role.turns >= 3 for role in roles.values())))
+    first = next(name for name, role in roles.items() if role.turns >= 3)
+    (second,) = set(roles) - {first}
+    await asyncio.sleep(0.5)  # longer than the TTL: the holder keeps it, the other never works
+    assert roles[second].turns == 0
+    assert as_text(await redis_client.get(lease_key)).startswith(f"{first}:")
+    assert sample(metrics[first], "leases_held", kind="held") == 1
+    assert sample(metrics[second], "leases_held", kind="held") == 0
+    assert sample(metrics[second], "loop_last_iteration_timestamp_seconds", role="held")
+
+    stopping[first].set()
+    await tasks[first]
+    assert sample(metrics[first], "leases_held", kind="held") == 0
+    await eventually(lambda: _true(roles[second].turns >= 1))
+    assert as_text(await redis_client.get(lease_key)).startswith(f"{second}:")
+    stopping[second].set()
+    await tasks[second]
+    assert await redis_client.get(lease_key) is None  # released on stop
+
+
+async def test_a_hook_raising_max_failures_times_gives_up_the_head_once(
+    store: CampaignStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Five unexpected errors in a row: each is counted and logged with its class, the fifth
+    hands the head to give_up_head (with that error), counted once; the streak then starts
+    afresh, and a success between failures resets it."""
+    caplog.set_level(logging.INFO, logger="tests.holder")
+    role = HeldRole("replica-a")
+    role.errors = [ZeroDivisionError(f"boom {n}") for n in range(5)]
+    role.errors += [ValueError("again")] * 4 + [None] + [ValueError("and again")] * 4
+    metrics = Metrics(CollectorRegistry())
+    assert sample(metrics, "handler_failures_total", role="held") is None
+    holder = single_holder(store, role, metrics)
+    assert sample(metrics, "handler_failures_total", role="held") == 0
+    assert sample(metrics, "handler_gave_up_total", role="held") == 0
+    stopping = asyncio.Event()
+    task = asyncio.create_task(holder.run(stopping))
+    await eventually(lambda: _true(not role.errors and role.turns >= 2))
+    stopping.set()
+    await task
+
+    assert [str(error) for error in role.gave_up] == ["boom 4"]
+    assert sample(metrics, "handler_failures_total", role="held") == 13
+    assert sample(metrics, "handler_gave_up_total", role="held") == 1
+    failed = [r for r in caplog.records if r.getMessage() == "held.failed"]
+    assert [r.levelno for r in failed] == [logging.ERROR] * 13
+    context = [r.__dict__["context"] for r in failed]
+    assert [c["failures"] for c in context] == [1, 2, 3, 4, 5, 1, 2, 3, 4, 1, 2, 3, 4]
+    assert context[0]["error_class"] == "ZeroDivisionError"
+    assert context[0]["error"] == "boom 0"
+    (given_up,) = [r for r in caplog.records if r.getMessage() == "held.head_given_up"]
+    assert given_up.__dict__["context"] == {"entry_id": "head-1"}
+
+
+async def test_unexpected_errors_can_be_logged_without_their_text(
+    store: CampaignStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With `with_error_text` off (an error that may carry a receipt), only the class is logged."""
+    caplog.set_level(logging.INFO, logger="tests.holder.quiet")
+    role = HeldRole("replica-a")
+    role.errors = [ValueError("447700900123 said no")]
+    holder = SingleHolder(
+        store,
+        role="held",
+        lease_key=store.keys.prefix + "lease:held",
+        work=role.work,
+        wait_for_more=role.wait_for_more,
+        give_up_head=role.give_up_head,
+        events=HolderLog(
+            logging.getLogger("tests.holder.quiet"),
+            retrying="quiet.work_failed",
+            failed="quiet.failed",
+            gave_up="quiet.head_given_up",
+            give_up_failed="quiet.give_up_failed",
+            with_error_text=False,
+        ),
+        metrics=Metrics(CollectorRegistry()),
+        clock=SystemClock(),
+        owner="replica-a",
+        lease_ttl_ms=300,
+        retry_after_s=0.01,
+    )
+    stopping = asyncio.Event()
+    task = asyncio.create_task(holder.run(stopping))
+    await eventually(lambda: _true(role.turns >= 1))
+    stopping.set()
+    await task
+    (failed,) = [r for r in caplog.records if r.getMessage() == "quiet.failed"]
+    assert failed.__dict__["context"] == {
+        "error_class": "ValueError",
+        "failures": 1,
+        "max_failures": 5,
+    }
+
+
+async def test_transient_errors_are_waited_out_and_never_given_up(
+    store: CampaignStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outage (a transient error) in the work is logged once at WARNING, then at DEBUG, never
+    counted as a failure nor given up; its end is logged when work resumes."""
+    caplog.set_level(logging.DEBUG, logger="tests.holder")
+    role = HeldRole("replica-a")
+    role.errors = [StoreUnavailable("Redis away") for _ in range(7)]
+    role.errors += [None, StoreUnavailable("Redis away again")]
+    metrics = Metrics(CollectorRegistry())
+    stopping = asyncio.Event()
+    task = asyncio.create_task(single_holder(store, role, metrics).run(stopping))
+    await eventually(lambda: _true(not role.errors and role.turns >= 2))
+    stopping.set()
+    await task
+    assert role.gave_up == []
+    assert sample(metrics, "handler_failures_total", role="held") == 0
+    retries = [r.levelno for r in caplog.records if r.getMessage() == "held.work_failed"]
+    assert retries == [logging.WARNING] + [logging.DEBUG] * 6 + [logging.WARNING]
+    assert [r.getMessage() for r in caplog.records].count("held.resumed") == 2
+
+
+async def test_a_lost_lease_stops_the_work_and_is_claimed_anew_with_a_new_token(
+    store: CampaignStore, redis_client: aioredis.Redis
+) -> None:
+    """When another replica has the lease (this one's ran out), this one stops working at its
+    next renewal; once the lease is free again it claims it, with a token new at this claim."""
+    role = HeldRole("replica-a")
+    metrics = Metrics(CollectorRegistry())
+    stopping = asyncio.Event()
+    task = asyncio.create_task(single_holder(store, role, metrics).run(stopping))
+    lease_key = store.keys.prefix + "lease:held"
+    await eventually(lambda: _true(role.turns >= 1))
+    first_token = as_text(await redis_client.get(lease_key))
+
+    # The lease runs out under this holder and another replica claims it.
+    await redis_client.set(lease_key, "replica-b:other", px=60_000)
+    await eventually(lambda: _true(sample(metrics, "leases_held", kind="held") == 0))
+    turns = role.turns
+    await asyncio.sleep(0.5)  # longer than the TTL: several claims, none succeeds
+    assert role.turns == turns
+    assert as_text(await redis_client.get(lease_key)) == "replica-b:other"
+
+    # The other replica goes: this one claims the lease again and works.
+    await redis_client.delete(lease_key)
+    await eventually(lambda: _true(role.turns > turns))
+    new_token = as_text(await redis_client.get(lease_key))
+    assert new_token.startswith("replica-a:")
+    assert new_token != first_token
+    assert sample(metrics, "leases_held", kind="held") == 1
+    stopping.set()
+    await task
