@@ -429,6 +429,16 @@ class SingleHolder:
         self._metrics.leases_held.labels(self._role).set(1 if self._holding else 0)
         return self._holding
 
+    async def once(self) -> int | None:
+        """Work what is pending now, under the lease and renewing it, then free it (one-shot
+        commands); None when another holder has the lease and will do the work itself."""
+        if not await self.claim():
+            return None
+        try:
+            return await self._work_held()
+        finally:
+            await self.release()
+
     async def release(self) -> None:
         """Free the lease if this replica holds it (another replica may claim it at once)."""
         if self._holding:
@@ -440,6 +450,9 @@ class SingleHolder:
         """Work what is pending while holding the lease, renewing it meanwhile."""
         if not await self.claim():
             return 0
+        return await self._work_held()
+
+    async def _work_held(self) -> int:
         lease = Lease(self._lease_key, self._token)
         async with renewing(self._store, lease, self._lease_ttl_ms):
             done = await self._work()

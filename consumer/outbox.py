@@ -220,12 +220,7 @@ class OutboxPublisher:
     async def publish_once(self) -> int | None:
         """Publish what is pending now (one-shot commands); None when a daemon holds the lease
         and will publish it itself."""
-        if not await self._holder.claim():
-            return None
-        try:
-            return await self.publish_pending()
-        finally:
-            await self.release()
+        return await self._holder.once()
 
     async def release(self) -> None:
         await self._holder.release()

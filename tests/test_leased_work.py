@@ -437,3 +437,34 @@ async def test_a_lost_lease_stops_the_work_and_is_claimed_anew_with_a_new_token(
     assert sample(metrics, "leases_held", kind="held") == 1
     stopping.set()
     await task
+
+
+async def test_a_one_shot_turn_keeps_the_lease_while_it_works_and_frees_it_after(
+    store: CampaignStore, redis_client: aioredis.Redis
+) -> None:
+    """`once` (the one-shot commands' publish): the lease is renewed while the work outlasts its
+    TTL, so a daemon's holder cannot claim it meanwhile; it is freed at the end; and while
+    another holds it, `once` does nothing and answers None."""
+    lease_key = store.keys.prefix + "lease:held"
+    daemon_role = HeldRole("daemon")
+    daemon = single_holder(store, daemon_role, Metrics(CollectorRegistry()))
+    claims_meanwhile: list[bool] = []
+
+    class SlowRole(HeldRole):
+        async def work(self) -> int:
+            for _ in range(3):  # 0.6 s of work, twice the 300 ms TTL
+                await asyncio.sleep(0.2)
+                claims_meanwhile.append(await daemon.claim())
+            return 7
+
+    command = single_holder(store, SlowRole("command"), Metrics(CollectorRegistry()))
+    assert await command.once() == 7
+    assert claims_meanwhile == [False, False, False]
+    assert await redis_client.get(lease_key) is None
+
+    assert await daemon.claim()
+    assert (
+        await single_holder(store, HeldRole("other"), Metrics(CollectorRegistry())).once() is None
+    )
+    assert as_text(await redis_client.get(lease_key)).startswith("daemon:")
+    await daemon.release()
