@@ -469,6 +469,14 @@ def parse_batch_status(reply: JsonObject) -> BatchStatus:
 
 def parse_message_statuses(items: Sequence[object]) -> MessageStatuses:
     """`status_batch`'s `messages[{recipient, status}]` elements (recipient an int or digits)."""
+    try:  # the common shape, in bulk: objects with an int recipient and a text status
+        recipients = [item["recipient"] for item in items]  # type: ignore[index]
+        letters = [item["status"] for item in items]  # type: ignore[index]
+    except (KeyError, TypeError):
+        pass
+    else:
+        if all(type(r) is int for r in recipients) and all(type(s) is str for s in letters):
+            return MessageStatuses(tuple(map(str, recipients)), tuple(letters))
     numbers: list[str] = []
     statuses: list[str] = []
     for item in items:
