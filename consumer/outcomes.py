@@ -66,7 +66,7 @@ log = logging.getLogger("consumer.outcomes")
 
 MAX_CUSTOMERS_PER_RECORD = 10_000
 OUTCOMES = "outcomes"  # the outbox's logical topic (kafka.outcomes_topic)
-# Numbers looked up in Redis per round trip (HMGET) while collecting a record.
+# Numbers looked up per round trip (`CampaignStore.outcome_candidates`) while collecting.
 LOOKUP_SLICE = 10_000
 # A record refused because others marked some of its customers is cut down and tried again;
 # each try has fewer customers, so this bound is only a guard.
