@@ -8,8 +8,8 @@
    numbers hash the load step writes (number → customer id), and six polls already made, so the
    next one is the window's last; reports the hash's Redis memory.
 3. Moves both clocks to the window's end (every message settled) and runs `Poller.run_due()`
-   with the outcome recorder, as the daemon's poller does: `status_batch` read as it streams,
-   every customer's outcome published in records of 10,000 through the outbox.
+   with the outcome recorder, as the daemon's poller does: `status_batch` read (compactly) to
+   its end, then every customer's outcome published in records of 10,000 through the outbox.
 4. Runs a plain script (its own process) that fetches the same report with aiohttp and
    `json.loads` and counts the statuses: the floor for reading the report at all.
 5. Prints: the poll's time next to the plain script's, this process's RSS (before, peak sampled

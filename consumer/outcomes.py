@@ -47,7 +47,9 @@ them and the contact index keeps them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +66,7 @@ log = logging.getLogger("consumer.outcomes")
 
 MAX_CUSTOMERS_PER_RECORD = 10_000
 OUTCOMES = "outcomes"  # the outbox's logical topic (kafka.outcomes_topic)
-# Numbers looked up in Redis per round trip (HMGET) while collecting a record.
+# Numbers looked up per round trip (`CampaignStore.outcome_candidates`) while collecting.
 LOOKUP_SLICE = 10_000
 # A record refused because others marked some of its customers is cut down and tried again;
 # each try has fewer customers, so this bound is only a guard.
@@ -138,7 +140,7 @@ class CustomerOutcomesEvent:
                 f"a CustomerOutcomes record holds 1 to {MAX_CUSTOMERS_PER_RECORD} customers"
             )
 
-    @property
+    @functools.cached_property
     def event_id(self) -> str:
         digest = hashlib.sha256("\x1e".join(self.customer_ids).encode()).hexdigest()[:32]
         return output_event_id(self.ref, OUTCOMES, self.outcome.value, digest)
@@ -308,13 +310,14 @@ class OutcomeBatch:
     async def add_statuses(self, numbers: Sequence[str], letters: Sequence[str]) -> None:
         """A run of (number, TextLocal status letter) pairs; pending ones only with
         `include_pending`, unknown letters never."""
-        by_outcome: dict[Outcome, list[str]] = {}
-        for number, letter in zip(numbers, letters, strict=True):
+        if len(numbers) != len(letters):
+            raise ValueError("numbers and letters must pair up")
+        # One pass per letter present (a handful), in C, rather than a Python step per message.
+        for letter in sorted(set(letters)):
             outcome = _BY_LETTER.get(letter)
             if outcome is None or (outcome is Outcome.PENDING and not self._include_pending):
                 continue
-            by_outcome.setdefault(outcome, []).append(number)
-        for outcome, found in by_outcome.items():
+            found = [n for n, its in zip(numbers, letters, strict=True) if its == letter]
             await self.add(outcome, found)
 
     async def add(self, outcome: Outcome, numbers: Sequence[str]) -> None:
@@ -347,7 +350,7 @@ class OutcomeBatch:
     async def _flush(self, outcome: Outcome, *, everything: bool) -> None:
         eligible = self._eligible.get(outcome, {})
         while len(eligible) >= MAX_CUSTOMERS_PER_RECORD or (everything and eligible):
-            numbers = list(eligible)[:MAX_CUSTOMERS_PER_RECORD]
+            numbers = list(itertools.islice(eligible, MAX_CUSTOMERS_PER_RECORD))
             chunk = {number: eligible.pop(number) for number in numbers}
             published = await self._recorder.write(
                 self._target, outcome, chunk, self._observed_at, self._source, self._poll_number

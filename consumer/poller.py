@@ -40,7 +40,8 @@ Decisions where the design is silent:
   are scored in the future, so a non-zero value means polling is not keeping up, or stopped.
 - On the final poll `delivery_outcomes_total` counts each message by status (pending included).
 - **Per-customer outcomes** (`consumer.outcomes`, when enabled): each poll reads the messages of
-  every batch as the reply streams in (`status_batch_messages`) and publishes, in
+  every batch (`status_batch_messages`: each reply read whole, compactly, then visited, so the
+  Redis work is outside the request timeout whatever the campaign's size) and publishes, in
   `CustomerOutcomes` records of up to 10,000, the customers whose final outcome was not
   published yet; the window's last poll also publishes PENDING for those still without one.
   They are recorded (each record atomically with its customers' marks) before the poll's
@@ -302,7 +303,7 @@ class Poller:
         self, snapshot: CampaignSnapshot, batch_id: int, outcomes: OutcomeBatch | None = None
     ) -> BatchStatus:
         """The campaign's delivery counts: one batch, or the sum over all of its sub-sends;
-        with `outcomes`, every message's status goes there as the replies are read."""
+        with `outcomes`, every message's status goes there once each reply is read."""
         batch_ids = snapshot.batch_ids or [batch_id]
         if outcomes is None:
             read = self._client.status_batch

@@ -580,32 +580,66 @@ return new
 """
 
 
+# Numbers go to the two outcome scripts as one argument, joined by commas (digits only), and the
+# scripts read and write the hash a slice at a time (HMGET/HSET of up to 1,000 fields: Lua's
+# `unpack` is bounded): one redis.call per thousand numbers, not two per number.
+_SPLIT_NUMBERS = r"""
+local function split_numbers(joined)
+  local all = {}
+  for number in string.gmatch(joined, '[^,]+') do all[#all + 1] = number end
+  return all
+end
+"""
+
+# The numbers' values in the campaign's numbers hash, in the order given: HMGET without the cost
+# of packing ten thousand arguments in Python. KEYS: the hash. ARGV: the numbers. Returns one
+# list of values (nil for a number not in it) per thousand numbers.
+_RECIPIENT_VALUES = (
+    _SPLIT_NUMBERS
+    + r"""
+local all, found = split_numbers(ARGV[1]), {}
+local n = #all
+for first = 1, n, 1000 do
+  found[#found + 1] = redis.call('HMGET', KEYS[1], unpack(all, first, math.min(first + 999, n)))
+end
+return found
+"""
+)
+
 # Recording one CustomerOutcomes record (consumer.outcomes): every number must still be eligible
-# (its value's first character `-`, or `P` when the outcome is final); then each is marked with
-# the outcome's letter and the record goes to the outbox. If any is not, nothing is written and
-# the ineligible numbers are returned. KEYS: the campaign's numbers hash, the outbox. ARGV: the
-# letter, '1' when final, the outbox entry (topic, key, value, event id), then the numbers.
-_RECORD_OUTCOME_CHUNK = r"""
-local numbers, outbox = KEYS[1], KEYS[2]
+# (as above); then each is marked with the outcome's letter and the record goes to the outbox.
+# If any is not, nothing is written and the ineligible numbers are returned. KEYS: the campaign's
+# numbers hash, the outbox. ARGV: the letter, '1' when final, the outbox entry (topic, key, value,
+# event id), the numbers.
+_RECORD_OUTCOME_CHUNK = (
+    _SPLIT_NUMBERS
+    + r"""
+local hash, outbox = KEYS[1], KEYS[2]
 local letter, final = ARGV[1], ARGV[2] == '1'
-local refused, values = {}, {}
-for i = 7, #ARGV do
-  local value = redis.call('HGET', numbers, ARGV[i])
-  local mark = value and string.sub(value, 1, 1)
-  if value and (mark == '-' or (final and mark == 'P')) then
-    values[i] = value
-  else
-    refused[#refused + 1] = ARGV[i]
+local all, refused, marks = split_numbers(ARGV[7]), {}, {}
+local n = #all
+for first = 1, n, 1000 do
+  local values = redis.call('HMGET', hash, unpack(all, first, math.min(first + 999, n)))
+  for i = 1, #values do
+    local value = values[i]
+    local mark = value and string.byte(value, 1)
+    if mark == 45 or (final and mark == 80) then  -- '-' nothing yet, 'P' pending
+      marks[#marks + 1] = all[first + i - 1]
+      marks[#marks + 1] = letter .. string.sub(value, 2)
+    else
+      refused[#refused + 1] = all[first + i - 1]
+    end
   end
 end
 if #refused > 0 then return refused end
-for i = 7, #ARGV do
-  redis.call('HSET', numbers, ARGV[i], letter .. string.sub(values[i], 2))
+for first = 1, #marks, 2000 do
+  redis.call('HSET', hash, unpack(marks, first, math.min(first + 1999, #marks)))
 end
 redis.call('XADD', outbox, '*', 'topic', ARGV[3], 'key', ARGV[4], 'value', ARGV[5],
   'event_id', ARGV[6], 'tombstone', '0')
 return refused
 """
+)
 
 # The mark of a number whose customer has nothing published yet (see keys.recipient_numbers).
 NOTHING_PUBLISHED = "-"
@@ -629,6 +663,7 @@ class CampaignStore:
         self._index_states = redis.register_script(_INDEX_STATES)
         self._accept_receipt = redis.register_script(_ACCEPT_RECEIPT)
         self._digest_key: bytes | None = None
+        self._recipient_values = redis.register_script(_RECIPIENT_VALUES)
         self._record_outcome_chunk = redis.register_script(_RECORD_OUTCOME_CHUNK)
         self._record_optouts = redis.register_script(_RECORD_OPTOUTS)
 
@@ -903,20 +938,27 @@ class CampaignStore:
     ) -> dict[str, str]:
         """Number → customer id, of the `numbers` whose customer may still take an outcome:
         nothing published yet, or (when `final`) only PENDING. Numbers not of this campaign
-        are left out."""
-        if not numbers:
-            return {}
-        with redis_errors("HMGET recipient numbers"):
-            values = await self.redis.hmget(self.keys.recipient_numbers(key), list(numbers))
-        eligible = (NOTHING_PUBLISHED, "P") if final else (NOTHING_PUBLISHED,)
-        found: dict[str, str] = {}
-        for number, raw in zip(numbers, values, strict=True):
-            if raw is None:
-                continue
-            value = as_text(raw)
-            if value[:1] in eligible:
-                found[number] = value[1:]
-        return found
+        are left out (as is anything but digits, which no campaign holds). One round trip
+        (`_RECIPIENT_VALUES`)."""
+        try:
+            joined = _joined_numbers(numbers)
+        except ValueError:
+            numbers = [number for number in numbers if number.isdigit() and number.isascii()]
+            if not numbers:
+                return {}
+            joined = _joined_numbers(numbers)
+        with redis_errors("look up recipient numbers"):
+            parts = await self._recipient_values(
+                keys=[self.keys.recipient_numbers(key)], args=[joined]
+            )
+        # The client answers bytes (connect_redis): compared and decoded as such, in bulk.
+        eligible = (b"-", b"P") if final else (b"-",)
+        values = [value for part in parts for value in part]
+        return {
+            number: raw[1:].decode()
+            for number, raw in zip(numbers, values, strict=True)
+            if raw is not None and raw[:1] in eligible
+        }
 
     async def record_outcome_chunk(
         self, key: str, letter: str, numbers: Sequence[str], entry: OutboxEntry
@@ -935,7 +977,7 @@ class CampaignStore:
                     entry.key,
                     entry.value or b"",
                     entry.event_id,
-                    *numbers,
+                    _joined_numbers(numbers),
                 ],
             )
         return [as_text(number) for number in refused or []]
@@ -1371,6 +1413,16 @@ def _receipt_entry(entry_id: object, raw: Mapping[Any, Any]) -> ReceiptEntry:
 def _apply_result(result: Any) -> ApplyResult:
     reason = result.decode() if isinstance(result, bytes) else str(result)
     return ApplyResult(ok=reason == "ok", reason="" if reason == "ok" else reason)
+
+
+def _joined_numbers(numbers: Sequence[str]) -> str:
+    """Numbers as the outcome scripts take them: one argument, joined by commas (ValueError
+    unless every one is digits, at least one)."""
+    joined = ",".join(numbers)
+    digits = joined.replace(",", "")
+    if not (digits.isdigit() and digits.isascii()) or joined.count(",") != len(numbers) - 1:
+        raise ValueError("recipient numbers must be digits only")
+    return joined
 
 
 def _outcome(result: Any) -> IntakeOutcome:

@@ -13,15 +13,17 @@ logged result never carries them.
 before JSON decoding, so those replies are parsed in memory proportional to the rest of the reply.
 It can also capture one such array instead: its elements (flat objects, as TextLocal's
 `messages[{recipient, status}]` are) are decoded as each chunk completes them and handed out
-with `take_items()`, so the per-message statuses are read in memory of one chunk
-(`MessageStatuses`, `parse_message_statuses`).
+with `take_items()` (`MessageStatuses`, `parse_message_statuses`). `MessageStatusBuffer` holds a
+whole reply's runs compactly (about 14 bytes a message, a third of the reply's JSON), so the
+client reads the reply to its end before anyone works through the statuses.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -131,6 +133,53 @@ class MessageStatuses:
 
     def __len__(self) -> int:
         return len(self.numbers)
+
+
+class MessageStatusBuffer:
+    """A reply's `MessageStatuses` runs, kept in order and compactly until they are drained.
+
+    A run is held as two strings, its numbers joined by commas and its letters concatenated
+    (about 14 bytes a message instead of some 80 for tuples of strings), unless a number holds
+    a comma or a status is not one letter: that run is kept as it came. Never in a repr.
+    """
+
+    def __init__(self) -> None:
+        self._runs: deque[tuple[str | tuple[str, ...], str | tuple[str, ...]]] = deque()
+        self._messages = 0
+
+    def __len__(self) -> int:
+        """How many messages are held."""
+        return self._messages
+
+    def __repr__(self) -> str:
+        return f"MessageStatusBuffer(messages={self._messages})"
+
+    def add(self, run: MessageStatuses) -> None:
+        if not run:
+            return
+        numbers: str | tuple[str, ...] = ",".join(run.numbers)
+        if numbers.count(",") != len(run) - 1:
+            numbers = run.numbers
+        letters: str | tuple[str, ...] = "".join(run.statuses)
+        if len(letters) != len(run):
+            letters = run.statuses
+        self._runs.append((numbers, letters))
+        self._messages += len(run)
+
+    def clear(self) -> None:
+        self._runs.clear()
+        self._messages = 0
+
+    def drain(self) -> Iterator[MessageStatuses]:
+        """The runs in the order added, each let go of as it is handed out."""
+        while self._runs:
+            numbers, letters = self._runs.popleft()
+            run = MessageStatuses(
+                numbers if isinstance(numbers, tuple) else tuple(numbers.split(",")),
+                tuple(letters),
+            )
+            self._messages -= len(run)
+            yield run
 
 
 @dataclass(frozen=True)
@@ -420,6 +469,14 @@ def parse_batch_status(reply: JsonObject) -> BatchStatus:
 
 def parse_message_statuses(items: Sequence[object]) -> MessageStatuses:
     """`status_batch`'s `messages[{recipient, status}]` elements (recipient an int or digits)."""
+    try:  # the common shape, in bulk: objects with an int recipient and a text status
+        recipients = [item["recipient"] for item in items]  # type: ignore[index]
+        letters = [item["status"] for item in items]  # type: ignore[index]
+    except (KeyError, TypeError):
+        pass
+    else:
+        if all(type(r) is int for r in recipients) and all(type(s) is str for s in letters):
+            return MessageStatuses(tuple(map(str, recipients)), tuple(letters))
     numbers: list[str] = []
     statuses: list[str] = []
     for item in items:

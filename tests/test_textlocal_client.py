@@ -36,8 +36,9 @@ from consumer.textlocal import (
     TextLocalCredentials,
     TextLocalSettings,
 )
-from consumer.textlocal_types import NewContact
+from consumer.textlocal_types import MessageStatuses, NewContact
 from tests.test_textlocal_types import million_recipient_send_reply
+from textlocal_sandbox import SandboxHandle
 
 API_KEY = "Kq7-api-key-SECRET"
 PASSWORD = "pa55-SECRET-word"
@@ -850,3 +851,39 @@ async def test_million_recipient_replies_over_http_stay_small(server: ScriptedSe
     )
     assert status.pending == 1_000_000 - 990_000 - 1000 - 10
     assert peak_bytes < 5_000_000
+
+
+# --- per-message statuses ---------------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_slow_visits_of_a_status_report_cannot_time_it_out(sandbox: SandboxHandle) -> None:
+    """Visiting a 50,000-message report (2 MB, more than the socket buffers hold) takes longer
+    than the request timeout, yet it is read once and every message visited once: the visits
+    run after the reply is read."""
+    first, count = 447_800_000_000, 50_000
+    await sandbox.admin.set_balance(sms=count)
+    group_id = await sandbox.admin.generate_contacts("Slow visits", count, first_number=first)
+    credentials = TextLocalCredentials.from_api_key(sandbox.api_key)
+    runs: list[MessageStatuses] = []
+
+    async def slow_visit(run: MessageStatuses) -> None:
+        """As slow as Redis work far away: 50 ms per run of about 1,600 messages."""
+        runs.append(run)
+        await asyncio.sleep(0.05)
+
+    async with open_client(
+        sandbox.url, credentials=credentials, connect_timeout_s=0.1, request_timeout_s=1.1
+    ) as client:
+        sent = await client.send(message="Hi", group_id=group_id)
+        assert sent.batch_id is not None
+        await sandbox.admin.reset_call_counts()
+        started = time.perf_counter()
+        status = await client.status_batch_messages(sent.batch_id, slow_visit)
+        elapsed_s = time.perf_counter() - started
+    assert elapsed_s > 1.1, "the visits should outlast the request timeout"
+    assert status.num_messages == count
+    numbers = [number for run in runs for number in run.numbers]
+    assert sorted(numbers) == [str(first + i) for i in range(count)]
+    assert all(len(run.numbers) == len(run.statuses) for run in runs)
+    assert (await sandbox.admin.call_counts()).get("status_batch") == 1

@@ -17,6 +17,8 @@ from consumer.textlocal_types import (
     Contact,
     JsonObject,
     MalformedReply,
+    MessageStatusBuffer,
+    MessageStatuses,
     NewContact,
     OptOut,
     SendResult,
@@ -488,3 +490,20 @@ def test_an_optout_without_a_number_is_malformed_and_not_quoted() -> None:
     with pytest.raises(MalformedReply) as bad_time:
         parse_optouts({"optouts": [{"number": 447700900101, "datetime": "yesterday"}]})
     assert "447700900101" not in str(bad_time.value)
+
+
+def test_a_status_buffer_gives_back_its_runs_in_order() -> None:
+    """Runs come back as they went in, odd ones (a comma in a number, a two-letter status)
+    included, each once; the buffer counts messages and empties as it is drained."""
+    plain = MessageStatuses(("447700000001", "447700000002"), ("D", "P"))
+    odd = MessageStatuses(("44,77", "447700000003"), ("D", "XX"))
+    buffer = MessageStatusBuffer()
+    for run in (plain, MessageStatuses((), ()), odd, plain):
+        buffer.add(run)
+    assert len(buffer) == 6
+    assert "4477" not in repr(buffer)
+    assert list(buffer.drain()) == [plain, odd, plain]
+    assert len(buffer) == 0
+    buffer.add(plain)
+    buffer.clear()
+    assert list(buffer.drain()) == []
