@@ -165,3 +165,20 @@ async def key_prefix(redis_client: aioredis.Redis) -> AsyncIterator[str]:
     keys: list[Any] = [key async for key in redis_client.scan_iter(match=f"{prefix}*", count=1000)]
     for start in range(0, len(keys), 1000):
         await redis_client.delete(*keys[start : start + 1000])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that ran daemon processes shows the end of each one's log in its report:
+    on a CI machine the temporary directory holding the logs is gone afterwards. The daemons'
+    logs carry no phone numbers, bodies or secrets (tests/test_logs.py), so this is safe to show.
+    """
+    outcome: Any = yield
+    report: pytest.TestReport = outcome.get_result()
+    world = getattr(item, "funcargs", {}).get("stack")
+    if report.when != "call" or not report.failed or world is None:
+        return
+    for daemon in getattr(world, "daemons", []):
+        report.sections.append(
+            (f"daemon log ({daemon.log_path.name}, last 60 lines)", daemon.tail(60))
+        )
