@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumer.codec import SchemaRegistry
 from consumer.events import (
@@ -111,6 +111,40 @@ def consume(bootstrap: str, topic: str, *, expected: int, timeout_s: float = 60.
             for message in consumer.consume(100, 0.5):
                 if message.error() is None:
                     records.append(message)
+    finally:
+        consumer.close()
+    return records
+
+
+def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Any]:
+    """Every record the topic holds now, from the start: read until each partition's position
+    reaches the high watermark it had when called (no waiting for a quiet spell)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"probe-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    records: list[Any] = []
+    try:
+        partitions = consumer.list_topics(topic, timeout=timeout_s).topics[topic].partitions
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+            for p in partitions
+        }
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        left = {p for p, end in ends.items() if end > 0}
+        deadline = time.monotonic() + timeout_s
+        while left and time.monotonic() < deadline:
+            for message in consumer.consume(500, 0.5):
+                if message.error() is not None:
+                    continue
+                records.append(message)
+                if (message.offset() or 0) + 1 >= ends[message.partition() or 0]:
+                    left.discard(message.partition())
+        assert not left, f"{topic}: partitions {sorted(left)} not read to their end in {timeout_s}s"
     finally:
         consumer.close()
     return records

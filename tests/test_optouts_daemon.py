@@ -10,7 +10,7 @@ import pytest
 
 from consumer.daily_jobs import OPTOUTS_JOB
 from tests.daemon import FIRST_NUMBER, Stack
-from tests.helpers import REGISTRY, consume, eventually
+from tests.helpers import REGISTRY, consume, eventually, read_all
 from tests.test_cli import cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -31,7 +31,7 @@ def every_output_byte(stack: Stack) -> list[bytes]:
     topics = stack.topics
     found: list[bytes] = []
     for topic in (topics.status, topics.metrics, topics.templates, topics.dlq, topics.optouts):
-        for record in consume(stack.bootstrap, topic, expected=10_000, timeout_s=3):
+        for record in read_all(stack.bootstrap, topic):
             found += [record.key() or b"", record.value() or b""]
     return found
 

@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 import re
 import signal
-import uuid
 from collections import Counter, defaultdict
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer
 
 from consumer.workflow import CampaignState
 from tests.daemon import Stack, customer_ids
 from tests.fixtures_sandbox import call
-from tests.helpers import REGISTRY, eventually, new_ref
+from tests.helpers import REGISTRY, eventually, new_ref, read_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,27 +33,9 @@ LETTERS = {"D": "DELIVERED", "U": "UNDELIVERED", "I": "INVALID", "E": "EXPIRED",
 A_NUMBER = re.compile(r"4477\d{8}")
 
 
-def read_topic(bootstrap: str, topic: str, quiet_s: float = 3.0) -> list[dict[str, Any]]:
-    """Every record of the topic from the start, decoded: read until nothing came for `quiet_s`."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"probe-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    found: list[dict[str, Any]] = []
-    idle = 0.0
-    try:
-        while idle < quiet_s:
-            batch = [m for m in consumer.consume(500, 0.5) if m.error() is None]
-            idle = 0.0 if batch else idle + 0.5
-            found += [REGISTRY.decode(m.value() or b"").fields for m in batch]
-    finally:
-        consumer.close()
-    return found
+def read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    """Every record the topic holds now, decoded (call it once the outbox is empty)."""
+    return [REGISTRY.decode(m.value() or b"").fields for m in read_all(bootstrap, topic)]
 
 
 async def sandbox_truth(stack: Stack, batch_id: int) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections import Counter, defaultdict
 from datetime import timedelta
 from typing import Any
@@ -26,7 +27,7 @@ from tests.daemon import (
     customer_ids,
     free_port,
 )
-from tests.helpers import REGISTRY, consume, eventually, new_ref
+from tests.helpers import REGISTRY, eventually, new_ref, read_all
 from tests.test_outcomes_daemon import (
     FAST_POLLS,
     LETTERS,
@@ -70,15 +71,17 @@ def taken(customers: list[str]) -> list[str]:
 
 
 def outcome_records(stack: Stack, *groups: list[str]) -> list[dict[str, Any]]:
-    """CustomerOutcomes read from the topic until the customers taken from `groups` are in."""
+    """CustomerOutcomes read from the topic until the customers taken from `groups` are in (or
+    30 s passed: the caller's assertions then say what is missing)."""
     expected_customers = sum(len(taken(group)) for group in groups)
-    records: list[dict[str, Any]] = []
-    for _ in range(6):
-        found = consume(stack.bootstrap, stack.topics.outcomes, expected=10**6, timeout_s=5)
+    deadline = time.monotonic() + 30
+    while True:
+        found = read_all(stack.bootstrap, stack.topics.outcomes)
         records = [REGISTRY.decode(r.value()).fields for r in found]
-        if len({c for r in records for c in r["customer_ids"]}) >= expected_customers:
-            break
-    return records
+        customers = {c for r in records for c in r["customer_ids"]}
+        if len(customers) >= expected_customers or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def assert_each_customer_once(
