@@ -29,6 +29,7 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 
 from consumer.clock import Clock, to_millis
@@ -191,6 +192,7 @@ class MultiSend:
                 await ready.put((text_index, number, payload, count))
 
         router = _Router(plan, family, group.default_language)
+        personal_chunks = _PersonalChunks(self._settings.bulk_chunk_size)
 
         async def visit(contact: ResolvedContact) -> None:
             # Only recipients without a group text: personal ones, and those skipped.
@@ -199,9 +201,12 @@ class MultiSend:
                 tally.skipped[routed.skipped] += 1
                 return
             assert routed.text_index is None, "a group text's recipient was visited"
+            assert routed.personal_text is not None
             tally.fallbacks += routed.fell_back_to_default
             tally.personal[routed.variant] += 1
             tally.personal_parts += routed.parts
+            if personal_chunks.add(contact.number, routed.personal_text, routed.unicode):
+                await self._store.save_personal_chunk(run.key, *personal_chunks.cut())
 
         async def loader() -> None:
             while (item := await ready.get()) is not None:
@@ -233,6 +238,8 @@ class MultiSend:
                     text_of=router.text_of if plan.texts else None,
                     write_chunk=write_chunk,
                 )
+                if personal_chunks.filling:
+                    await self._store.save_personal_chunk(run.key, *personal_chunks.cut())
                 for _ in loaders:
                     await ready.put(None)
         except SegmentNameTaken as taken:
@@ -278,8 +285,12 @@ class MultiSend:
                 self._keys.sub_sends(run.key), _group_name(text_index), json.dumps(entry)
             )
         if tally.personal:
-            personal = {"count": sum(tally.personal.values()), "parts": tally.personal_parts}
-            personal["by_variant"] = dict(tally.personal)  # type: ignore[assignment]
+            personal: dict[str, object] = {
+                "count": sum(tally.personal.values()),
+                "parts": tally.personal_parts,
+                "by_variant": dict(tally.personal),
+                "chunks": personal_chunks.cut_so_far,  # [messages, unicode] of each, in order
+            }
             records[PERSONAL_FIELD] = personal
             transition.set_in(self._keys.sub_sends(run.key), PERSONAL_FIELD, json.dumps(personal))
         event = self._steps.status_event(
@@ -354,7 +365,7 @@ class MultiSend:
     async def send(self, run: CampaignRun) -> None:
         """Credit check, then every sub-send exactly once, then SENT."""
         records = await self._store.sub_sends(run.key)
-        plan, family = _plan_of(records)
+        plan, _ = _plan_of(records)
         if run.snapshot.state == CampaignState.CONTACTS_LOADED and not await self._start_sending(
             run, plan, records
         ):
@@ -364,7 +375,7 @@ class MultiSend:
             if entry and entry.get("count"):
                 await self._send_group(run, records, text_index, planned.text)
         if records.get(PERSONAL_FIELD, {}).get("count"):
-            await self._send_personal(run, records, plan, family)
+            await self._send_personal(run, records)
         await self._record_sent(run, plan, records)
 
     async def _start_sending(
@@ -464,79 +475,33 @@ class MultiSend:
             CampaignState.SEND_PENDING,
         )
 
-    async def _send_personal(
-        self,
-        run: CampaignRun,
-        records: dict[str, dict[str, Any]],
-        plan: SendPlan,
-        family: TemplateFamily,
-    ) -> None:
-        """Resolve again (deterministically) and send each chunk of personal texts once.
+    async def _send_personal(self, run: CampaignRun, records: dict[str, dict[str, Any]]) -> None:
+        """Send each chunk of personal texts once, as the load step cut and kept it.
 
-        Up to CHUNKS_IN_FLIGHT chunks are sent at a time while the resolution cuts the next
-        ones; each is still recorded `pending` before its call and `sent` after. A chunk that
-        fails does not cancel the others in flight: no chunk is started after it, those under
-        way finish and are recorded, then its error is raised.
+        Up to CHUNKS_IN_FLIGHT chunks at a time, each recorded `pending` before its call and
+        `sent` after. A chunk that fails does not cancel the others in flight: no chunk is
+        started after it, those under way finish and are recorded, then its error is raised.
         """
-        group = self._steps.contact_group(run)
-        version = await self._steps.index_version(run)
-        chunk: list[tuple[str, str]] = []
-        chunk_unicode = False
-        number = 0
-        router = _Router(plan, family, group.default_language)
-        ready: asyncio.Queue[tuple[int, list[tuple[str, str]], bool] | None] = asyncio.Queue(
-            maxsize=CHUNKS_IN_FLIGHT
+        chunks = records[PERSONAL_FIELD]["chunks"]
+        unsent = iter(
+            number
+            for number in range(len(chunks))
+            if records.get(f"p{number}", {}).get("state") != SENT
         )
         failures: list[Exception] = []
 
-        async def cut() -> None:
-            nonlocal chunk, chunk_unicode, number
-            if failures:
-                raise failures[0]
-            await ready.put((number, chunk, chunk_unicode))
-            chunk, chunk_unicode, number = [], False, number + 1
-
-        async def visit(contact: ResolvedContact) -> None:
-            nonlocal chunk_unicode
-            routed = router(contact)
-            if routed.personal_text is None:
-                return
-            chunk.append((contact.number, routed.personal_text))
-            chunk_unicode = chunk_unicode or routed.unicode
-            if len(chunk) == self._settings.bulk_chunk_size:
-                await cut()
-
         async def sender() -> None:
-            while (item := await ready.get()) is not None:
+            for number in unsent:
                 if failures:
-                    continue  # drained: nothing new starts after a failure
+                    return  # nothing new starts after a failure
+                count, unicode = chunks[number]
                 try:
-                    await self._send_chunk(run, records, *item)
+                    messages_json = await self._store.personal_chunk(run.key, number)
+                    await self._send_chunk(run, records, number, messages_json, count, unicode)
                 except Exception as exc:  # noqa: BLE001 - raised below, once the others finish
                     failures.append(exc)
 
-        from consumer.steps import first_error_raised
-
-        async with first_error_raised(), asyncio.TaskGroup() as tasks:
-            senders = [tasks.create_task(sender()) for _ in range(CHUNKS_IN_FLIGHT)]
-            try:
-                await self._index.resolve_each(
-                    self._keys.recipients(run.key),
-                    self._keys.recipient_codes(run.key),
-                    run.header.batch_count,
-                    group,
-                    version,
-                    visit,
-                    run.check_lease,
-                )
-                if chunk:
-                    await cut()
-            except Exception as exc:  # noqa: BLE001 - raised below, once the senders finish
-                # Not out of the task group: that would cancel the chunks under way mid-call.
-                if not failures or exc is not failures[0]:
-                    failures.append(exc)
-            for _ in senders:
-                await ready.put(None)
+        await asyncio.gather(*(sender() for _ in range(CHUNKS_IN_FLIGHT)))
         if failures:
             raise failures[0]
 
@@ -545,7 +510,8 @@ class MultiSend:
         run: CampaignRun,
         records: dict[str, dict[str, Any]],
         number: int,
-        messages: list[tuple[str, str]],
+        messages_json: str,
+        count: int,
         unicode: bool,
     ) -> None:
         name_field = f"p{number}"
@@ -553,13 +519,14 @@ class MultiSend:
         if entry.get("state") == SENT:
             return
         if entry.get("state") == PENDING:
-            if await self._chunk_in_history(messages[0], _time(entry.get("attempted_at"))):
+            first = _first_message(messages_json)
+            if await self._chunk_in_history(first, _time(entry.get("attempted_at"))):
                 log_event(log, "campaign.chunk_adopted", campaign=run.key, chunk=number)
                 await self._set_record(
                     run,
                     records,
                     name_field,
-                    {**entry, "state": SENT, "count": len(messages), "batch_ids": []},
+                    {**entry, "state": SENT, "count": count, "batch_ids": []},
                     CampaignState.SEND_PENDING,
                 )
                 return
@@ -569,8 +536,9 @@ class MultiSend:
         await self._set_record(run, records, name_field, entry, CampaignState.SEND_PENDING)
         run.check_lease()
         try:
-            result = await self._client.bulk_json(
-                messages,
+            result = await self._client.bulk_json_encoded(
+                messages_json,
+                count,
                 sender=run.header.sender or self._steps.contact_group(run).sender,
                 test=run.header.test_mode,
                 schedule_time=send_at if scheduled else None,
@@ -591,7 +559,7 @@ class MultiSend:
             {
                 **entry,
                 "state": SENT,
-                "count": len(messages),
+                "count": count,
                 "batch_ids": list(result.batch_ids),
                 "cost": result.cost,
             },
@@ -840,6 +808,45 @@ class _Router:
             if len(self._routes) < self._BOUND:
                 self._routes[key] = routed
         return routed
+
+
+class _PersonalChunks:
+    """Personal texts cut into `bulk_json` chunks as the load step meets them.
+
+    Each message is encoded once, straight into the JSON array `bulk_json` takes (the number
+    is the index's normalised digits, the text a JSON string), so the send step only reads the
+    kept chunks and posts them.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._messages: list[str] = []
+        self._unicode = False
+        self.cut_so_far: list[tuple[int, bool]] = []  # (messages, unicode) of each chunk cut
+
+    @property
+    def filling(self) -> bool:
+        return bool(self._messages)
+
+    def add(self, number: str, text: str, unicode: bool) -> bool:
+        """Add a message; True when the chunk is full (then `cut` it)."""
+        self._messages.append('{"number":"' + number + '","text":' + encode_basestring(text) + "}")
+        self._unicode = self._unicode or unicode
+        return len(self._messages) == self._size
+
+    def cut(self) -> tuple[int, str]:
+        """(the chunk's number, its messages as a JSON array); the next chunk starts empty."""
+        number = len(self.cut_so_far)
+        self.cut_so_far.append((len(self._messages), self._unicode))
+        messages_json = "[" + ",".join(self._messages) + "]"
+        self._messages, self._unicode = [], False
+        return number, messages_json
+
+
+def _first_message(messages_json: str) -> tuple[str, str]:
+    """A kept chunk's first (number, text), decoding only that message."""
+    first, _ = json.JSONDecoder().raw_decode(messages_json, 1)
+    return str(first["number"]), str(first["text"])
 
 
 def _RetrySoon(reason: str, clock: Clock) -> Exception:  # noqa: N802 - reads as the exception

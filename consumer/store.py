@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from consumer.clock import to_millis
 from consumer.codec import SchemaRegistry
-from consumer.errors import ConfigError, StoreUnavailable
+from consumer.errors import ConfigError, PermanentError, StoreUnavailable
 from consumer.events import CampaignRecipients, CampaignScheduled
 from consumer.keys import RedisKeys
 from consumer.workflow import CampaignState
@@ -845,6 +845,20 @@ class CampaignStore:
             members = await self.redis.smembers(self.keys.distinct_codes(key))
             overflow = await self.redis.hexists(self.keys.campaign(key), "codes_overflow")
         return sorted(as_text(member) for member in members), bool(overflow)
+
+    async def save_personal_chunk(self, key: str, number: int, messages_json: str) -> None:
+        """Keep a chunk of personal texts (its `bulk_json` messages array) until it is sent."""
+        with redis_errors("HSET personal chunk"):
+            await self.redis.hset(self.keys.personal_chunks(key), str(number), messages_json)
+
+    async def personal_chunk(self, key: str, number: int) -> str:
+        """A chunk kept by `save_personal_chunk`. Its absence is lost data (Redis without its
+        AOF, or a key deleted by hand), not worth retrying: PermanentError."""
+        with redis_errors("HGET personal chunk"):
+            value = await self.redis.hget(self.keys.personal_chunks(key), str(number))
+        if value is None:
+            raise PermanentError(f"campaign {key}: personal chunk {number} is not in Redis")
+        return as_text(value)
 
     async def loaded_chunk_names(self, key: str) -> set[str]:
         """Chunk names ("text:n") of a multi-text campaign TextLocal has accepted."""
