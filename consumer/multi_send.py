@@ -48,6 +48,7 @@ from consumer.send_plan import (
     VariantChoice,
     choose_variant,
     plan_sends,
+    render,
     route_in,
     template_families,
 )
@@ -764,7 +765,9 @@ class _Router:
     A recipient's variant depends only on their language, and the route of a recipient of a
     group-text variant only on their language and (if the body takes one) own code: both are
     remembered (a bounded number of them). Names are decoded only for a variant whose body uses
-    them.
+    them. A personal text that takes a code and no names, with a plain code (ASCII letters and
+    digits: GSM-7, none from its extension table), costs what any plain code of that length
+    would: it is costed once per (variant, code length), and only rendered per recipient.
     """
 
     _BOUND = 10_000
@@ -775,13 +778,16 @@ class _Router:
         self._default_language = default_language
         self._variants: dict[str, VariantChoice] = {}
         self._routes: dict[tuple[str, str | None], Routed] = {}
+        self._by_code_length: dict[tuple[str, int], Routed] = {}
 
     def __call__(self, contact: ResolvedContact) -> Routed:
         language = contact.language or self._default_language
         choice = self._variant(language)
         if choice.personal:
-            first, last = contact.names() if choice.uses_names else ("", "")
-            return route_in(self._plan, choice, contact.promo_code, first, last)
+            if choice.uses_names:
+                first, last = contact.names()
+                return route_in(self._plan, choice, contact.promo_code, first, last)
+            return self._code_route(choice, contact.promo_code)
         return self._group_route(language, choice, contact.promo_code)
 
     def text_of(self, language: str, promo_code: str | None) -> int | None:
@@ -799,6 +805,24 @@ class _Router:
             if len(self._variants) < self._BOUND:
                 self._variants[language] = choice
         return choice
+
+    def _code_route(self, choice: VariantChoice, promo_code: str | None) -> Routed:
+        """`route_in` for a personal text without names (see the class docstring)."""
+        code = promo_code or self._plan.campaign_code
+        if code is None or not (code.isascii() and code.isalnum()):
+            return route_in(self._plan, choice, promo_code)
+        key = (choice.variant, len(code))
+        like = self._by_code_length.get(key)
+        if like is None:
+            like = route_in(self._plan, choice, code)
+            if len(self._by_code_length) < self._BOUND:
+                self._by_code_length[key] = like
+        if like.skipped:  # too long: so is every code of that length
+            return like
+        text = render(choice.body, code)
+        return Routed(
+            None, text, like.variant, like.fell_back_to_default, None, like.parts, like.unicode
+        )
 
     def _group_route(self, language: str, choice: VariantChoice, promo_code: str | None) -> Routed:
         key = (language, promo_code if choice.takes_code else None)
