@@ -48,7 +48,6 @@ from consumer.send_plan import (
     VariantChoice,
     choose_variant,
     plan_sends,
-    render,
     route_in,
     template_families,
 )
@@ -57,6 +56,7 @@ from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient
 from consumer.textlocal_types import Template
 from consumer.workflow import (
+    PROMO_CODE_PLACEHOLDER,
     CampaignState,
     message_cost,
     poll_slot,
@@ -782,7 +782,7 @@ class _Router:
 
     def __call__(self, contact: ResolvedContact) -> Routed:
         language = contact.language or self._default_language
-        choice = self._variant(language)
+        choice = self._variants.get(language) or self._variant(language)
         if choice.personal:
             if choice.uses_names:
                 first, last = contact.names()
@@ -819,7 +819,7 @@ class _Router:
                 self._by_code_length[key] = like
         if like.skipped:  # too long: so is every code of that length
             return like
-        text = render(choice.body, code)
+        text = choice.body.replace(PROMO_CODE_PLACEHOLDER, code)  # `render`, without names
         return Routed(
             None, text, like.variant, like.fell_back_to_default, None, like.parts, like.unicode
         )
