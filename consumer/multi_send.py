@@ -6,7 +6,7 @@ at READY (`send_plan.plan_sends`; the plan and the bodies it renders are recorde
 edited later does not change a campaign under way) and then:
 
     SEGMENT_CREATED ─resolve; each group text's contacts into its own segment, created when its
-                     first chunk is cut; personal texts counted─► CONTACTS_LOADED
+                     first chunk is cut; personal texts cut into chunks, kept─► CONTACTS_LOADED
     CONTACTS_LOADED ─credit check on the total─► SEND_PENDING ─every sub-send, each once─► SENT
 
 Each sub-send is exactly-once on its own, recorded in `keys.sub_sends` by fenced transitions:
@@ -18,7 +18,10 @@ Each sub-send is exactly-once on its own, recorded in `keys.sub_sends` by fenced
   (number, text) and the chunk adopted if found (its batch id then unknown: its messages are not
   in the delivery polls), sent again only when absent after the grace.
 Resolution is deterministic (batches in order, the index version recorded), so the chunks of a
-resumed step are the same and only those not recorded are loaded or sent.
+resumed load are the same and only those not recorded are loaded. The chunks of personal texts
+are encoded once, at loading, and kept in Redis until the campaign is sent (docs/DECISIONS.md:
+about 88 MB per million recipients): the send step posts them without resolving or rendering
+again, and only those not recorded `sent`.
 """
 
 from __future__ import annotations
