@@ -40,6 +40,7 @@ from consumer.contact_index import ContactIndex, ResolvedContact
 from consumer.errors import TextLocalApiError, TextLocalOutcomeUnknown, TransientError
 from consumer.events import RecipientCounts, StatusCode, StatusError, SubSendSummary
 from consumer.fault_points import FaultPoints
+from consumer.leased_work import LeaseLost
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import status_entry
@@ -210,7 +211,7 @@ class MultiSend:
             tally.personal[routed.variant] += 1
             tally.personal_parts += routed.parts
             if personal_chunks.add(contact.number, routed.personal_text, routed.unicode):
-                await self._store.save_personal_chunk(run.key, *personal_chunks.cut())
+                await self._keep_chunk(run, *personal_chunks.cut())
 
         async def loader() -> None:
             while (item := await ready.get()) is not None:
@@ -243,7 +244,7 @@ class MultiSend:
                     write_chunk=write_chunk,
                 )
                 if personal_chunks.filling:
-                    await self._store.save_personal_chunk(run.key, *personal_chunks.cut())
+                    await self._keep_chunk(run, *personal_chunks.cut())
                 for _ in loaders:
                     await ready.put(None)
         except SegmentNameTaken as taken:
@@ -325,6 +326,16 @@ class MultiSend:
             **{f"skipped_{reason}": count for reason, count in tally.skipped.items()},
             **vars(counts),
         )
+
+    async def _keep_chunk(self, run: CampaignRun, number: int, messages_json: str) -> None:
+        """Keep a cut chunk of personal texts, fenced like every write of a step: a replica
+        that lost the campaign cannot overwrite the chunks of the one that has it."""
+        transition = self._steps.fenced(run, CampaignState.SEGMENT_CREATED).set_in(
+            self._keys.personal_chunks(run.key), str(number), messages_json
+        )
+        result = await self._store.apply(transition, self._clock.now())
+        if not result.ok:
+            raise LeaseLost(f"{run.key}: {result.reason}")
 
     async def _ensure_group(
         self, run: CampaignRun, records: dict[str, dict[str, Any]], text_index: int

@@ -846,14 +846,10 @@ class CampaignStore:
             overflow = await self.redis.hexists(self.keys.campaign(key), "codes_overflow")
         return sorted(as_text(member) for member in members), bool(overflow)
 
-    async def save_personal_chunk(self, key: str, number: int, messages_json: str) -> None:
-        """Keep a chunk of personal texts (its `bulk_json` messages array) until it is sent."""
-        with redis_errors("HSET personal chunk"):
-            await self.redis.hset(self.keys.personal_chunks(key), str(number), messages_json)
-
     async def personal_chunk(self, key: str, number: int) -> str:
-        """A chunk kept by `save_personal_chunk`. Its absence is lost data (Redis without its
-        AOF, or a key deleted by hand), not worth retrying: PermanentError."""
+        """A chunk of personal texts the load step kept (a fenced `Transition.set_in`, see
+        multi_send). Its absence is lost data (Redis without its AOF, or a key deleted by
+        hand), not worth retrying: PermanentError."""
         with redis_errors("HGET personal chunk"):
             value = await self.redis.hget(self.keys.personal_chunks(key), str(number))
         if value is None:
