@@ -100,6 +100,14 @@ class Resolution:
     chunks: int
 
 
+# A resolution loop hands the event loop a turn every this many fields (1,000 customers). Its
+# awaits rarely suspend (a visit or a chunk queued without waiting), and a loop that never
+# suspends keeps the next batch's lookup from even being sent to Redis (and the loaders' calls
+# from being read): the prefetch would only start once the batch is done, and Redis's work and
+# ours would add up instead of overlapping (1M personal texts: ~2.5 s of Redis CPU).
+_YIELD_EVERY = 2000
+
+
 @dataclass(frozen=True)
 class IndexBuild:
     """What a rebuild found."""
@@ -160,6 +168,8 @@ class ContactIndex:
                 following = None if last else asyncio.ensure_future(fetch(batch + 1))
                 taken: list[tuple[str, str]] = []
                 for position in range(0, len(fields), 2):
+                    if position % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # see _YIELD_EVERY
                     entry = fields[position + 1]
                     if not entry:
                         unmatched += 1
@@ -238,6 +248,8 @@ class ContactIndex:
                 following = None if last else asyncio.ensure_future(fetch(batch + 1))
                 taken: list[tuple[str, str]] = []
                 for position in range(0, len(fields), 2):
+                    if position % _YIELD_EVERY == 0:
+                        await asyncio.sleep(0)  # see _YIELD_EVERY
                     entry = fields[position + 1]
                     if not entry:
                         unmatched += 1

@@ -94,6 +94,7 @@ class InternalErrorEnding:
             .delete_key(keys.recipient_codes(key))
             .delete_key(keys.distinct_codes(key))
             .delete_key(keys.sub_sends(key))
+            .delete_key(keys.personal_chunks(key))
             .emit(keys.outbox, status_entry(self._registry, event))
             .expire(keys.campaign(key), FINISHED_CAMPAIGN_RETENTION_S)
         )

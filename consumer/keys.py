@@ -44,6 +44,11 @@ class RedisKeys:
         """Hash: the send plan and each sub-send's record (group texts, personal chunks)."""
         return f"{self.prefix}campaign:{key}:sends"
 
+    def personal_chunks(self, key: str) -> str:
+        """Hash: chunk number → that chunk of personal texts, the JSON array of its `bulk_json`
+        messages, cut when the contacts were loaded (see multi_send)."""
+        return f"{self.prefix}campaign:{key}:personal-chunks"
+
     def chunks_loaded(self, key: str) -> str:
         """Set of chunk indexes TextLocal has accepted (chunks: see contact_index.resolve)."""
         return f"{self.prefix}campaign:{key}:chunks-loaded"

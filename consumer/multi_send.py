@@ -6,7 +6,7 @@ at READY (`send_plan.plan_sends`; the plan and the bodies it renders are recorde
 edited later does not change a campaign under way) and then:
 
     SEGMENT_CREATED ─resolve; each group text's contacts into its own segment, created when its
-                     first chunk is cut; personal texts counted─► CONTACTS_LOADED
+                     first chunk is cut; personal texts cut into chunks, kept─► CONTACTS_LOADED
     CONTACTS_LOADED ─credit check on the total─► SEND_PENDING ─every sub-send, each once─► SENT
 
 Each sub-send is exactly-once on its own, recorded in `keys.sub_sends` by fenced transitions:
@@ -18,7 +18,10 @@ Each sub-send is exactly-once on its own, recorded in `keys.sub_sends` by fenced
   (number, text) and the chunk adopted if found (its batch id then unknown: its messages are not
   in the delivery polls), sent again only when absent after the grace.
 Resolution is deterministic (batches in order, the index version recorded), so the chunks of a
-resumed step are the same and only those not recorded are loaded or sent.
+resumed load are the same and only those not recorded are loaded. The chunks of personal texts
+are encoded once, at loading, and kept in Redis until the campaign is sent (docs/DECISIONS.md:
+about 88 MB per million recipients): the send step posts them without resolving or rendering
+again, and only those not recorded `sent`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 
 from consumer.clock import Clock, to_millis
@@ -36,6 +40,7 @@ from consumer.contact_index import ContactIndex, ResolvedContact
 from consumer.errors import TextLocalApiError, TextLocalOutcomeUnknown, TransientError
 from consumer.events import RecipientCounts, StatusCode, StatusError, SubSendSummary
 from consumer.fault_points import FaultPoints
+from consumer.leased_work import LeaseLost
 from consumer.logs import log_event
 from consumer.metrics import Metrics
 from consumer.outbox import status_entry
@@ -55,6 +60,7 @@ from consumer.templates import TemplateCopy
 from consumer.textlocal import TextLocalClient
 from consumer.textlocal_types import Template
 from consumer.workflow import (
+    PROMO_CODE_PLACEHOLDER,
     CampaignState,
     message_cost,
     poll_slot,
@@ -190,6 +196,7 @@ class MultiSend:
                 await ready.put((text_index, number, payload, count))
 
         router = _Router(plan, family, group.default_language)
+        personal_chunks = _PersonalChunks(self._settings.bulk_chunk_size)
 
         async def visit(contact: ResolvedContact) -> None:
             # Only recipients without a group text: personal ones, and those skipped.
@@ -198,9 +205,12 @@ class MultiSend:
                 tally.skipped[routed.skipped] += 1
                 return
             assert routed.text_index is None, "a group text's recipient was visited"
+            assert routed.personal_text is not None
             tally.fallbacks += routed.fell_back_to_default
             tally.personal[routed.variant] += 1
             tally.personal_parts += routed.parts
+            if personal_chunks.add(contact.number, routed.personal_text, routed.unicode):
+                await self._keep_chunk(run, *personal_chunks.cut())
 
         async def loader() -> None:
             while (item := await ready.get()) is not None:
@@ -233,6 +243,8 @@ class MultiSend:
                     write_chunk=write_chunk,
                     on_matched=self._steps.numbers_recorder(run),
                 )
+                if personal_chunks.filling:
+                    await self._keep_chunk(run, *personal_chunks.cut())
                 for _ in loaders:
                     await ready.put(None)
         except SegmentNameTaken as taken:
@@ -278,8 +290,12 @@ class MultiSend:
                 self._keys.sub_sends(run.key), _group_name(text_index), json.dumps(entry)
             )
         if tally.personal:
-            personal = {"count": sum(tally.personal.values()), "parts": tally.personal_parts}
-            personal["by_variant"] = dict(tally.personal)  # type: ignore[assignment]
+            personal: dict[str, object] = {
+                "count": sum(tally.personal.values()),
+                "parts": tally.personal_parts,
+                "by_variant": dict(tally.personal),
+                "chunks": personal_chunks.cut_so_far,  # [messages, unicode] of each, in order
+            }
             records[PERSONAL_FIELD] = personal
             transition.set_in(self._keys.sub_sends(run.key), PERSONAL_FIELD, json.dumps(personal))
         event = self._steps.status_event(
@@ -311,6 +327,16 @@ class MultiSend:
             **{f"skipped_{reason}": count for reason, count in tally.skipped.items()},
             **vars(counts),
         )
+
+    async def _keep_chunk(self, run: CampaignRun, number: int, messages_json: str) -> None:
+        """Keep a cut chunk of personal texts, fenced like every write of a step: a replica
+        that lost the campaign cannot overwrite the chunks of the one that has it."""
+        transition = self._steps.fenced(run, CampaignState.SEGMENT_CREATED).set_in(
+            self._keys.personal_chunks(run.key), str(number), messages_json
+        )
+        result = await self._store.apply(transition, self._clock.now())
+        if not result.ok:
+            raise LeaseLost(f"{run.key}: {result.reason}")
 
     async def _ensure_group(
         self, run: CampaignRun, records: dict[str, dict[str, Any]], text_index: int
@@ -355,7 +381,7 @@ class MultiSend:
     async def send(self, run: CampaignRun) -> None:
         """Credit check, then every sub-send exactly once, then SENT."""
         records = await self._store.sub_sends(run.key)
-        plan, family = _plan_of(records)
+        plan, _ = _plan_of(records)
         if run.snapshot.state == CampaignState.CONTACTS_LOADED and not await self._start_sending(
             run, plan, records
         ):
@@ -365,7 +391,7 @@ class MultiSend:
             if entry and entry.get("count"):
                 await self._send_group(run, records, text_index, planned.text)
         if records.get(PERSONAL_FIELD, {}).get("count"):
-            await self._send_personal(run, records, plan, family)
+            await self._send_personal(run, records)
         await self._record_sent(run, plan, records)
 
     async def _start_sending(
@@ -467,79 +493,33 @@ class MultiSend:
             CampaignState.SEND_PENDING,
         )
 
-    async def _send_personal(
-        self,
-        run: CampaignRun,
-        records: dict[str, dict[str, Any]],
-        plan: SendPlan,
-        family: TemplateFamily,
-    ) -> None:
-        """Resolve again (deterministically) and send each chunk of personal texts once.
+    async def _send_personal(self, run: CampaignRun, records: dict[str, dict[str, Any]]) -> None:
+        """Send each chunk of personal texts once, as the load step cut and kept it.
 
-        Up to CHUNKS_IN_FLIGHT chunks are sent at a time while the resolution cuts the next
-        ones; each is still recorded `pending` before its call and `sent` after. A chunk that
-        fails does not cancel the others in flight: no chunk is started after it, those under
-        way finish and are recorded, then its error is raised.
+        Up to CHUNKS_IN_FLIGHT chunks at a time, each recorded `pending` before its call and
+        `sent` after. A chunk that fails does not cancel the others in flight: no chunk is
+        started after it, those under way finish and are recorded, then its error is raised.
         """
-        group = self._steps.contact_group(run)
-        version = await self._steps.index_version(run)
-        chunk: list[tuple[str, str]] = []
-        chunk_unicode = False
-        number = 0
-        router = _Router(plan, family, group.default_language)
-        ready: asyncio.Queue[tuple[int, list[tuple[str, str]], bool] | None] = asyncio.Queue(
-            maxsize=CHUNKS_IN_FLIGHT
+        chunks = records[PERSONAL_FIELD]["chunks"]
+        unsent = iter(
+            number
+            for number in range(len(chunks))
+            if records.get(f"p{number}", {}).get("state") != SENT
         )
         failures: list[Exception] = []
 
-        async def cut() -> None:
-            nonlocal chunk, chunk_unicode, number
-            if failures:
-                raise failures[0]
-            await ready.put((number, chunk, chunk_unicode))
-            chunk, chunk_unicode, number = [], False, number + 1
-
-        async def visit(contact: ResolvedContact) -> None:
-            nonlocal chunk_unicode
-            routed = router(contact)
-            if routed.personal_text is None:
-                return
-            chunk.append((contact.number, routed.personal_text))
-            chunk_unicode = chunk_unicode or routed.unicode
-            if len(chunk) == self._settings.bulk_chunk_size:
-                await cut()
-
         async def sender() -> None:
-            while (item := await ready.get()) is not None:
+            for number in unsent:
                 if failures:
-                    continue  # drained: nothing new starts after a failure
+                    return  # nothing new starts after a failure
+                count, unicode = chunks[number]
                 try:
-                    await self._send_chunk(run, records, *item)
+                    messages_json = await self._store.personal_chunk(run.key, number)
+                    await self._send_chunk(run, records, number, messages_json, count, unicode)
                 except Exception as exc:  # noqa: BLE001 - raised below, once the others finish
                     failures.append(exc)
 
-        from consumer.steps import first_error_raised
-
-        async with first_error_raised(), asyncio.TaskGroup() as tasks:
-            senders = [tasks.create_task(sender()) for _ in range(CHUNKS_IN_FLIGHT)]
-            try:
-                await self._index.resolve_each(
-                    self._keys.recipients(run.key),
-                    self._keys.recipient_codes(run.key),
-                    run.header.batch_count,
-                    group,
-                    version,
-                    visit,
-                    run.check_lease,
-                )
-                if chunk:
-                    await cut()
-            except Exception as exc:  # noqa: BLE001 - raised below, once the senders finish
-                # Not out of the task group: that would cancel the chunks under way mid-call.
-                if not failures or exc is not failures[0]:
-                    failures.append(exc)
-            for _ in senders:
-                await ready.put(None)
+        await asyncio.gather(*(sender() for _ in range(CHUNKS_IN_FLIGHT)))
         if failures:
             raise failures[0]
 
@@ -548,7 +528,8 @@ class MultiSend:
         run: CampaignRun,
         records: dict[str, dict[str, Any]],
         number: int,
-        messages: list[tuple[str, str]],
+        messages_json: str,
+        count: int,
         unicode: bool,
     ) -> None:
         name_field = f"p{number}"
@@ -556,13 +537,14 @@ class MultiSend:
         if entry.get("state") == SENT:
             return
         if entry.get("state") == PENDING:
-            if await self._chunk_in_history(messages[0], _time(entry.get("attempted_at"))):
+            first = _first_message(messages_json)
+            if await self._chunk_in_history(first, _time(entry.get("attempted_at"))):
                 log_event(log, "campaign.chunk_adopted", campaign=run.key, chunk=number)
                 await self._set_record(
                     run,
                     records,
                     name_field,
-                    {**entry, "state": SENT, "count": len(messages), "batch_ids": []},
+                    {**entry, "state": SENT, "count": count, "batch_ids": []},
                     CampaignState.SEND_PENDING,
                 )
                 return
@@ -573,8 +555,9 @@ class MultiSend:
         custom = await self._steps.send_reference(run, send_at)
         run.check_lease()
         try:
-            result = await self._client.bulk_json(
-                messages,
+            result = await self._client.bulk_json_encoded(
+                messages_json,
+                count,
                 sender=run.header.sender or self._steps.contact_group(run).sender,
                 test=run.header.test_mode,
                 schedule_time=send_at if scheduled else None,
@@ -596,7 +579,7 @@ class MultiSend:
             {
                 **entry,
                 "state": SENT,
-                "count": len(messages),
+                "count": count,
                 "batch_ids": list(result.batch_ids),
                 "cost": result.cost,
             },
@@ -801,7 +784,9 @@ class _Router:
     A recipient's variant depends only on their language, and the route of a recipient of a
     group-text variant only on their language and (if the body takes one) own code: both are
     remembered (a bounded number of them). Names are decoded only for a variant whose body uses
-    them.
+    them. A personal text that takes a code and no names, with a plain code (ASCII letters and
+    digits: GSM-7, none from its extension table), costs what any plain code of that length
+    would: it is costed once per (variant, code length), and only rendered per recipient.
     """
 
     _BOUND = 10_000
@@ -812,13 +797,16 @@ class _Router:
         self._default_language = default_language
         self._variants: dict[str, VariantChoice] = {}
         self._routes: dict[tuple[str, str | None], Routed] = {}
+        self._by_code_length: dict[tuple[str, int], Routed] = {}
 
     def __call__(self, contact: ResolvedContact) -> Routed:
         language = contact.language or self._default_language
-        choice = self._variant(language)
+        choice = self._variants.get(language) or self._variant(language)
         if choice.personal:
-            first, last = contact.names() if choice.uses_names else ("", "")
-            return route_in(self._plan, choice, contact.promo_code, first, last)
+            if choice.uses_names:
+                first, last = contact.names()
+                return route_in(self._plan, choice, contact.promo_code, first, last)
+            return self._code_route(choice, contact.promo_code)
         return self._group_route(language, choice, contact.promo_code)
 
     def text_of(self, language: str, promo_code: str | None) -> int | None:
@@ -837,6 +825,24 @@ class _Router:
                 self._variants[language] = choice
         return choice
 
+    def _code_route(self, choice: VariantChoice, promo_code: str | None) -> Routed:
+        """`route_in` for a personal text without names (see the class docstring)."""
+        code = promo_code or self._plan.campaign_code
+        if code is None or not (code.isascii() and code.isalnum()):
+            return route_in(self._plan, choice, promo_code)
+        key = (choice.variant, len(code))
+        like = self._by_code_length.get(key)
+        if like is None:
+            like = route_in(self._plan, choice, code)
+            if len(self._by_code_length) < self._BOUND:
+                self._by_code_length[key] = like
+        if like.skipped:  # too long: so is every code of that length
+            return like
+        text = choice.body.replace(PROMO_CODE_PLACEHOLDER, code)  # `render`, without names
+        return Routed(
+            None, text, like.variant, like.fell_back_to_default, None, like.parts, like.unicode
+        )
+
     def _group_route(self, language: str, choice: VariantChoice, promo_code: str | None) -> Routed:
         key = (language, promo_code if choice.takes_code else None)
         routed = self._routes.get(key)
@@ -845,6 +851,45 @@ class _Router:
             if len(self._routes) < self._BOUND:
                 self._routes[key] = routed
         return routed
+
+
+class _PersonalChunks:
+    """Personal texts cut into `bulk_json` chunks as the load step meets them.
+
+    Each message is encoded once, straight into the JSON array `bulk_json` takes (the number
+    is the index's normalised digits, the text a JSON string), so the send step only reads the
+    kept chunks and posts them.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._messages: list[str] = []
+        self._unicode = False
+        self.cut_so_far: list[tuple[int, bool]] = []  # (messages, unicode) of each chunk cut
+
+    @property
+    def filling(self) -> bool:
+        return bool(self._messages)
+
+    def add(self, number: str, text: str, unicode: bool) -> bool:
+        """Add a message; True when the chunk is full (then `cut` it)."""
+        self._messages.append('{"number":"' + number + '","text":' + encode_basestring(text) + "}")
+        self._unicode = self._unicode or unicode
+        return len(self._messages) == self._size
+
+    def cut(self) -> tuple[int, str]:
+        """(the chunk's number, its messages as a JSON array); the next chunk starts empty."""
+        number = len(self.cut_so_far)
+        self.cut_so_far.append((len(self._messages), self._unicode))
+        messages_json = "[" + ",".join(self._messages) + "]"
+        self._messages, self._unicode = [], False
+        return number, messages_json
+
+
+def _first_message(messages_json: str) -> tuple[str, str]:
+    """A kept chunk's first (number, text), decoding only that message."""
+    first, _ = json.JSONDecoder().raw_decode(messages_json, 1)
+    return str(first["number"]), str(first["text"])
 
 
 def _RetrySoon(reason: str, clock: Clock) -> Exception:  # noqa: N802 - reads as the exception

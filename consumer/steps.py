@@ -724,6 +724,7 @@ class CampaignSteps:
             self._keys.recipient_codes(key),
             self._keys.distinct_codes(key),
             self._keys.sub_sends(key),
+            self._keys.personal_chunks(key),
         )
 
     # --- helpers -------------------------------------------------------------------------------

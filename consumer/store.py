@@ -41,7 +41,7 @@ from consumer.campaign_record import (
 )
 from consumer.clock import to_millis, to_unix_s
 from consumer.codec import SchemaRegistry
-from consumer.errors import ConfigError, StoreUnavailable
+from consumer.errors import ConfigError, PermanentError, StoreUnavailable
 from consumer.events import CampaignRecipients, CampaignScheduled, RecipientCounts
 from consumer.keys import RedisKeys
 from consumer.workflow import CampaignState
@@ -1037,6 +1037,16 @@ class CampaignStore:
                 self.keys.campaign(key), CampaignSnapshot.codes_overflow.name
             )
         return sorted(as_text(member) for member in members), bool(overflow)
+
+    async def personal_chunk(self, key: str, number: int) -> str:
+        """A chunk of personal texts the load step kept (a fenced `Transition.set_in`, see
+        multi_send). Its absence is lost data (Redis without its AOF, or a key deleted by
+        hand), not worth retrying: PermanentError."""
+        with redis_errors("HGET personal chunk"):
+            value = await self.redis.hget(self.keys.personal_chunks(key), str(number))
+        if value is None:
+            raise PermanentError(f"campaign {key}: personal chunk {number} is not in Redis")
+        return as_text(value)
 
     async def loaded_chunk_names(self, key: str) -> set[str]:
         """Chunk names ("text:n") of a multi-text campaign TextLocal has accepted."""

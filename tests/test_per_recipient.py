@@ -8,6 +8,7 @@ campaign's texts, sends each group text to its own segment and the personal ones
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -232,3 +233,32 @@ async def test_cancelling_a_scheduled_multi_text_campaign_sends_nothing(rig: Wor
     assert snapshot.state == CampaignState.CANCELLED
     await rig.sandbox.admin.advance_clock(timedelta(hours=3))
     assert await rig.sandbox.admin.messages() == []
+
+
+async def test_personal_chunks_go_out_as_kept_at_loading(
+    rig: WorkflowRig, redis_client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The send step posts the chunks the load step kept: it needs no contact index, and the
+    kept chunks are deleted once the campaign is SENT."""
+    await rig.sandbox.admin.set_faults([FaultRule("http_5xx", command="balance")])
+    ref = new_ref()
+    ids = customer_ids(1, 20)
+    own = {cid: f"U{i}" for i, cid in enumerate(ids)}
+    await rig.submit(ref, ids, promo_codes=(), customer_codes=own)
+    await rig.executor.run_until_idle()
+    assert await rig.state(ref) == CampaignState.CONTACTS_LOADED  # the credit check cannot run
+    kept = [await rig.store.personal_chunk(ref.key, number) for number in range(3)]
+    assert [len(json.loads(chunk)) for chunk in kept] == [7, 7, 6]
+    index_keys = [key async for key in redis_client.scan_iter(match=f"{key_prefix}contacts:*")]
+    await redis_client.delete(*index_keys)  # the index is gone (expired, rebuilt elsewhere)
+    await rig.sandbox.admin.set_faults([])
+    for _ in range(6):
+        rig.clock.advance(timedelta(minutes=5))
+        await rig.executor.run_until_idle()
+        if await rig.state(ref) == CampaignState.SENT:
+            break
+    assert await rig.state(ref) == CampaignState.SENT
+    texts = await texts_by_number(rig)
+    assert {texts[number_of(cid)] for cid in ids} == {expected_text(cid, own[cid]) for cid in ids}
+    assert (await rig.sandbox.admin.call_counts())["bulk_json"] == 3
+    assert not await redis_client.exists(rig.store.keys.personal_chunks(ref.key))

@@ -120,3 +120,31 @@ def test_own_codes_win_and_the_rest_take_the_campaign_code() -> None:
     assert route(no_campaign_code, FAMILY, Recipient("", None)).skipped == "no_promo_code"
     unmatched = route(plan, FAMILY, Recipient("es", None))
     assert unmatched.fell_back_to_default
+
+
+def test_the_executors_memoised_routes_are_the_rules_routes() -> None:
+    """The executor's router (costs kept per code length) routes exactly as `route` does."""
+    from consumer.contact_index import ResolvedContact
+    from consumer.multi_send import _Router
+
+    long_body = "x" * 740 + " [%PROMO_CODE%]"  # over 765 characters with a code of 11 or more
+    family = template_families(
+        [
+            template(1, "OPT_Code", "Code [%PROMO_CODE%] at Shop & Co"),
+            template(2, "OPT_Code [de]", "Größer Sale ❤ [%PROMO_CODE%] [%PROMO_CODE%]"),
+            template(3, "OPT_Code [fr]", long_body),
+            template(4, "OPT_Code [it]", "Ciao [%FIRST_NAME|amico%], [%PROMO_CODE%]"),
+        ]
+    )[1]
+    codes = ["A1", "B2", "LONGERCODE12", "x" * 150, "A{B", "ÄÖ1", "A B", "", None]
+    for campaign_codes in ((), ("SAVE",)):
+        plan = plan_sends(family, campaign_codes, ["A1"], True, max_group_texts=20)
+        assert isinstance(plan, SendPlan)
+        router = _Router(plan, family, default_language="")
+        for language in ("", "de", "fr", "it", "es"):
+            for code in codes:
+                fields = '"number":"447700900001","first_name":"Ann","last_name":""'
+                contact = ResolvedContact("C1", "447700900001", language, fields, code or None)
+                expected = route(plan, family, Recipient(language, code or None, "Ann", ""))
+                assert router(contact) == expected, (campaign_codes, language, code)
+                assert router(contact) == expected  # memoised: the same again
