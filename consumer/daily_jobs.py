@@ -18,11 +18,12 @@ import.
 On success the job records its last success (`keys.daily_job_last_success`, Unix ms, and the
 `daily_job_last_success_timestamp_seconds` gauge) and releases the lock. On failure it keeps the
 lock for `retry_after`, so no replica tries again before then; the next attempt is that much
-later. After `max_failures` failed runs in a row (whatever the error: a bug is reported like an
-outage) it keeps the lock until the next scheduled time and logs `daily.job_given_up`. The
-CLI runs a job on demand with `force=True`: due or not, but still under the lock, so it
-never runs beside a scheduled run (it answers "locked" instead, as it does during a failed run's
-back-off).
+later — `outage_retry_after` (30 s) when the failure was Redis being away, which is waited out
+like any outage. After `max_failures` failed runs in a row (whatever the error: a bug is
+reported like an outage) it keeps the lock until the next scheduled time and logs
+`daily.job_given_up`. The CLI runs a job on demand with `force=True`: due or not, but still
+under the lock, so it never runs beside a scheduled run (it answers "locked" instead, as it does
+during a failed run's back-off).
 
 The loop sleeps on the injected clock's terms: it wakes every `wake_every_s` (real seconds) and
 compares the clock with the next scheduled time, so a test that moves the clock is noticed within
@@ -43,7 +44,7 @@ from consumer.catalog import TemplateCatalog
 from consumer.clock import Clock, monotonic_s, pause
 from consumer.contact_index import ContactIndex
 from consumer.dependencies import FailureStreak
-from consumer.errors import ConsumerError
+from consumer.errors import ConsumerError, StoreUnavailable
 from consumer.leased_work import Lease, keep_lease
 from consumer.logs import log_event
 from consumer.metrics import Metrics
@@ -92,6 +93,10 @@ class DailyJobSettings:
     # lock not released) holds the job up for half a minute, not ten.
     lock_ttl: timedelta = timedelta(seconds=30)
     retry_after: timedelta = timedelta(minutes=15)
+    # The back-off after a run that failed because Redis was away (StoreUnavailable): the job
+    # goes again soon after the outage, not `retry_after` later, since campaigns may be waiting
+    # for its contact index (DESIGN §6a: outages are waited out).
+    outage_retry_after: timedelta = timedelta(seconds=30)
     wake_every_s: float = 5.0
     # Failed runs in a row after which a job is not tried again before its next run time.
     max_failures: int = 5
@@ -218,6 +223,8 @@ class DailyJobs:
                 await self._store.release_lease(lock, token)
             else:
                 hold = self._settings.retry_after
+                if isinstance(exc, StoreUnavailable):
+                    hold = min(hold, self._settings.outage_retry_after)
                 if given_up:
                     now = self._clock.now()
                     hold = next_run_time(now, self._settings.run_at) - now

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -25,6 +26,7 @@ from consumer.daily_jobs import (
     latest_run_time,
     next_run_time,
 )
+from consumer.errors import StoreUnavailable
 from consumer.keys import RedisKeys
 from consumer.metrics import Metrics
 from consumer.optouts import OptOutImporter
@@ -86,7 +88,11 @@ class JobsRig:
     clock: ManualClock
 
     def replica(
-        self, owner: str, retry_after: timedelta = timedelta(minutes=15)
+        self,
+        owner: str,
+        retry_after: timedelta = timedelta(minutes=15),
+        outage_retry_after: timedelta = timedelta(seconds=30),
+        index: ContactIndex | None = None,
     ) -> tuple[DailyJobs, Metrics]:
         metrics = Metrics(CollectorRegistry())
         copy = TemplateCopy(self.store, self.client)
@@ -94,10 +100,15 @@ class JobsRig:
         jobs = DailyJobs(
             self.store,
             catalog,
-            self.index,
+            index or self.index,
             self.client,
             self.groups,
-            DailyJobSettings(run_at=AT_3, retry_after=retry_after, wake_every_s=0.02),
+            DailyJobSettings(
+                run_at=AT_3,
+                retry_after=retry_after,
+                outage_retry_after=outage_retry_after,
+                wake_every_s=0.02,
+            ),
             self.clock,
             metrics,
             owner,
@@ -242,6 +253,38 @@ async def test_a_failed_run_backs_off_then_runs_again(rig: JobsRig) -> None:
         )
         == 1
     )
+
+
+class IndexWithRedisAway(ContactIndex):
+    """The contact index whose first rebuild meets Redis away (as a SIGKILLed Redis would
+    make it fail), then works."""
+
+    failed = False
+
+    async def rebuild(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise StoreUnavailable("Redis HSET contact index: ConnectionError (test)")
+        return await super().rebuild(*args, **kwargs)
+
+
+@pytest.mark.integration
+async def test_a_run_failed_by_a_redis_outage_goes_again_soon_after(rig: JobsRig) -> None:
+    """A contact refresh that failed because Redis was away holds the job only for the short
+    outage back-off, not `retry_after` (15 min): campaigns may be waiting for its index."""
+    rig.clock.set(utc(5, 3, 30))
+    away = IndexWithRedisAway(ContactStore(rig.store.redis, rig.store.keys))
+    jobs, _ = rig.replica("r1", outage_retry_after=timedelta(milliseconds=300), index=away)
+    failed = await jobs.run_job(CONTACTS_JOB)
+    assert (failed.ran, failed.ok, failed.reason) == (True, False, "failed")
+    other, _ = rig.replica("r2")
+    assert (await other.run_job(CONTACTS_JOB)).reason == "locked"  # the short back-off
+
+    async def ran_again() -> bool:
+        return (await other.run_job(CONTACTS_JOB)).reason == "done"
+
+    await eventually(ran_again, timeout_s=5, interval_s=0.05)
+    assert await rig.index.size(rig.groups[0].group_id) == UK_CONTACTS
 
 
 @pytest.mark.integration
