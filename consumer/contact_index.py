@@ -19,11 +19,12 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from consumer.clock import to_millis
 from consumer.contact_store import ContactStore
@@ -108,6 +109,32 @@ class Resolution:
 _YIELD_EVERY = 2000
 
 
+BatchT = TypeVar("BatchT")
+
+
+async def prefetched_batches(
+    fetch: Callable[[int], Awaitable[BatchT]], batch_count: int, check: Callable[[], None]
+) -> AsyncGenerator[BatchT, None]:
+    """Batches 0 … batch_count-1, in order, each fetched while the caller works on the one
+    before (Redis looks the next batch up meanwhile); `check` runs after each batch's work (the
+    caller's lease check). Use it under `contextlib.aclosing`, so a lookup in flight is
+    cancelled when the caller stops early."""
+    if not batch_count:
+        return
+    current = await fetch(0)
+    following: asyncio.Future[BatchT] | None = None
+    try:
+        for batch in range(1, batch_count + 1):
+            following = asyncio.ensure_future(fetch(batch)) if batch < batch_count else None
+            yield current
+            check()
+            if following is not None:
+                current = await following
+    finally:
+        if following is not None:
+            following.cancel()
+
+
 @dataclass(frozen=True)
 class IndexBuild:
     """What a rebuild found."""
@@ -159,13 +186,8 @@ class ContactIndex:
         async def fetch(batch: int) -> list[str]:
             return await self._store.resolve_batch(recipients_key, group.group_id, version, batch)
 
-        following: asyncio.Future[list[str]] | None = None
-        try:
-            fields = await fetch(0) if batch_count else []
-            for batch in range(batch_count):
-                # Redis looks the next batch up while this one is turned into chunks.
-                last = batch + 1 == batch_count
-                following = None if last else asyncio.ensure_future(fetch(batch + 1))
+        async with aclosing(prefetched_batches(fetch, batch_count, check)) as batches:
+            async for fields in batches:
                 taken: list[tuple[str, str]] = []
                 for position in range(0, len(fields), 2):
                     if position % _YIELD_EVERY == 0:
@@ -192,13 +214,6 @@ class ContactIndex:
                         chunks, chunk = chunks + 1, []
                 if on_matched is not None:
                     await on_matched(taken)
-                check()
-                if following is not None:
-                    fields = await following
-        except BaseException:
-            if following is not None:
-                following.cancel()
-            raise
         if chunk:
             await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
             chunks += 1
@@ -239,13 +254,8 @@ class ContactIndex:
             fields = await self._store.resolve_batch(recipients_key, group.group_id, version, batch)
             return fields, await self._store.batch_codes(codes_key, batch)
 
-        following: asyncio.Future[tuple[list[str], list[str]]] | None = None
-        try:
-            fields, codes = await fetch(0) if batch_count else ([], [])
-            for batch in range(batch_count):
-                # Redis looks the next batch up while this one is visited.
-                last = batch + 1 == batch_count
-                following = None if last else asyncio.ensure_future(fetch(batch + 1))
+        async with aclosing(prefetched_batches(fetch, batch_count, check)) as batches:
+            async for fields, codes in batches:
                 taken: list[tuple[str, str]] = []
                 for position in range(0, len(fields), 2):
                     if position % _YIELD_EVERY == 0:
@@ -282,13 +292,6 @@ class ContactIndex:
                         chunks += 1
                 if on_matched is not None:
                     await on_matched(taken)
-                check()
-                if following is not None:
-                    fields, codes = await following
-        except BaseException:
-            if following is not None:
-                following.cancel()
-            raise
         for text, chunk in sorted(by_text.items()):
             if chunk:
                 assert write_chunk is not None
