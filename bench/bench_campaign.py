@@ -20,7 +20,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from confluent_kafka import Producer
 
+from bench.common import free_port, wait_http
 from consumer.codec import SchemaRegistry
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled
 from consumer.keys import RedisKeys
@@ -46,12 +46,6 @@ BATCH = 10_000
 CONCURRENCY = 4  # create_contacts_bulk calls in flight, the daemon's default
 API_KEY = "bench-key"
 WORK = REPO / ".cache" / "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def stack_env() -> dict[str, str]:
@@ -83,20 +77,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-async def wait_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise SystemExit(f"{url} did not answer in {timeout_s:.0f}s")
 
 
 async def floor_run(sandbox_url: str, master_group: int, matched: int, message: str) -> float:

@@ -34,7 +34,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import aiohttp
 import redis.asyncio as aioredis
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
@@ -54,6 +52,7 @@ from confluent_kafka.admin import AdminClient
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "sandbox")]  # runnable as a plain script from any directory
 
+from bench.common import free_port, wait_http  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
@@ -88,12 +87,6 @@ class Figures:
     @property
     def median_to_sent_s(self) -> float:
         return statistics.median(self.to_sent_s)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def kafka_bootstrap() -> str:
@@ -134,20 +127,6 @@ async def wait_redis(redis: aioredis.Redis) -> None:
         except aioredis.ConnectionError:
             await asyncio.sleep(0.1)
     raise SystemExit("the benchmark's redis-server did not answer")
-
-
-async def wait_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise SystemExit(f"{url} did not answer in {timeout_s:.0f}s")
 
 
 async def command_stats(redis: aioredis.Redis) -> dict[str, tuple[int, int]]:

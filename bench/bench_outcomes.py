@@ -40,8 +40,14 @@ from prometheus_client import CollectorRegistry
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "sandbox"), str(REPO / "bench")]
 
-from bench_polls import NoSegments, free_port, redis_url, rss_mib, wait_for_sandbox  # noqa: E402
-
+from bench.bench_polls import (  # noqa: E402
+    NoSegments,
+    free_port,
+    redis_url,
+    rss_mib,
+    sample_peak_rss,
+    wait_for_sandbox,
+)
 from consumer.clock import ManualClock  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRef, CampaignScheduled  # noqa: E402
@@ -129,12 +135,6 @@ async def record_campaign(
         pairs = [(str(FIRST_NUMBER + i), f"C{i + 1:07d}") for i in range(first, last)]
         await store.record_recipient_numbers(ref.key, pairs, 30 * 86400)
     return ref
-
-
-async def sample_peak_rss(stop: asyncio.Event, peak: list[float]) -> None:
-    while not stop.is_set():
-        peak[0] = max(peak[0], rss_mib())
-        await asyncio.sleep(0.05)
 
 
 async def main_async(args: argparse.Namespace) -> None:

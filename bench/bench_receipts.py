@@ -31,7 +31,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,7 @@ from confluent_kafka.admin import AdminClient
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 
+from bench.common import free_port, stack_services  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRef  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
@@ -58,26 +58,6 @@ WORK = REPO / ".cache" / "bench"
 TOKEN = "bench-receipts-" + uuid.uuid4().hex + uuid.uuid4().hex
 STATUSES = ("D",) * 90 + ("U",) * 4 + ("I",) * 2 + ("?",) * 4
 REGISTRY = SchemaRegistry.from_directory()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stack_services() -> tuple[str, str]:
-    """(Kafka bootstrap, Redis URL): from the environment, else the local stack's."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("REDIS_URL"):
-        return os.environ["KAFKA_BOOTSTRAP_SERVERS"], os.environ["REDIS_URL"]
-    output = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "local" / "stack.py"), "env"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    values = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
-    return values["KAFKA_BOOTSTRAP_SERVERS"], values["REDIS_URL"]
 
 
 def percentile(sorted_values: list[float], share: float) -> float:

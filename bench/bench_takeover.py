@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from confluent_kafka.admin import AdminClient
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 
+from bench.common import free_port, stack_services  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
@@ -62,26 +62,6 @@ PARTITIONS = 6
 POLL_S = 0.2
 GAUGE = "textlocal_consumer_partitions_assigned"
 REGISTRY = SchemaRegistry.from_directory()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stack_services() -> tuple[str, str]:
-    """(Kafka bootstrap, Redis URL): from the environment, else the local stack's."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") and os.environ.get("REDIS_URL"):
-        return os.environ["KAFKA_BOOTSTRAP_SERVERS"], os.environ["REDIS_URL"]
-    output = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "local" / "stack.py"), "env"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    values = dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
-    return values["KAFKA_BOOTSTRAP_SERVERS"], values["REDIS_URL"]
 
 
 @dataclass

@@ -38,7 +38,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -56,6 +55,7 @@ from confluent_kafka.admin import AdminClient
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 
+from bench.common import free_port, wait_http  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
@@ -78,12 +78,6 @@ PROMO_BODIES = {
 }
 CAMPAIGN_CODE = "BENCH"
 CODE_BODY = "Your own code [%PROMO_CODE%] at Shop & Co, today only."
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def stack_env() -> dict[str, str]:
@@ -139,20 +133,6 @@ async def redis_cpu_s(redis: aioredis.Redis) -> float:
     """The Redis server's user + system CPU seconds so far (its own INFO: works in a container)."""
     info = await redis.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-async def wait_http(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise SystemExit(f"{url} did not answer in {timeout_s:.0f}s")
 
 
 # --- what each scenario sends -------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`); see each script's docstring."""
