@@ -9,35 +9,12 @@ entry, `keys.contacts_version`), and one string names the current one (`keys.con
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
 from consumer.keys import RedisKeys
 from consumer.store import ID_SEPARATOR, as_text, redis_errors
-
-# One Lua call per recipients batch: split the batch's joined ids and look each up in the index;
-# the answer is one string "id RS entry RS id RS entry ..." (entry "" when the index has no id).
-_RESOLVE_BATCH = r"""
-local joined = redis.call('HGET', KEYS[1], ARGV[1])
-if not joined then return '' end
-local ids, start = {}, 1
-while true do
-  local stop = string.find(joined, '\30', start, true)
-  ids[#ids + 1] = string.sub(joined, start, (stop or 0) - 1)
-  if not stop then break end
-  start = stop + 1
-end
-local out = {}
-for first = 1, #ids, 4000 do
-  local last = math.min(first + 3999, #ids)
-  local entries = redis.call('HMGET', KEYS[2], unpack(ids, first, last))
-  for i = first, last do
-    out[#out + 1] = ids[i]
-    out[#out + 1] = entries[i - first + 1] or ''
-  end
-end
-return table.concat(out, '\30')
-"""
 
 # One page of a contact index's HSCAN: the customer ids whose entry's number (before the first
 # unit separator, 0x1F) is in the lookup set. KEYS: index hash, lookup set; ARGV: cursor, count.
@@ -60,13 +37,19 @@ return out
 _INDEX_SCAN_COUNT = 5000
 
 
+class ResolvedBatch(NamedTuple):
+    """One recipients batch looked up in a contact index: `entries[i]` is `ids[i]`'s."""
+
+    ids: list[str]
+    entries: list[str]
+
+
 class ContactStore:
     """Reads and writes the per-group contact index hashes and their version pointer."""
 
     def __init__(self, redis: aioredis.Redis, keys: RedisKeys) -> None:
         self._redis = redis
         self.keys = keys
-        self._resolve_batch = redis.register_script(_RESOLVE_BATCH)
         self._numbers_in_index = redis.register_script(_NUMBERS_IN_INDEX)
 
     async def current_version(self, group_id: int) -> str | None:
@@ -85,13 +68,24 @@ class ContactStore:
 
     async def resolve_batch(
         self, recipients_key: str, group_id: int, version: str, batch: int
-    ) -> list[str]:
-        """`[id, entry, id, entry, ...]` for the ids of one recipients batch (in batch order),
-        entry "" for an id the index does not know; [] for a batch that is not there."""
+    ) -> ResolvedBatch:
+        """The ids of one recipients batch (in batch order) and their index entries ("" for an
+        id the index does not know); both empty for a batch that is not there.
+
+        Two plain commands, HGET then HMGET of every id: Redis's own HMGET does in 0.5 µs an id
+        what a Lua script splitting the batch and gluing the answer took 2.5 µs for, and the
+        arguments cost little to pack (hiredis, see consumer.store.connect_redis). Both keys
+        are written once (a batch when it arrives, a version when it is built), so the two
+        answers agree."""
         index_key = self.keys.contacts_version(group_id, version)
-        with redis_errors("resolve batch"):
-            joined = await self._resolve_batch(keys=[recipients_key, index_key], args=[batch])
-        return as_text(joined).split(ID_SEPARATOR) if joined else []
+        with redis_errors("HGET recipients batch"):
+            joined = await self._redis.hget(recipients_key, str(batch))
+        if not joined:
+            return ResolvedBatch([], [])
+        ids = as_text(joined).split(ID_SEPARATOR)
+        with redis_errors("HMGET contact index"):
+            found = await self._redis.hmget(index_key, ids)
+        return ResolvedBatch(ids, [as_text(entry) if entry is not None else "" for entry in found])
 
     async def batch_codes(self, codes_key: str, batch: int) -> list[str]:
         """The own promo codes of one recipients batch, aligned with its ids ([] without)."""

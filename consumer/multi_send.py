@@ -27,9 +27,11 @@ again, and only those not recorded `sent`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring
@@ -76,7 +78,7 @@ GROUP_EXISTS = 14
 PLAN_FIELD = "plan"
 PERSONAL_FIELD = "personal"
 PENDING, SENT, PLANNED = "pending", "sent", "planned"
-CHUNKS_IN_FLIGHT = 4  # bulk_json calls of one campaign at a time (the client bounds them too)
+SUB_SENDS_IN_FLIGHT = 4  # group sends or bulk_json chunks of one campaign at a time
 
 
 class SegmentNameTaken(Exception):
@@ -386,10 +388,12 @@ class MultiSend:
             run, plan, records
         ):
             return
-        for text_index, planned in enumerate(plan.texts):
-            entry = records.get(_group_name(text_index))
-            if entry and entry.get("count"):
-                await self._send_group(run, records, text_index, planned.text)
+        group_sends = [
+            functools.partial(self._send_group, run, records, text_index, planned.text)
+            for text_index, planned in enumerate(plan.texts)
+            if records.get(_group_name(text_index), {}).get("count")
+        ]
+        await _each_once(group_sends)
         if records.get(PERSONAL_FIELD, {}).get("count"):
             await self._send_personal(run, records)
         await self._record_sent(run, plan, records)
@@ -494,34 +498,20 @@ class MultiSend:
         )
 
     async def _send_personal(self, run: CampaignRun, records: dict[str, dict[str, Any]]) -> None:
-        """Send each chunk of personal texts once, as the load step cut and kept it.
-
-        Up to CHUNKS_IN_FLIGHT chunks at a time, each recorded `pending` before its call and
-        `sent` after. A chunk that fails does not cancel the others in flight: no chunk is
-        started after it, those under way finish and are recorded, then its error is raised.
-        """
+        """Send each chunk of personal texts once, as the load step cut and kept it (those not
+        recorded `sent`), `_each_once`."""
         chunks = records[PERSONAL_FIELD]["chunks"]
-        unsent = iter(
-            number
+
+        async def send_kept(number: int) -> None:
+            count, unicode = chunks[number]
+            messages_json = await self._store.personal_chunk(run.key, number)
+            await self._send_chunk(run, records, number, messages_json, count, unicode)
+
+        await _each_once(
+            functools.partial(send_kept, number)
             for number in range(len(chunks))
             if records.get(f"p{number}", {}).get("state") != SENT
         )
-        failures: list[Exception] = []
-
-        async def sender() -> None:
-            for number in unsent:
-                if failures:
-                    return  # nothing new starts after a failure
-                count, unicode = chunks[number]
-                try:
-                    messages_json = await self._store.personal_chunk(run.key, number)
-                    await self._send_chunk(run, records, number, messages_json, count, unicode)
-                except Exception as exc:  # noqa: BLE001 - raised below, once the others finish
-                    failures.append(exc)
-
-        await asyncio.gather(*(sender() for _ in range(CHUNKS_IN_FLIGHT)))
-        if failures:
-            raise failures[0]
 
     async def _send_chunk(
         self,
@@ -778,6 +768,9 @@ class MultiSend:
         return RetryAt(attempted_at + self._settings.send_reconcile_grace, "reply lost")
 
 
+_UNSEEN = object()
+
+
 class _Router:
     """`send_plan.route` for each resolved recipient, without redoing what cannot differ.
 
@@ -798,6 +791,7 @@ class _Router:
         self._variants: dict[str, VariantChoice] = {}
         self._routes: dict[tuple[str, str | None], Routed] = {}
         self._by_code_length: dict[tuple[str, int], Routed] = {}
+        self._texts: dict[tuple[str, str | None], int | None] = {}
 
     def __call__(self, contact: ResolvedContact) -> Routed:
         language = contact.language or self._default_language
@@ -810,12 +804,21 @@ class _Router:
         return self._group_route(language, choice, contact.promo_code)
 
     def text_of(self, language: str, promo_code: str | None) -> int | None:
-        """The recipient's group text (its index), or None: personal, or skipped."""
-        language = language or self._default_language
-        choice = self._variant(language)
+        """The recipient's group text (its index), or None: personal, or skipped.
+
+        Asked once per recipient, so the answer for a (language, code) of a group text is
+        remembered as such: one dict lookup for the recipients of a group text."""
+        known = self._texts.get((language, promo_code), _UNSEEN)
+        if known is not _UNSEEN:
+            return known  # type: ignore[return-value]
+        variant_language = language or self._default_language
+        choice = self._variant(variant_language)
         if choice.personal:
-            return None
-        return self._group_route(language, choice, promo_code).text_index
+            return None  # not remembered: its codes may be as many as its recipients
+        text = self._group_route(variant_language, choice, promo_code).text_index
+        if len(self._texts) < self._BOUND:
+            self._texts[(language, promo_code)] = text
+        return text
 
     def _variant(self, language: str) -> VariantChoice:
         choice = self._variants.get(language)
@@ -884,6 +887,28 @@ class _PersonalChunks:
         messages_json = "[" + ",".join(self._messages) + "]"
         self._messages, self._unicode = [], False
         return number, messages_json
+
+
+async def _each_once(sub_sends: Iterable[Callable[[], Awaitable[None]]]) -> None:
+    """Run sub-sends, up to SUB_SENDS_IN_FLIGHT at a time (the client bounds its calls too),
+    each recording itself `pending` before its call and `sent` after. One that fails does not
+    cancel the others in flight: nothing new starts after a failure, those under way finish and
+    are recorded, then its error is raised."""
+    waiting = iter(sub_sends)
+    failures: list[Exception] = []
+
+    async def worker() -> None:
+        for sub_send in waiting:
+            if failures:
+                return
+            try:
+                await sub_send()
+            except Exception as exc:  # noqa: BLE001 - raised below, once the others finish
+                failures.append(exc)
+
+    await asyncio.gather(*(worker() for _ in range(SUB_SENDS_IN_FLIGHT)))
+    if failures:
+        raise failures[0]
 
 
 def _first_message(messages_json: str) -> tuple[str, str]:

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Unpack
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError as RedisDataError
 from redis.exceptions import ReadOnlyError as RedisReadOnlyError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -96,14 +98,40 @@ def redis_errors(operation: str) -> Iterator[None]:
 
 def connect_redis(url: str) -> aioredis.Redis:
     """The one Redis client of a process, made by the wiring (`consumer.app`) and handed to the
-    store's classes (`CampaignStore`, `consumer.contact_store.ContactStore`), which alone use it."""
-    return aioredis.Redis.from_url(
+    store's classes (`CampaignStore`, `consumer.contact_store.ContactStore`), which alone use it.
+    Its connections pack commands with hiredis (`_HiredisPacking`)."""
+    client = aioredis.Redis.from_url(
         url,
         decode_responses=False,
         socket_timeout=15,
         socket_connect_timeout=5,
         health_check_interval=30,
     )
+    pool = client.connection_pool
+    base = pool.connection_class  # TCP, TLS or unix socket, as the URL says
+    pool.connection_class = type(f"HiredisPacking{base.__name__}", (_HiredisPacking, base), {})
+    return client
+
+
+class _HiredisPacking:
+    """Packs each command with hiredis's C packer instead of redis-py's Python one.
+
+    redis-py's asyncio connections have no packer option (its sync ones use hiredis when it is
+    installed). A million-recipient campaign sends commands of twenty thousand arguments (the
+    numbers hash, `HSET`), which the Python packer takes ~2 µs an argument to pack (2.3 s of CPU
+    per million pairs; hiredis: 0.23 s). The same rules: a command name with spaces is split,
+    and a value that is not str, bytes, int or float is refused with redis-py's DataError.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise RedisDataError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -922,7 +950,8 @@ class CampaignStore:
         self, key: str, pairs: Sequence[tuple[str, str]], ttl_s: int
     ) -> None:
         """Remember which customer each number of the campaign was sent for (number, customer
-        id), nothing published yet; the hash expires after `ttl_s` unless deleted earlier."""
+        id), nothing published yet; the hash expires after `ttl_s` unless deleted earlier. One
+        HSET of the batch (packed by hiredis, see `_HiredisPacking`)."""
         if not pairs:
             return
         numbers = self.keys.recipient_numbers(key)

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from consumer.store import connect_redis
 from tests.daemon import stack  # noqa: F401  - the daemon-process world fixture
 from tests.fixtures_sandbox import sandbox  # noqa: F401
 from tests.private_stack import private_stack  # noqa: F401 - fault tests' own services
@@ -146,8 +147,9 @@ def redis_url(services: Services) -> str:
 
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A Redis client (bytes in, bytes out) on the session's real server."""
-    client: aioredis.Redis = aioredis.Redis.from_url(redis_url, decode_responses=False)
+    """A Redis client (bytes in, bytes out) on the session's real server, made as the daemon
+    makes its one (so the store's tests use its command packing too)."""
+    client = connect_redis(redis_url)
     try:
         await client.ping()
     except Exception as exc:  # reported as "unavailable" with its reason

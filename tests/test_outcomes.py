@@ -23,7 +23,7 @@ from consumer.outcomes import (
     outcomes_entry,
     record_chunks,
 )
-from consumer.store import CampaignStore
+from consumer.store import CampaignStore, as_text
 from tests.helpers import REGISTRY, new_ref
 
 WHEN = datetime(2025, 3, 2, 9, 30, tzinfo=UTC)
@@ -218,3 +218,20 @@ async def test_a_record_whose_customers_were_marked_meanwhile_is_refused(
         ["C0000001"],
         ["C0000000", "C0000002"],
     ]
+
+
+@pytest.mark.integration
+async def test_recipient_numbers_are_recorded_whole(
+    store: CampaignStore, redis_client: aioredis.Redis
+) -> None:
+    """Every pair of a batch of thousands lands in the one HSET, customer ids with odd
+    characters intact, with the TTL."""
+    ref = new_ref()
+    numbers = numbers_of(2_345)
+    ids = [f"{customer_of(n)},é%[{i}]" for i, n in enumerate(numbers)]
+    await store.record_recipient_numbers(ref.key, list(zip(numbers, ids, strict=True)), 3600)
+    stored = await redis_client.hgetall(store.keys.recipient_numbers(ref.key))
+    assert {as_text(k): as_text(v) for k, v in stored.items()} == {
+        n: "-" + i for n, i in zip(numbers, ids, strict=True)
+    }
+    assert 3500 < await redis_client.ttl(store.keys.recipient_numbers(ref.key)) <= 3600
