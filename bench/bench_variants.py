@@ -18,10 +18,11 @@ RSS (VmHWM) — target ≤ 300 MB; and the wall time from the first event publis
 warmed up beforehand) to the campaign recorded SENT next to a floor: a plain aiohttp script
 making the same calls with the same payloads at the same concurrency against the same sandbox
 (payloads prepared beforehand), run before and after the daemon in the same run — target ≤ 1.5 ×
-the floor. 0.5% of the targeted ids are unknown to the master group, as in bench_campaign.py. For reading the figures (not targets):
-the part from READY to SENT (the floor has nothing like intake: publishing and recording a
-million ids is in the daemon's time only), the CPU of the daemon, the sandbox and Redis per
-state, and the Redis memory of the personal chunks the daemon keeps between loading and sending.
+the floor. 0.5% of the targeted ids are unknown to the master group, as in bench_campaign.py.
+For reading the figures (not targets): the part from READY to SENT (the floor has nothing like
+intake: publishing and recording a million ids is in the daemon's time only), the CPU of the
+daemon, the sandbox and Redis per state, and the Redis memory of the personal chunks the daemon
+keeps between loading and sending.
 
 Needs the local stack (`make stack-up`); `make bench` runs it. Uses its own topics (deleted at
 the end), Redis key prefix (deleted) and sandbox processes. `--daemon-code DIR` runs the daemon
