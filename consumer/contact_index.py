@@ -225,7 +225,7 @@ class ContactIndex:
         batch_count: int,
         group: ContactGroup,
         version: str,
-        visit: Callable[[ResolvedContact], Awaitable[None]],
+        visit: Callable[[ResolvedContact], None],
         check: Callable[[], None] = lambda: None,
         *,
         text_of: Callable[[str, str | None], int | None] | None = None,
@@ -279,7 +279,7 @@ class ContactIndex:
                     code = (codes[position] if position < with_codes else "") or None
                     text = None if text_of is None else text_of(language, code)
                     if text is None:
-                        await visit(ResolvedContact(customer_id, number, language, fragment, code))
+                        visit(ResolvedContact(customer_id, number, language, fragment, code))
                         continue
                     chunk = by_text.setdefault(text, [])
                     chunk.append("{" + fragment + id_field + _json_string(customer_id) + "}")

@@ -9,6 +9,12 @@ edited later does not change a campaign under way) and then:
                      first chunk is cut; personal texts cut into chunks, kept─► CONTACTS_LOADED
     CONTACTS_LOADED ─credit check on the total─► SEND_PENDING ─every sub-send, each once─► SENT
 
+A campaign of personal texts only that is due now streams instead, when its credits cover the
+most it could cost (every requested recipient at the most parts its texts can take):
+
+    SEGMENT_CREATED ─credit check on that bound─► SEND_PENDING ─resolve, cut, and send each chunk
+                     as it is cut (nothing kept); then the counts─► SENT
+
 Each sub-send is exactly-once on its own, recorded in `keys.sub_sends` by fenced transitions:
 - a group text (`g<i>`): `pending` with its attempt time before `send`; after a lost reply or a
   crash it is looked for (scheduled sends, the group's history) and adopted, and sent again only
@@ -18,10 +24,11 @@ Each sub-send is exactly-once on its own, recorded in `keys.sub_sends` by fenced
   (number, text) and the chunk adopted if found (its batch id then unknown: its messages are not
   in the delivery polls), sent again only when absent after the grace.
 Resolution is deterministic (batches in order, the index version recorded), so the chunks of a
-resumed load are the same and only those not recorded are loaded. The chunks of personal texts
-are encoded once, at loading, and kept in Redis until the campaign is sent (docs/DECISIONS.md:
-about 88 MB per million recipients): the send step posts them without resolving or rendering
-again, and only those not recorded `sent`.
+resumed load (or stream) are the same and only those not recorded are loaded (or sent). The
+chunks of personal texts are encoded once, at loading, and kept in Redis until the campaign is
+sent (docs/DECISIONS.md: about 88 MB per million recipients): the send step posts them without
+resolving or rendering again, and only those not recorded `sent`. A stream keeps none: a resumed
+one cuts them again.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 
 from consumer.clock import Clock, to_millis
-from consumer.contact_index import ContactIndex, ResolvedContact
+from consumer.contact_index import ContactIndex, Resolution, ResolvedContact
 from consumer.errors import TextLocalApiError, TextLocalOutcomeUnknown, TransientError
 from consumer.events import RecipientCounts, StatusCode, StatusError, SubSendSummary
 from consumer.fault_points import FaultPoints
@@ -53,6 +60,7 @@ from consumer.send_plan import (
     TemplateFamily,
     VariantChoice,
     choose_variant,
+    personal_parts_bound,
     plan_sends,
     route_in,
     template_families,
@@ -77,6 +85,7 @@ log = logging.getLogger("consumer.executor")
 GROUP_EXISTS = 14
 PLAN_FIELD = "plan"
 PERSONAL_FIELD = "personal"
+STREAM_FIELD = "stream"  # {"bound": credits checked} sending chunks as cut; {"declined": true}
 PENDING, SENT, PLANNED = "pending", "sent", "planned"
 SUB_SENDS_IN_FLIGHT = 4  # group sends or bulk_json chunks of one campaign at a time
 
@@ -177,11 +186,17 @@ class MultiSend:
     # --- loading (SEGMENT_CREATED) --------------------------------------------------------
 
     async def load(self, run: CampaignRun) -> None:
-        """Resolve once: each group text's contacts into its segment; personal ones counted."""
+        """Resolve once: each group text's contacts into its segment; personal ones counted.
+
+        A campaign of personal texts only, due now, whose credits cover the most it could cost,
+        goes to SEND_PENDING instead: its send step cuts the chunks and sends each as it is cut
+        (`_stream_personal`)."""
         records = await self._store.sub_sends(run.key)
         plan, family = _plan_of(records)
         group = self._steps.contact_group(run)
         version = await self._steps.index_version(run)
+        if not plan.texts and await self._start_streaming(run, plan, family, records):
+            return
         loaded = await self._store.loaded_chunk_names(run.key)
         tally = _LoadTally()
         next_chunk: Counter[int] = Counter()
@@ -198,21 +213,15 @@ class MultiSend:
                 await ready.put((text_index, number, payload, count))
 
         router = _Router(plan, family, group.default_language)
-        personal_chunks = _PersonalChunks(self._settings.bulk_chunk_size)
+        # Only recipients without a group text are visited: personal ones, and those skipped.
+        cutter = _PersonalCutter(router, tally, self._settings.bulk_chunk_size)
+        record_numbers = self._steps.numbers_recorder(run)
 
-        async def visit(contact: ResolvedContact) -> None:
-            # Only recipients without a group text: personal ones, and those skipped.
-            routed = router(contact)
-            if routed.skipped:
-                tally.skipped[routed.skipped] += 1
-                return
-            assert routed.text_index is None, "a group text's recipient was visited"
-            assert routed.personal_text is not None
-            tally.fallbacks += routed.fell_back_to_default
-            tally.personal[routed.variant] += 1
-            tally.personal_parts += routed.parts
-            if personal_chunks.add(contact.number, routed.personal_text, routed.unicode):
-                await self._keep_chunk(run, *personal_chunks.cut())
+        async def after_batch(taken: list[tuple[str, str]]) -> None:
+            if record_numbers is not None:
+                await record_numbers(taken)
+            for number, messages_json in cutter.take_cut():
+                await self._keep_chunk(run, number, messages_json)
 
         async def loader() -> None:
             while (item := await ready.get()) is not None:
@@ -239,14 +248,14 @@ class MultiSend:
                     run.header.batch_count,
                     group,
                     version,
-                    visit,
+                    cutter.visit,
                     run.check_lease,
                     text_of=router.text_of if plan.texts else None,
                     write_chunk=write_chunk,
-                    on_matched=self._steps.numbers_recorder(run),
+                    on_matched=after_batch,
                 )
-                if personal_chunks.filling:
-                    await self._keep_chunk(run, *personal_chunks.cut())
+                for number, messages_json in cutter.take_cut(last=True):
+                    await self._keep_chunk(run, number, messages_json)
                 for _ in loaders:
                     await ready.put(None)
         except SegmentNameTaken as taken:
@@ -254,6 +263,23 @@ class MultiSend:
                 run, records, StatusError("SEGMENT_NAME_TAKEN", str(taken)), StatusCode.FAILED
             )
             return
+        await self._finish_loading(run, records, plan, family, found, tally, cutter.chunks)
+
+    async def _finish_loading(
+        self,
+        run: CampaignRun,
+        records: dict[str, dict[str, Any]],
+        plan: SendPlan,
+        family: TemplateFamily,
+        found: Resolution,
+        tally: _LoadTally,
+        personal_chunks: _PersonalChunks,
+        *,
+        streamed: bool = False,
+    ) -> bool:
+        """Record what loading found (the SEGMENT_CREATED status with the counts): the campaign
+        moves to CONTACTS_LOADED, or, `streamed` (its chunks sent as they were cut), stays
+        SEND_PENDING with its exact cost. False when it ended instead: nobody to send to."""
         if family.variants:  # everyone given a default-variant group text fell back to it
             tally.fallbacks += sum(
                 count
@@ -282,8 +308,9 @@ class MultiSend:
                 await self._fail(
                     run, records, self._steps.nobody(run, counts), StatusCode.FAILED, counts
                 )
-            return
-        transition = self._steps.fenced(run, CampaignState.SEGMENT_CREATED)
+            return False
+        state = CampaignState.SEND_PENDING if streamed else CampaignState.SEGMENT_CREATED
+        transition = self._steps.fenced(run, state)
         for text_index, count in tally.per_text.items():
             entry = {**records.get(_group_name(text_index), {}), "count": count}
             entry.setdefault("state", PLANNED)
@@ -306,14 +333,18 @@ class MultiSend:
             counts=counts,
             sends=_summaries(plan, records),
         )
-        await self._steps.record(
-            run,
-            transition.set_state(CampaignState.CONTACTS_LOADED)
-            .set_counts(counts)
-            .set(language_fallbacks=tally.fallbacks)
-            .emit(self._keys.outbox, status_entry(self._steps.registry, event)),
-            CampaignState.CONTACTS_LOADED,
+        transition.set_counts(counts).set(language_fallbacks=tally.fallbacks).emit(
+            self._keys.outbox, status_entry(self._steps.registry, event)
         )
+        if streamed:
+            transition.set(estimated_cost=tally.personal_parts)
+            await self._steps.record(run, transition)
+        else:
+            await self._steps.record(
+                run,
+                transition.set_state(CampaignState.CONTACTS_LOADED),
+                CampaignState.CONTACTS_LOADED,
+            )
         self._metrics.unmatched_customers.labels("unmatched").inc(counts.unmatched)
         self._metrics.unmatched_customers.labels("invalid_number").inc(counts.invalid_numbers)
         for reason, count in tally.skipped.items():
@@ -326,8 +357,140 @@ class MultiSend:
             group_texts=len(tally.per_text),
             personal=sum(tally.personal.values()),
             language_fallbacks=tally.fallbacks,
+            streamed=streamed,
             **{f"skipped_{reason}": count for reason, count in tally.skipped.items()},
             **vars(counts),
+        )
+        return True
+
+    # --- personal texts sent as they are cut (SEGMENT_CREATED → SEND_PENDING) ------------------
+
+    async def _start_streaming(
+        self,
+        run: CampaignRun,
+        plan: SendPlan,
+        family: TemplateFamily,
+        records: dict[str, dict[str, Any]],
+    ) -> bool:
+        """Go to SEND_PENDING before resolving, when a campaign of personal texts only may send
+        each chunk as it is cut: due now (a chunk scheduled at TextLocal could still be
+        cancelled one by one, but a cancel would then race the chunks being cut), and its
+        credits cover the most it could cost (every requested recipient at the most parts a
+        personal text of the plan can take, `personal_parts_bound`). Otherwise the campaign
+        loads first and checks the exact total, as any other. True when it went."""
+        if STREAM_FIELD in records or self._send_time(run)[1]:
+            return False  # declined before (its balance call is not made again), or scheduled
+        bound = run.snapshot.requested * personal_parts_bound(plan, family)
+        if not run.header.test_mode:
+            balance = await self._client.balance()
+            if balance.sms < bound:
+                log_event(
+                    log,
+                    "campaign.stream_declined",
+                    campaign=run.key,
+                    bound=bound,
+                    balance=balance.sms,
+                )
+                await self._set_record(
+                    run, records, STREAM_FIELD, {"declined": True}, CampaignState.SEGMENT_CREATED
+                )
+                return False
+        await self._steps.record(
+            run,
+            self._steps.fenced(run, CampaignState.SEGMENT_CREATED)
+            .set_state(CampaignState.SEND_PENDING)
+            .set(send_at=self._clock.now(), scheduled=False, estimated_cost=bound)
+            .set_in(self._keys.sub_sends(run.key), STREAM_FIELD, json.dumps({"bound": bound})),
+            CampaignState.SEND_PENDING,
+        )
+        log_event(log, "campaign.streaming", campaign=run.key, credits_bound=bound)
+        return True
+
+    async def _stream_personal(
+        self,
+        run: CampaignRun,
+        records: dict[str, dict[str, Any]],
+        plan: SendPlan,
+        family: TemplateFamily,
+    ) -> bool:
+        """Resolve and cut the personal texts, sending each chunk (`_send_chunk`, exactly once
+        on its own) as soon as the numbers of the batches it holds are recorded. Then record
+        what was found, as loading does. False when the campaign ended instead.
+
+        Resolution is deterministic for the recorded index version, so a resumed stream cuts
+        the same chunks and sends only those not recorded `sent` (a `pending` one is looked for
+        in TextLocal's history first). Should that version be gone (rebuilt over an hour ago),
+        the chunks would differ from those already sent: the campaign fails, never guessing.
+        A chunk that fails starts no new one; those under way finish; its error is raised once
+        resolution is done (the step is retried as a whole)."""
+        group = self._steps.contact_group(run)
+        version = run.snapshot.index_version
+        if not version or not await self._index.has_version(group.group_id, version):
+            sent = sum(1 for name, e in records.items() if _is_chunk(name) and e.get("state"))
+            await self._fail(
+                run,
+                records,
+                StatusError(
+                    "CONTACT_INDEX_GONE",
+                    f"the contact index version the campaign's texts were being cut from is gone "
+                    f"({sent} chunks had been sent or tried); the rest cannot be cut the same",
+                ),
+                StatusCode.FAILED,
+            )
+            return False
+        resumed = any(_is_chunk(name) for name in records)
+        tally = _LoadTally()
+        cutter = _PersonalCutter(
+            _Router(plan, family, group.default_language), tally, self._settings.bulk_chunk_size
+        )
+        personal_chunks = cutter.chunks
+        to_send: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue(
+            maxsize=2 * SUB_SENDS_IN_FLIGHT
+        )
+        failures: list[Exception] = []
+        record_numbers = self._steps.numbers_recorder(run, keep_existing=resumed)
+
+        async def after_batch(taken: list[tuple[str, str]], *, last: bool = False) -> None:
+            # Numbers first: a receipt for a chunk finds its customers.
+            if record_numbers is not None:
+                await record_numbers(taken)
+            for chunk in cutter.take_cut(last=last):
+                await to_send.put(chunk)
+
+        async def sender() -> None:
+            while (item := await to_send.get()) is not None:
+                if failures:
+                    continue  # nothing new starts after a failure
+                number, messages_json = item
+                count, unicode = personal_chunks.cut_so_far[number]
+                try:
+                    await self._send_chunk(run, records, number, messages_json, count, unicode)
+                except Exception as exc:  # noqa: BLE001 - raised below, once the others finish
+                    failures.append(exc)
+
+        senders = [asyncio.ensure_future(sender()) for _ in range(SUB_SENDS_IN_FLIGHT)]
+        try:
+            found = await self._index.resolve_each(
+                self._keys.recipients(run.key),
+                self._keys.recipient_codes(run.key),
+                run.header.batch_count,
+                group,
+                version,
+                cutter.visit,
+                run.check_lease,
+                on_matched=after_batch,
+            )
+            await after_batch([], last=True)
+            for _ in senders:
+                await to_send.put(None)
+            await asyncio.gather(*senders)
+        finally:
+            for task in senders:
+                task.cancel()  # only when resolution itself failed: the sends under way stop
+        if failures:
+            raise failures[0]
+        return await self._finish_loading(
+            run, records, plan, family, found, tally, personal_chunks, streamed=True
         )
 
     async def _keep_chunk(self, run: CampaignRun, number: int, messages_json: str) -> None:
@@ -383,8 +546,11 @@ class MultiSend:
     async def send(self, run: CampaignRun) -> None:
         """Credit check, then every sub-send exactly once, then SENT."""
         records = await self._store.sub_sends(run.key)
-        plan, _ = _plan_of(records)
-        if run.snapshot.state == CampaignState.CONTACTS_LOADED and not await self._start_sending(
+        plan, family = _plan_of(records)
+        if _streaming(records):
+            if not await self._stream_personal(run, records, plan, family):
+                return
+        elif run.snapshot.state == CampaignState.CONTACTS_LOADED and not await self._start_sending(
             run, plan, records
         ):
             return
@@ -672,6 +838,11 @@ class MultiSend:
                 StatusCode.CANCELLED,
             )
             return
+        if state == CampaignState.SEND_PENDING and _streaming(records):
+            # Chunks cut so far have gone, and the rest cannot be told apart from them until
+            # cut: the stream is finished, then the cancel is refused as after any send.
+            await self.send(run)
+            return
         if state == CampaignState.SEND_PENDING:
             # Finish recording (never starting a new sub-send) before deciding.
             for entry in records.values():
@@ -856,6 +1027,40 @@ class _Router:
         return routed
 
 
+class _PersonalCutter:
+    """Routes each recipient visited by `ContactIndex.resolve_each` (one without a group text:
+    personal, or skipped), counts it, and cuts the personal texts into chunks. A visit does no
+    I/O (one per recipient: a coroutine each would cost a third of the routing); the chunks cut
+    wait in `take_cut` until the caller hands them on, after each batch."""
+
+    def __init__(self, router: _Router, tally: _LoadTally, chunk_size: int) -> None:
+        self._router = router
+        self._tally = tally
+        self.chunks = _PersonalChunks(chunk_size)
+        self._cut: list[tuple[int, str]] = []
+
+    def visit(self, contact: ResolvedContact) -> None:
+        routed = self._router(contact)
+        tally = self._tally
+        if routed.skipped:
+            tally.skipped[routed.skipped] += 1
+            return
+        assert routed.personal_text is not None, "a group text's recipient was visited"
+        tally.fallbacks += routed.fell_back_to_default
+        tally.personal[routed.variant] += 1
+        tally.personal_parts += routed.parts
+        if self.chunks.add(contact.number, routed.personal_text, routed.unicode):
+            self._cut.append(self.chunks.cut())
+
+    def take_cut(self, *, last: bool = False) -> list[tuple[int, str]]:
+        """The chunks cut since the last call, (number, messages JSON) in order; `last`: the
+        one still filling too (resolution is over)."""
+        if last and self.chunks.filling:
+            self._cut.append(self.chunks.cut())
+        taken, self._cut = self._cut, []
+        return taken
+
+
 class _PersonalChunks:
     """Personal texts cut into `bulk_json` chunks as the load step meets them.
 
@@ -911,6 +1116,15 @@ async def _each_once(sub_sends: Iterable[Callable[[], Awaitable[None]]]) -> None
         raise failures[0]
 
 
+def _streaming(records: dict[str, dict[str, Any]]) -> bool:
+    """Sending chunks as they are cut, and not done cutting them."""
+    return "bound" in records.get(STREAM_FIELD, {}) and PERSONAL_FIELD not in records
+
+
+def _is_chunk(name: str) -> bool:
+    return name.startswith("p") and name[1:].isdigit()
+
+
 def _first_message(messages_json: str) -> tuple[str, str]:
     """A kept chunk's first (number, text), decoding only that message."""
     first, _ = json.JSONDecoder().raw_decode(messages_json, 1)
@@ -949,7 +1163,7 @@ def _summaries(plan: SendPlan, records: dict[str, dict[str, Any]]) -> tuple[SubS
         )
     personal = records.get(PERSONAL_FIELD)
     if personal and personal.get("count"):
-        chunks = [e for name, e in records.items() if name.startswith("p") and name[1:].isdigit()]
+        chunks = [e for name, e in records.items() if _is_chunk(name)]
         summaries.append(
             SubSendSummary(
                 kind="personal",

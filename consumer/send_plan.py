@@ -31,6 +31,7 @@ from consumer.textlocal_types import Template
 from consumer.workflow import (
     MAX_MESSAGE_CHARS,
     MAX_MESSAGE_PARTS,
+    MAX_PROMO_CODE_CHARS,
     PROMO_CODE_PLACEHOLDER,
     MessageCost,
     message_cost,
@@ -245,6 +246,30 @@ def plan_sends(
                 return problem
             texts.append(PlannedText(variant, code, text))
     return SendPlan(tuple(personal), tuple(texts), campaign_code)
+
+
+# The costliest codes intake lets through (MAX_PROMO_CODE_CHARS): in a GSM-7 text, characters
+# of the extension table (two units each); in a unicode one, characters outside the BMP (two
+# UTF-16 units each).
+_COSTLIEST_CODES = ("€" * MAX_PROMO_CODE_CHARS, "\U0001f600" * MAX_PROMO_CODE_CHARS)
+
+
+def personal_parts_bound(plan: SendPlan, family: TemplateFamily) -> int:
+    """The most parts any one personal text of the plan can take, whoever reads it.
+
+    A body with personal fields may take any length of name: MAX_MESSAGE_PARTS, the most a
+    text that is sent may have (a longer one is skipped). A body with a promo code only: the
+    body with the costliest code intake accepts. Used for a credit check before the texts are
+    rendered (`MultiSend`, sending chunks as they are cut): it must never be below the truth.
+    """
+    bound = 0
+    for variant in plan.personal_variants:
+        body = family.bodies().get(variant, family.default.body)
+        if is_personal(body):
+            return MAX_MESSAGE_PARTS
+        parts = max(message_cost(render(body, code)).parts for code in _COSTLIEST_CODES)
+        bound = max(bound, min(parts, MAX_MESSAGE_PARTS))
+    return bound
 
 
 class Recipient(NamedTuple):

@@ -284,10 +284,13 @@ class CampaignSteps:
             **vars(counts),
         )
 
-    def numbers_recorder(self, run: CampaignRun) -> MatchedVisitor | None:
+    def numbers_recorder(
+        self, run: CampaignRun, *, keep_existing: bool = False
+    ) -> MatchedVisitor | None:
         """What records the recipients' numbers for CustomerOutcomes while resolving (None when
         outcomes are off). They are kept until the window's end (the final poll deletes them),
-        at most until `RECIPIENT_NUMBERS_MARGIN` after it."""
+        at most until `RECIPIENT_NUMBERS_MARGIN` after it. `keep_existing`: see
+        `CampaignStore.record_recipient_numbers`."""
         if not self._settings.outcomes_enabled:
             return None
         header = run.header
@@ -296,7 +299,9 @@ class CampaignSteps:
         ttl_s = int((ends_at + RECIPIENT_NUMBERS_MARGIN - self._clock.now()).total_seconds())
 
         async def record(pairs: list[tuple[str, str]]) -> None:
-            await self._store.record_recipient_numbers(run.key, pairs, ttl_s)
+            await self._store.record_recipient_numbers(
+                run.key, pairs, ttl_s, keep_existing=keep_existing
+            )
 
         return record
 

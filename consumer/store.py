@@ -672,6 +672,14 @@ return refused
 # The mark of a number whose customer has nothing published yet (see keys.recipient_numbers).
 NOTHING_PUBLISHED = "-"
 
+# Recording numbers again without undoing outcomes already marked: each field only if absent.
+# KEYS: the numbers hash. ARGV: its TTL in seconds, then number, value, number, value, ...
+_ADD_MISSING_NUMBERS = r"""
+for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 
 class CampaignStore:
     """Reads and atomically changes campaigns, queues, leases and the outbox in Redis."""
@@ -694,6 +702,7 @@ class CampaignStore:
         self._recipient_values = redis.register_script(_RECIPIENT_VALUES)
         self._record_outcome_chunk = redis.register_script(_RECORD_OUTCOME_CHUNK)
         self._record_optouts = redis.register_script(_RECORD_OPTOUTS)
+        self._add_missing_numbers = redis.register_script(_ADD_MISSING_NUMBERS)
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -947,18 +956,33 @@ class CampaignStore:
     # --- per-customer outcomes (consumer.outcomes) -------------------------------------------
 
     async def record_recipient_numbers(
-        self, key: str, pairs: Sequence[tuple[str, str]], ttl_s: int
+        self,
+        key: str,
+        pairs: Sequence[tuple[str, str]],
+        ttl_s: int,
+        *,
+        keep_existing: bool = False,
     ) -> None:
         """Remember which customer each number of the campaign was sent for (number, customer
         id), nothing published yet; the hash expires after `ttl_s` unless deleted earlier. One
-        HSET of the batch (packed by hiredis, see `_HiredisPacking`)."""
+        HSET of the batch (packed by hiredis, see `_HiredisPacking`). `keep_existing` leaves
+        the numbers already there as they are (their outcomes may be marked: a campaign whose
+        sends had started resolving again), at a Redis call per number."""
         if not pairs:
             return
         numbers = self.keys.recipient_numbers(key)
-        mapping = {number: NOTHING_PUBLISHED + customer_id for number, customer_id in pairs}
+        if keep_existing:
+            flat = [field for n, c in pairs for field in (n, NOTHING_PUBLISHED + c)]
+            with redis_errors("add missing recipient numbers"):
+                await self._add_missing_numbers(keys=[numbers], args=[ttl_s, *flat])
+            return
+        # number, value, number, value, ... laid out by slice assignment (in C), not pair by pair
+        fields: list[str] = [""] * (2 * len(pairs))
+        fields[::2] = [number for number, _ in pairs]
+        fields[1::2] = [NOTHING_PUBLISHED + customer_id for _, customer_id in pairs]
         with redis_errors("record recipient numbers"):
             async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(numbers, mapping=mapping)  # type: ignore[arg-type]
+                pipe.execute_command("HSET", numbers, *fields)
                 pipe.expire(numbers, ttl_s)
                 await pipe.execute()
 

@@ -276,12 +276,16 @@ def validate_recipients(event: CampaignRecipients) -> StatusError | None:
                 f"batch {event.batch_index} has a promo_code of {longest_code} characters; "
                 f"at most {MAX_PROMO_CODE_CHARS} are allowed",
             )
-        if _CONTROL_CHARACTER.search("".join(event.promo_codes)):
+        joined_codes = "".join(event.promo_codes)
+        if not joined_codes.isprintable() and _CONTROL_CHARACTER.search(joined_codes):
             return StatusError(
                 "INVALID_FIELD",
                 f"batch {event.batch_index} has a promo_code with a control character",
             )
-    odd = _CONTROL_CHARACTER.search("".join(event.customer_ids))
+    # isprintable() (C speed) is False for every control character, and for a few others too:
+    # only then does the regex look (10,000 ids a batch).
+    joined_ids = "".join(event.customer_ids)
+    odd = None if joined_ids.isprintable() else _CONTROL_CHARACTER.search(joined_ids)
     if odd is not None:
         return StatusError(
             "INVALID_FIELD",

@@ -239,12 +239,14 @@ async def test_personal_chunks_go_out_as_kept_at_loading(
     rig: WorkflowRig, redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
     """The send step posts the chunks the load step kept: it needs no contact index, and the
-    kept chunks are deleted once the campaign is SENT."""
+    kept chunks are deleted once the campaign is SENT. (Scheduled: a campaign due now would
+    send its chunks as they are cut, see the streaming tests.)"""
     await rig.sandbox.admin.set_faults([FaultRule("http_5xx", command="balance")])
     ref = new_ref()
     ids = customer_ids(1, 20)
     own = {cid: f"U{i}" for i, cid in enumerate(ids)}
-    await rig.submit(ref, ids, promo_codes=(), customer_codes=own)
+    send_at = rig.clock.now() + timedelta(hours=1)
+    await rig.submit(ref, ids, promo_codes=(), customer_codes=own, scheduled_at=send_at)
     await rig.executor.run_until_idle()
     assert await rig.state(ref) == CampaignState.CONTACTS_LOADED  # the credit check cannot run
     kept = [await rig.store.personal_chunk(ref.key, number) for number in range(3)]
@@ -258,7 +260,112 @@ async def test_personal_chunks_go_out_as_kept_at_loading(
         if await rig.state(ref) == CampaignState.SENT:
             break
     assert await rig.state(ref) == CampaignState.SENT
+    await rig.sandbox.admin.advance_clock(timedelta(hours=2))
     texts = await texts_by_number(rig)
     assert {texts[number_of(cid)] for cid in ids} == {expected_text(cid, own[cid]) for cid in ids}
     assert (await rig.sandbox.admin.call_counts())["bulk_json"] == 3
     assert not await redis_client.exists(rig.store.keys.personal_chunks(ref.key))
+
+
+async def test_personal_texts_due_now_go_out_as_they_are_cut(
+    rig: WorkflowRig, redis_client: aioredis.Redis
+) -> None:
+    """A campaign of personal texts only, due now, with credits for the most it could cost:
+    SEGMENT_CREATED goes straight to SEND_PENDING after one balance call, each chunk is sent as
+    it is cut and none is kept in Redis; the statuses still say SEGMENT_CREATED (with the
+    counts, the cost exact) before SENT."""
+    ref = new_ref()
+    ids = customer_ids(1, 20)
+    own = {cid: f"U{i}" for i, cid in enumerate(ids)}
+    await rig.submit(ref, ids, batches=2, promo_codes=(), customer_codes=own)
+    await rig.executor.run_until_idle()
+    snapshot = await rig.snapshot(ref)
+    assert snapshot.state == CampaignState.SENT
+    assert snapshot.estimated_cost == 20
+    texts = await texts_by_number(rig)
+    assert {texts[number_of(cid)] for cid in ids} == {expected_text(cid, own[cid]) for cid in ids}
+    calls = await rig.sandbox.admin.call_counts()
+    assert (calls["balance"], calls["bulk_json"]) == (1, 3)
+    assert [s["status"] for s in await rig.statuses(ref)] == ["ACCEPTED", "SEGMENT_CREATED", "SENT"]
+    assert (await rig.statuses(ref))[1]["counts"]["matched"] == 20
+    assert not await redis_client.exists(rig.store.keys.personal_chunks(ref.key))
+    assert transitions(rig, CampaignState.CONTACTS_LOADED) == 0  # never loaded before sending
+    assert transitions(rig, CampaignState.SEND_PENDING) == 1
+
+
+def transitions(rig: WorkflowRig, state: CampaignState) -> float:
+    value = rig.metrics.registry.get_sample_value(
+        "textlocal_consumer_campaign_transitions_total", {"state": state.value}
+    )
+    assert value is not None
+    return value
+
+
+async def test_credits_short_of_the_bound_load_first_and_check_the_exact_total(
+    rig: WorkflowRig,
+) -> None:
+    """Credits enough for the texts but not for the most they could cost: no chunk goes out
+    before every one is cut and the exact total checked (a second balance call)."""
+    await rig.sandbox.admin.set_balance(sms=20)
+    ref = new_ref()
+    ids = customer_ids(1, 20)
+    await rig.submit(
+        ref, ids, promo_codes=(), customer_codes={c: f"U{i}" for i, c in enumerate(ids)}
+    )
+    await rig.executor.run_until_idle()
+    assert await rig.state(ref) == CampaignState.SENT
+    calls = await rig.sandbox.admin.call_counts()
+    assert (calls["balance"], calls["bulk_json"]) == (2, 3)
+    assert len(await texts_by_number(rig)) == 20
+    assert transitions(rig, CampaignState.CONTACTS_LOADED) == 1
+
+
+async def test_a_stream_whose_reply_was_lost_resumes_without_a_second_sms(
+    rig: WorkflowRig,
+) -> None:
+    """The first bulk_json applied and its reply lost, mid-stream: the step stops starting
+    chunks and is retried after the grace; resumed, the chunks are cut the same, the lost one
+    found in TextLocal's history and adopted, the others sent once."""
+    ref = new_ref()
+    ids = customer_ids(1, 20)
+    own = {cid: f"U{i}" for i, cid in enumerate(ids)}
+    await rig.sandbox.admin.set_faults([FaultRule("drop_after", command="bulk_json", limit=1)])
+    await rig.submit(ref, ids, batches=3, promo_codes=(), customer_codes=own)
+    await rig.executor.run_until_idle()
+    assert await rig.state(ref) == CampaignState.SEND_PENDING
+    for _ in range(6):
+        rig.clock.advance(timedelta(seconds=30))
+        await rig.executor.run_until_idle()
+        if await rig.state(ref) == CampaignState.SENT:
+            break
+    assert await rig.state(ref) == CampaignState.SENT
+    texts = await texts_by_number(rig)  # no number twice
+    assert {texts[number_of(cid)] for cid in ids} == {expected_text(cid, own[cid]) for cid in ids}
+    assert len(texts) == 20
+    assert (await rig.sandbox.admin.call_counts())["bulk_json"] == 3
+    assert (await rig.sandbox.admin.faults_fired()) == [1]
+
+
+async def test_a_cancel_during_a_stream_is_refused_once_every_chunk_is_out(
+    rig: WorkflowRig,
+) -> None:
+    """Chunks already gone cannot be told apart from the rest until cut: a cancel arriving
+    while the stream waits out a lost reply finishes the stream (each number once), then is
+    refused (SENT, CANCEL_TOO_LATE)."""
+    ref = new_ref()
+    ids = customer_ids(1, 20)
+    own = {cid: f"U{i}" for i, cid in enumerate(ids)}
+    await rig.sandbox.admin.set_faults([FaultRule("drop_after", command="bulk_json", limit=1)])
+    await rig.submit(ref, ids, batches=3, promo_codes=(), customer_codes=own)
+    await rig.executor.run_until_idle()
+    assert await rig.state(ref) == CampaignState.SEND_PENDING
+    await rig.request_cancel(ref)
+    for _ in range(6):
+        rig.clock.advance(timedelta(seconds=30))
+        await rig.executor.run_until_idle()
+        if not (await rig.snapshot(ref)).cancel_requested:
+            break
+    assert await rig.state(ref) == CampaignState.SENT
+    assert len(await texts_by_number(rig)) == 20
+    last = (await rig.statuses(ref))[-1]
+    assert (last["status"], last["error"]["code"]) == ("SENT", "CANCEL_TOO_LATE")

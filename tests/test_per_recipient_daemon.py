@@ -202,3 +202,53 @@ async def test_a_scheduled_multi_text_campaign_cancelled_delivers_nothing(stack:
     await stack.sandbox.admin.advance_clock(timedelta(hours=3))
     assert await stack.sandbox.admin.messages() == []
     assert await daemon.stop() == 0
+
+
+async def test_sigkill_while_chunks_are_sent_as_they_are_cut(stack: Stack) -> None:
+    """A campaign of personal texts only (a code per customer), due now: its chunks go out
+    while the rest are still being cut. Killed after the third chunk's call returned, before it
+    was recorded (two more may be under way), and restarted: each number one SMS, its own code."""
+    ref = new_ref()
+    ids = customer_ids(1, 1_000)
+    own = {cid: f"C0DE{n:04d}" for n, cid in enumerate(ids)}
+    batches = 4
+    size = len(ids) // batches
+    events: list[InputEvent] = [
+        scheduled(
+            ref,
+            recipient_count=len(ids),
+            batch_count=batches,
+            template_id=stack.template_id,
+            template_name="OPT_Promo",
+            promo_codes=(),
+        )
+    ]
+    for index in range(batches):
+        chunk = ids[index * size : (index + 1) * size]
+        batch = recipients(ref, index, chunk)
+        events.append(
+            replace(
+                batch,
+                customers_with_promo_code=len(chunk),
+                promo_codes=tuple(own[c] for c in chunk),
+            )
+        )
+    expected = {
+        FIRST_NUMBER + int(cid[1:]) - 1: PROMO_BODY.replace("[%PROMO_CODE%]", own[cid])
+        for cid in ids
+    }
+    settings = {"TEXTLOCAL_CONSUMER_WORKFLOW_BULK_CHUNK_SIZE": "50"}
+    first = stack.daemon(
+        "first", TEXTLOCAL_CONSUMER_TEST_KILL_AT="personal.chunk_sent:3", **settings
+    ).start()
+    await first.wait_ready()
+    stack.publish(*events)
+    assert await first.wait_exit(timeout_s=120) == -signal.SIGKILL
+    assert "campaign.streaming" in [event["event"] for event in first.events()]
+    assert 3 <= (await stack.sandbox.admin.call_counts())["bulk_json"] < 20  # mid-stream
+    second = stack.daemon("second", **settings).start()
+    await stack.wait_for_state(ref, CampaignState.SENT, timeout_s=180)
+    await assert_texts(stack, expected)
+    sent = sent_event(stack, ref, expected=3)
+    assert sent["counts"]["matched"] == len(ids)
+    assert await second.stop() == 0

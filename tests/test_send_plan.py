@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from consumer.events import StatusError
 from consumer.send_plan import (
     Recipient,
     SendPlan,
+    personal_parts_bound,
     plan_sends,
     render,
     route,
@@ -15,6 +18,7 @@ from consumer.send_plan import (
     title_language,
 )
 from consumer.textlocal_types import Template
+from consumer.workflow import MAX_MESSAGE_PARTS, MAX_PROMO_CODE_CHARS
 
 
 def template(template_id: int, title: str, body: str) -> Template:
@@ -148,3 +152,37 @@ def test_the_executors_memoised_routes_are_the_rules_routes() -> None:
                 expected = route(plan, family, Recipient(language, code or None, "Ann", ""))
                 assert router(contact) == expected, (campaign_codes, language, code)
                 assert router(contact) == expected  # memoised: the same again
+
+
+GSM_OR_NOT = st.sampled_from([*"aZ9 €[]^{}|~", "é", "ß", "ж", "中", "\U0001f600"])
+
+
+@settings(max_examples=300, deadline=None)
+@example(prefix="a" * 150, suffix="", codes=["b" * MAX_PROMO_CODE_CHARS])  # GSM, past one part
+@example(prefix="a" * 10, suffix="!", codes=["中" * MAX_PROMO_CODE_CHARS])  # unicode code
+@example(prefix="€" * 40, suffix="", codes=["€" * MAX_PROMO_CODE_CHARS])  # extension table
+@example(prefix="ж", suffix="", codes=["\U0001f600" * MAX_PROMO_CODE_CHARS])  # outside the BMP
+@given(
+    prefix=st.text(GSM_OR_NOT, max_size=200),
+    suffix=st.text(GSM_OR_NOT, max_size=200),
+    codes=st.lists(st.text(GSM_OR_NOT, min_size=1, max_size=MAX_PROMO_CODE_CHARS), min_size=1),
+)
+def test_the_parts_bound_is_never_below_a_personal_text_s_parts(
+    prefix: str, suffix: str, codes: list[str]
+) -> None:
+    """Whatever codes intake lets through, no personal text sent costs more parts than the bound
+    the credit check before rendering uses; a body with names is bounded by the most parts."""
+    body = f"{prefix}[%PROMO_CODE%]{suffix}"
+    family = template_families([template(1, "OPT_Code", body)])[1]
+    plan = plan_sends(family, [], codes, True, max_group_texts=20)
+    if isinstance(plan, StatusError):  # the body is too long even with a sample code
+        return
+    bound = personal_parts_bound(plan, family)
+    for code in codes:
+        routed = route(plan, family, Recipient("", code))
+        if routed.skipped is None:
+            assert 1 <= routed.parts <= bound
+    named = template_families([template(1, "OPT_Hi", "Hi [%FIRST_NAME%]")])[1]
+    named_plan = plan_sends(named, [], [], False, max_group_texts=20)
+    assert isinstance(named_plan, SendPlan)
+    assert personal_parts_bound(named_plan, named) == MAX_MESSAGE_PARTS
