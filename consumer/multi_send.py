@@ -45,7 +45,7 @@ from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 
 from consumer.clock import Clock, to_millis
-from consumer.contact_index import ContactIndex, Resolution, ResolvedContact
+from consumer.contact_index import ContactIndex, MatchedVisitor, Resolution, ResolvedContact
 from consumer.errors import TextLocalApiError, TextLocalOutcomeUnknown, TransientError
 from consumer.events import RecipientCounts, StatusCode, StatusError, SubSendSummary
 from consumer.fault_points import FaultPoints
@@ -242,17 +242,13 @@ class MultiSend:
                     tasks.create_task(loader())
                     for _ in range(self._settings.contact_load_concurrency)
                 ]
-                found = await self._index.resolve_each(
-                    self._keys.recipients(run.key),
-                    self._keys.recipient_codes(run.key),
-                    run.header.batch_count,
-                    group,
+                found = await self._resolve(
+                    run,
                     version,
-                    cutter.visit,
-                    run.check_lease,
+                    cutter,
+                    after_batch,
                     text_of=router.text_of if plan.texts else None,
                     write_chunk=write_chunk,
-                    on_matched=after_batch,
                 )
                 for number, messages_json in cutter.take_cut(last=True):
                     await self._keep_chunk(run, number, messages_json)
@@ -470,16 +466,7 @@ class MultiSend:
 
         senders = [asyncio.ensure_future(sender()) for _ in range(SUB_SENDS_IN_FLIGHT)]
         try:
-            found = await self._index.resolve_each(
-                self._keys.recipients(run.key),
-                self._keys.recipient_codes(run.key),
-                run.header.batch_count,
-                group,
-                version,
-                cutter.visit,
-                run.check_lease,
-                on_matched=after_batch,
-            )
+            found = await self._resolve(run, version, cutter, after_batch)
             await after_batch([], last=True)
             for _ in senders:
                 await to_send.put(None)
@@ -491,6 +478,31 @@ class MultiSend:
             raise failures[0]
         return await self._finish_loading(
             run, records, plan, family, found, tally, personal_chunks, streamed=True
+        )
+
+    async def _resolve(
+        self,
+        run: CampaignRun,
+        version: str,
+        cutter: _PersonalCutter,
+        after_batch: MatchedVisitor,
+        *,
+        text_of: Callable[[str, str | None], int | None] | None = None,
+        write_chunk: Callable[[int, str, int], Awaitable[None]] | None = None,
+    ) -> Resolution:
+        """The campaign's recipients resolved in order: those of a group text (`text_of`) into
+        `write_chunk`, the others visited by `cutter`; `after_batch` after each batch."""
+        return await self._index.resolve_each(
+            self._keys.recipients(run.key),
+            self._keys.recipient_codes(run.key),
+            run.header.batch_count,
+            self._steps.contact_group(run),
+            version,
+            cutter.visit,
+            run.check_lease,
+            text_of=text_of,
+            write_chunk=write_chunk,
+            on_matched=after_batch,
         )
 
     async def _keep_chunk(self, run: CampaignRun, number: int, messages_json: str) -> None:

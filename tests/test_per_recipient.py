@@ -16,6 +16,7 @@ from datetime import timedelta
 import pytest
 import redis.asyncio as aioredis
 
+from consumer.events import CampaignRef
 from consumer.steps import StepSettings
 from consumer.workflow import CampaignState
 from tests.helpers import new_ref
@@ -320,12 +321,11 @@ async def test_credits_short_of_the_bound_load_first_and_check_the_exact_total(
     assert transitions(rig, CampaignState.CONTACTS_LOADED) == 1
 
 
-async def test_a_stream_whose_reply_was_lost_resumes_without_a_second_sms(
+async def stream_with_a_lost_reply(
     rig: WorkflowRig,
-) -> None:
-    """The first bulk_json applied and its reply lost, mid-stream: the step stops starting
-    chunks and is retried after the grace; resumed, the chunks are cut the same, the lost one
-    found in TextLocal's history and adopted, the others sent once."""
+) -> tuple[CampaignRef, list[str], dict[str, str]]:
+    """A stream of 20 personal texts (chunks of 7) whose first bulk_json is applied and its
+    reply lost: the step stops in SEND_PENDING, to be retried after the grace."""
     ref = new_ref()
     ids = customer_ids(1, 20)
     own = {cid: f"U{i}" for i, cid in enumerate(ids)}
@@ -333,6 +333,16 @@ async def test_a_stream_whose_reply_was_lost_resumes_without_a_second_sms(
     await rig.submit(ref, ids, batches=3, promo_codes=(), customer_codes=own)
     await rig.executor.run_until_idle()
     assert await rig.state(ref) == CampaignState.SEND_PENDING
+    return ref, ids, own
+
+
+async def test_a_stream_whose_reply_was_lost_resumes_without_a_second_sms(
+    rig: WorkflowRig,
+) -> None:
+    """The first bulk_json applied and its reply lost, mid-stream: the step stops starting
+    chunks and is retried after the grace; resumed, the chunks are cut the same, the lost one
+    found in TextLocal's history and adopted, the others sent once."""
+    ref, ids, own = await stream_with_a_lost_reply(rig)
     for _ in range(6):
         rig.clock.advance(timedelta(seconds=30))
         await rig.executor.run_until_idle()
@@ -352,13 +362,7 @@ async def test_a_cancel_during_a_stream_is_refused_once_every_chunk_is_out(
     """Chunks already gone cannot be told apart from the rest until cut: a cancel arriving
     while the stream waits out a lost reply finishes the stream (each number once), then is
     refused (SENT, CANCEL_TOO_LATE)."""
-    ref = new_ref()
-    ids = customer_ids(1, 20)
-    own = {cid: f"U{i}" for i, cid in enumerate(ids)}
-    await rig.sandbox.admin.set_faults([FaultRule("drop_after", command="bulk_json", limit=1)])
-    await rig.submit(ref, ids, batches=3, promo_codes=(), customer_codes=own)
-    await rig.executor.run_until_idle()
-    assert await rig.state(ref) == CampaignState.SEND_PENDING
+    ref, _, _ = await stream_with_a_lost_reply(rig)
     await rig.request_cancel(ref)
     for _ in range(6):
         rig.clock.advance(timedelta(seconds=30))

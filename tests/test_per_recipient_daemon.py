@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled, InputEvent
+from consumer.events import CampaignRef, CampaignScheduled, InputEvent
 from consumer.workflow import CampaignState
 from tests.daemon import FIRST_NUMBER, PROMO_BODY, Stack, customer_ids
 from tests.helpers import cancelled, new_ref, recipients, scheduled
@@ -69,7 +69,6 @@ def campaign(stack: Stack, ref: CampaignRef) -> tuple[list[InputEvent], dict[int
     ]
     own = {cid: ("OWN-A" if n % 2 else "OWN-B") for n, cid in enumerate(ids) if n % 5 == 0}
     batches = 4
-    size = -(-len(ids) // batches)
     events: list[InputEvent] = [
         scheduled(
             ref,
@@ -80,20 +79,7 @@ def campaign(stack: Stack, ref: CampaignRef) -> tuple[list[InputEvent], dict[int
             promo_codes=("WEEKEND20",),
         )
     ]
-    for index in range(batches):
-        chunk = ids[index * size : (index + 1) * size]
-        batch = recipients(ref, index, chunk)
-        events.append(
-            CampaignRecipients(
-                event_id=batch.event_id,
-                occurred_at=batch.occurred_at,
-                ref=ref,
-                batch_index=index,
-                customer_ids=batch.customer_ids,
-                customers_with_promo_code=sum(1 for c in chunk if c in own),
-                promo_codes=tuple(own.get(c, "") for c in chunk),
-            )
-        )
+    events += batches_with_codes(ref, ids, own, batches)
     expected: dict[int, str] = {}
     offsets = {}
     position = 0
@@ -113,6 +99,25 @@ def campaign(stack: Stack, ref: CampaignRef) -> tuple[list[InputEvent], dict[int
         )
         expected[FIRST_EXTRA + offsets[language] + int(index_text)] = text
     return events, expected
+
+
+def batches_with_codes(
+    ref: CampaignRef, ids: list[str], own: dict[str, str], batches: int
+) -> list[InputEvent]:
+    """The recipients in `batches` events, each customer with their own code if in `own`."""
+    size = -(-len(ids) // batches)
+    events: list[InputEvent] = []
+    for index in range(batches):
+        chunk = ids[index * size : (index + 1) * size]
+        batch = recipients(ref, index, chunk)
+        events.append(
+            replace(
+                batch,
+                customers_with_promo_code=sum(1 for c in chunk if c in own),
+                promo_codes=tuple(own.get(c, "") for c in chunk),
+            )
+        )
+    return events
 
 
 async def assert_texts(stack: Stack, expected: dict[int, str]) -> None:
@@ -212,7 +217,6 @@ async def test_sigkill_while_chunks_are_sent_as_they_are_cut(stack: Stack) -> No
     ids = customer_ids(1, 1_000)
     own = {cid: f"C0DE{n:04d}" for n, cid in enumerate(ids)}
     batches = 4
-    size = len(ids) // batches
     events: list[InputEvent] = [
         scheduled(
             ref,
@@ -223,16 +227,7 @@ async def test_sigkill_while_chunks_are_sent_as_they_are_cut(stack: Stack) -> No
             promo_codes=(),
         )
     ]
-    for index in range(batches):
-        chunk = ids[index * size : (index + 1) * size]
-        batch = recipients(ref, index, chunk)
-        events.append(
-            replace(
-                batch,
-                customers_with_promo_code=len(chunk),
-                promo_codes=tuple(own[c] for c in chunk),
-            )
-        )
+    events += batches_with_codes(ref, ids, own, batches)
     expected = {
         FIRST_NUMBER + int(cid[1:]) - 1: PROMO_BODY.replace("[%PROMO_CODE%]", own[cid])
         for cid in ids
