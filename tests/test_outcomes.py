@@ -235,3 +235,24 @@ async def test_recipient_numbers_are_recorded_whole(
         n: "-" + i for n, i in zip(numbers, ids, strict=True)
     }
     assert 3500 < await redis_client.ttl(store.keys.recipient_numbers(ref.key)) <= 3600
+
+
+@pytest.mark.integration
+async def test_numbers_recorded_again_keeping_existing_do_not_undo_outcomes(
+    store: CampaignStore,
+) -> None:
+    """A stream resumed after some chunks went records its numbers again keeping those there:
+    an outcome already published is not published twice, and numbers new to the hash are
+    added. Recorded again plainly, the outcome would go out twice (what the option prevents)."""
+    ref = new_ref()
+    numbers = numbers_of(6)
+    pairs = [(n, customer_of(n)) for n in numbers]
+    await store.record_recipient_numbers(ref.key, pairs[:4], 3600)
+    recorder = OutcomeRecorder(store, REGISTRY)
+    target = OutcomeTarget(ref)
+    assert await recorder.record(target, Outcome.DELIVERED, numbers[:2], WHEN, OutcomeSource.POLL)
+    await store.record_recipient_numbers(ref.key, pairs, 3600, keep_existing=True)
+    again = await recorder.record(target, Outcome.DELIVERED, numbers, WHEN, OutcomeSource.POLL)
+    assert again == 4  # the two already published are not again; the two added are
+    await store.record_recipient_numbers(ref.key, pairs, 3600)
+    assert await recorder.record(target, Outcome.DELIVERED, numbers, WHEN, OutcomeSource.POLL) == 6

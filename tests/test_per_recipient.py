@@ -337,7 +337,7 @@ async def stream_with_a_lost_reply(
 
 
 async def test_a_stream_whose_reply_was_lost_resumes_without_a_second_sms(
-    rig: WorkflowRig,
+    rig: WorkflowRig, redis_client: aioredis.Redis
 ) -> None:
     """The first bulk_json applied and its reply lost, mid-stream: the step stops starting
     chunks and is retried after the grace; resumed, the chunks are cut the same, the lost one
@@ -354,6 +354,8 @@ async def test_a_stream_whose_reply_was_lost_resumes_without_a_second_sms(
     assert len(texts) == 20
     assert (await rig.sandbox.admin.call_counts())["bulk_json"] == 3
     assert (await rig.sandbox.admin.faults_fired()) == [1]
+    # every recipient's number kept for CustomerOutcomes, across both runs of the stream
+    assert await redis_client.hlen(rig.store.keys.recipient_numbers(ref.key)) == 20
 
 
 async def test_a_cancel_during_a_stream_is_refused_once_every_chunk_is_out(
