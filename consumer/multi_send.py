@@ -228,24 +228,27 @@ class MultiSend:
             for number, messages_json in cutter.take_cut():
                 await self._keep_chunk(run, number, messages_json)
 
+        calls = asyncio.Semaphore(self._settings.contact_load_concurrency)  # see LOADERS_PER_CALL
+
         async def loader() -> None:
             while (item := await ready.get()) is not None:
                 text_index, number, payload, count = item
                 async with locks[text_index]:
                     group_id = await self._ensure_group(run, records, text_index)
                 run.check_lease()
-                await self._client.create_contacts_bulk_json(group_id, payload, count)
+                async with calls:
+                    await self._client.create_contacts_bulk_json(group_id, payload, count)
                 await self._store.mark_chunk_loaded(run.key, f"{text_index}:{number}")
                 self._metrics.contacts_loaded.inc(count)
                 self._faults.reached("contacts.chunk_loaded")
 
-        from consumer.steps import first_error_raised
+        from consumer.steps import LOADERS_PER_CALL, first_error_raised
 
         try:
             async with first_error_raised(), asyncio.TaskGroup() as tasks:
                 loaders = [
                     tasks.create_task(loader())
-                    for _ in range(self._settings.contact_load_concurrency)
+                    for _ in range(LOADERS_PER_CALL * self._settings.contact_load_concurrency)
                 ]
                 found = await self._resolve(
                     run,
