@@ -298,7 +298,8 @@ async def test_interrupted_loading_resumes_without_reloading(
         assert await rig.state(ref) == CampaignState.SEGMENT_CREATED
         before = (await sandbox.admin.call_counts())["create_contacts_bulk"]
         recorded = await rig.store.loaded_chunks(ref.key)
-        assert len(recorded) >= 2 and before >= 2
+        assert len(recorded) >= 2
+        assert before >= len(recorded)
         rig.clock.advance(timedelta(minutes=1))  # past the retry backoff
         await rig.executor.run_until_idle()
         snapshot = await rig.snapshot(ref)
