@@ -696,7 +696,7 @@ class MultiSend:
         await _each_once(
             functools.partial(send_kept, number)
             for number in range(len(chunks))
-            if records.get(f"p{number}", {}).get("state") != SENT
+            if records.get(_chunk_name(number), {}).get("state") != SENT
         )
 
     async def _send_chunk(
@@ -708,7 +708,7 @@ class MultiSend:
         count: int,
         unicode: bool,
     ) -> None:
-        name_field = f"p{number}"
+        name_field = _chunk_name(number)
         entry = records.get(name_field, {"state": PLANNED})
         if entry.get("state") == SENT:
             return
@@ -1139,6 +1139,10 @@ async def _each_once(sub_sends: Iterable[Callable[[], Awaitable[None]]]) -> None
 def _streaming(records: dict[str, dict[str, Any]]) -> bool:
     """Sending chunks as they are cut, and not done cutting them."""
     return "bound" in records.get(STREAM_FIELD, {}) and PERSONAL_FIELD not in records
+
+
+def _chunk_name(number: int) -> str:
+    return f"p{number}"
 
 
 def _is_chunk(name: str) -> bool:

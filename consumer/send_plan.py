@@ -263,8 +263,9 @@ def personal_parts_bound(plan: SendPlan, family: TemplateFamily) -> int:
     rendered (`MultiSend`, sending chunks as they are cut): it must never be below the truth.
     """
     bound = 0
+    bodies = family.bodies()
     for variant in plan.personal_variants:
-        body = family.bodies().get(variant, family.default.body)
+        body = bodies.get(variant, family.default.body)
         if is_personal(body):
             return MAX_MESSAGE_PARTS
         parts = max(message_cost(render(body, code)).parts for code in _COSTLIEST_CODES)

@@ -971,15 +971,14 @@ class CampaignStore:
         if not pairs:
             return
         numbers = self.keys.recipient_numbers(key)
-        if keep_existing:
-            flat = [field for n, c in pairs for field in (n, NOTHING_PUBLISHED + c)]
-            with redis_errors("add missing recipient numbers"):
-                await self._add_missing_numbers(keys=[numbers], args=[ttl_s, *flat])
-            return
         # number, value, number, value, ... laid out by slice assignment (in C), not pair by pair
         fields: list[str] = [""] * (2 * len(pairs))
         fields[::2] = [number for number, _ in pairs]
         fields[1::2] = [NOTHING_PUBLISHED + customer_id for _, customer_id in pairs]
+        if keep_existing:
+            with redis_errors("add missing recipient numbers"):
+                await self._add_missing_numbers(keys=[numbers], args=[ttl_s, *fields])
+            return
         with redis_errors("record recipient numbers"):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.execute_command("HSET", numbers, *fields)

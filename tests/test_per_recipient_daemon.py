@@ -68,18 +68,7 @@ def campaign(stack: Stack, ref: CampaignRef) -> tuple[list[InputEvent], dict[int
         f"L-{language}-{i}" for language, count in PER_LANGUAGE.items() for i in range(count)
     ]
     own = {cid: ("OWN-A" if n % 2 else "OWN-B") for n, cid in enumerate(ids) if n % 5 == 0}
-    batches = 4
-    events: list[InputEvent] = [
-        scheduled(
-            ref,
-            recipient_count=len(ids),
-            batch_count=batches,
-            template_id=stack.template_id,
-            template_name="OPT_Promo",
-            promo_codes=("WEEKEND20",),
-        )
-    ]
-    events += batches_with_codes(ref, ids, own, batches)
+    events = campaign_events(stack, ref, ids, own, ("WEEKEND20",))
     expected: dict[int, str] = {}
     offsets = {}
     position = 0
@@ -101,12 +90,27 @@ def campaign(stack: Stack, ref: CampaignRef) -> tuple[list[InputEvent], dict[int
     return events, expected
 
 
-def batches_with_codes(
-    ref: CampaignRef, ids: list[str], own: dict[str, str], batches: int
+def campaign_events(
+    stack: Stack,
+    ref: CampaignRef,
+    ids: list[str],
+    own: dict[str, str],
+    promo_codes: tuple[str, ...],
+    batches: int = 4,
 ) -> list[InputEvent]:
-    """The recipients in `batches` events, each customer with their own code if in `own`."""
+    """An OPT_Promo campaign due now: its header, then the recipients in `batches` events,
+    each customer with their own code if in `own`."""
+    events: list[InputEvent] = [
+        scheduled(
+            ref,
+            recipient_count=len(ids),
+            batch_count=batches,
+            template_id=stack.template_id,
+            template_name="OPT_Promo",
+            promo_codes=promo_codes,
+        )
+    ]
     size = -(-len(ids) // batches)
-    events: list[InputEvent] = []
     for index in range(batches):
         chunk = ids[index * size : (index + 1) * size]
         batch = recipients(ref, index, chunk)
@@ -216,18 +220,7 @@ async def test_sigkill_while_chunks_are_sent_as_they_are_cut(stack: Stack) -> No
     ref = new_ref()
     ids = customer_ids(1, 1_000)
     own = {cid: f"C0DE{n:04d}" for n, cid in enumerate(ids)}
-    batches = 4
-    events: list[InputEvent] = [
-        scheduled(
-            ref,
-            recipient_count=len(ids),
-            batch_count=batches,
-            template_id=stack.template_id,
-            template_name="OPT_Promo",
-            promo_codes=(),
-        )
-    ]
-    events += batches_with_codes(ref, ids, own, batches)
+    events = campaign_events(stack, ref, ids, own, ())
     expected = {
         FIRST_NUMBER + int(cid[1:]) - 1: PROMO_BODY.replace("[%PROMO_CODE%]", own[cid])
         for cid in ids
