@@ -44,6 +44,7 @@ from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring
 from typing import TYPE_CHECKING, Any
 
+from consumer.chunk_loading import HandOver, load_while_resolving
 from consumer.clock import Clock, to_millis
 from consumer.contact_index import ContactIndex, MatchedVisitor, Resolution, ResolvedContact
 from consumer.errors import TextLocalApiError, TextLocalOutcomeUnknown, TransientError
@@ -205,22 +206,12 @@ class MultiSend:
         loaded = await self._store.loaded_chunk_names(run.key)
         tally = _LoadTally()
         next_chunk: Counter[int] = Counter()
-        ready: asyncio.Queue[tuple[int, int, str, int] | None] = asyncio.Queue(
-            maxsize=2 * self._settings.contact_load_concurrency
-        )
         locks: dict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
-
-        async def write_chunk(text_index: int, payload: str, count: int) -> None:
-            tally.per_text[text_index] += count
-            number = next_chunk[text_index]
-            next_chunk[text_index] += 1
-            if f"{text_index}:{number}" not in loaded:
-                await ready.put((text_index, number, payload, count))
-
         router = _Router(plan, family, group.default_language)
         # Only recipients without a group text are visited: personal ones, and those skipped.
         cutter = _PersonalCutter(router, tally, self._settings.bulk_chunk_size)
         record_numbers = self._steps.numbers_recorder(run)
+        calls = asyncio.Semaphore(self._settings.contact_load_concurrency)  # see LOADERS_PER_CALL
 
         async def after_batch(taken: list[tuple[str, str]]) -> None:
             if record_numbers is not None:
@@ -228,40 +219,43 @@ class MultiSend:
             for number, messages_json in cutter.take_cut():
                 await self._keep_chunk(run, number, messages_json)
 
-        calls = asyncio.Semaphore(self._settings.contact_load_concurrency)  # see LOADERS_PER_CALL
+        async def load_chunk(chunk: tuple[int, int, str, int]) -> None:
+            text_index, number, payload, count = chunk
+            async with locks[text_index]:
+                group_id = await self._ensure_group(run, records, text_index)
+            run.check_lease()
+            async with calls:
+                await self._client.create_contacts_bulk_json(group_id, payload, count)
+            await self._store.mark_chunk_loaded(run.key, f"{text_index}:{number}")
+            self._metrics.contacts_loaded.inc(count)
+            self._faults.reached("contacts.chunk_loaded")
 
-        async def loader() -> None:
-            while (item := await ready.get()) is not None:
-                text_index, number, payload, count = item
-                async with locks[text_index]:
-                    group_id = await self._ensure_group(run, records, text_index)
-                run.check_lease()
-                async with calls:
-                    await self._client.create_contacts_bulk_json(group_id, payload, count)
-                await self._store.mark_chunk_loaded(run.key, f"{text_index}:{number}")
-                self._metrics.contacts_loaded.inc(count)
-                self._faults.reached("contacts.chunk_loaded")
+        async def resolve(hand_over: HandOver[tuple[int, int, str, int]]) -> Resolution:
+            async def write_chunk(text_index: int, payload: str, count: int) -> None:
+                tally.per_text[text_index] += count
+                number = next_chunk[text_index]
+                next_chunk[text_index] += 1
+                if f"{text_index}:{number}" not in loaded:
+                    await hand_over((text_index, number, payload, count))
 
-        from consumer.steps import LOADERS_PER_CALL, first_error_raised
+            found = await self._resolve(
+                run,
+                version,
+                cutter,
+                after_batch,
+                text_of=router.text_of if plan.texts else None,
+                write_chunk=write_chunk,
+            )
+            for number, messages_json in cutter.take_cut(last=True):
+                await self._keep_chunk(run, number, messages_json)
+            return found
+
+        from consumer.steps import LOADERS_PER_CALL
 
         try:
-            async with first_error_raised(), asyncio.TaskGroup() as tasks:
-                loaders = [
-                    tasks.create_task(loader())
-                    for _ in range(LOADERS_PER_CALL * self._settings.contact_load_concurrency)
-                ]
-                found = await self._resolve(
-                    run,
-                    version,
-                    cutter,
-                    after_batch,
-                    text_of=router.text_of if plan.texts else None,
-                    write_chunk=write_chunk,
-                )
-                for number, messages_json in cutter.take_cut(last=True):
-                    await self._keep_chunk(run, number, messages_json)
-                for _ in loaders:
-                    await ready.put(None)
+            found = await load_while_resolving(
+                resolve, load_chunk, LOADERS_PER_CALL * self._settings.contact_load_concurrency
+            )
         except SegmentNameTaken as taken:
             await self._fail(
                 run, records, StatusError("SEGMENT_NAME_TAKEN", str(taken)), StatusCode.FAILED

@@ -14,12 +14,12 @@ outlasts any request still in flight.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from consumer.chunk_loading import HandOver, load_while_resolving
 from consumer.clock import Clock
 from consumer.codec import SchemaRegistry
 from consumer.contact_index import ContactIndex, MatchedVisitor, Resolution
@@ -234,26 +234,17 @@ class CampaignSteps:
             return
         version = await self.index_version(run)
         loaded = await self._store.loaded_chunks(run.key)
-        ready: asyncio.Queue[tuple[int, str, int] | None] = asyncio.Queue(
-            maxsize=2 * self._settings.contact_load_concurrency
-        )
-
-        async def write_chunk(index: int, payload: str, count: int) -> None:
-            if index not in loaded:
-                await ready.put((index, payload, count))
-
         calls = asyncio.Semaphore(self._settings.contact_load_concurrency)
 
-        async def loader() -> None:
-            while (item := await ready.get()) is not None:
-                await self._load_chunk(run, *item, calls)
+        async def load(chunk: tuple[int, str, int]) -> None:
+            await self._load_chunk(run, *chunk, calls)
 
-        async with first_error_raised(), asyncio.TaskGroup() as tasks:
-            loaders = [
-                tasks.create_task(loader())
-                for _ in range(LOADERS_PER_CALL * self._settings.contact_load_concurrency)
-            ]
-            found = await self._index.resolve(
+        async def resolve(hand_over: HandOver[tuple[int, str, int]]) -> Resolution:
+            async def write_chunk(index: int, payload: str, count: int) -> None:
+                if index not in loaded:
+                    await hand_over((index, payload, count))
+
+            return await self._index.resolve(
                 self._keys.recipients(run.key),
                 run.header.batch_count,
                 self.contact_group(run),
@@ -262,8 +253,10 @@ class CampaignSteps:
                 run.check_lease,
                 on_matched=self.numbers_recorder(run),
             )
-            for _ in loaders:
-                await ready.put(None)
+
+        found = await load_while_resolving(
+            resolve, load, LOADERS_PER_CALL * self._settings.contact_load_concurrency
+        )
         counts = self._counts(run, found)
         if found.matched == 0:
             await self.fail(run, self.nobody(run, counts), counts=counts)
@@ -829,15 +822,3 @@ class RetryAt(TransientError):
     def __init__(self, when: datetime, reason: str) -> None:
         super().__init__(reason)
         self.when = when
-
-
-@contextlib.asynccontextmanager
-async def first_error_raised() -> AsyncIterator[None]:
-    """Task groups raise an ExceptionGroup; the executor handles the error that caused it."""
-    try:
-        yield
-    except ExceptionGroup as group:
-        first: BaseException = group
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from group
