@@ -8,9 +8,9 @@ under way finish their call and record it (a cancelled call would be an outcome 
 chunk loaded again on the retry); the loaders go on taking chunks off the queue without
 loading them, so resolution never waits on a queue nobody empties; and the next hand-over
 raises the failure, so resolution stops at its next chunk. An earlier version ran the loaders
-in a task group, whose first failure cancels resolution: when that cancellation was lost (a
-cancelled Redis reply racing its answer), resolution waited for ever on the full queue of
-loaders that had all been cancelled, and the campaign hung (CI, 2026-12-02).
+in a task group, whose first failure cancels resolution and the other loaders; in CI
+(2026-12-02) a load step then never ended, most likely resolution waiting on the full queue of
+cancelled loaders with its own cancellation lost (see docs/DECISIONS.md).
 """
 
 from __future__ import annotations
