@@ -7,7 +7,9 @@ Wire format (Avro specification, "Single object encoding"):
 
 A reader finds the writer schema by its fingerprint and resolves it to the newest version of the
 same record that it knows (fastavro performs the resolution), so producers may run any published
-version. Every failure to decode raises `CodecError` saying exactly what was wrong.
+version. Every failure to decode raises `CodecError` saying exactly what was wrong. A body
+written with the reader's own version is read by the version's compiled reader when it has one
+(`consumer.avro_fast`: a third of fastavro's time for a recipients batch), else by fastavro.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import io
 import json
 import re
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from consumer.avro_fast import Reader, UnreadableBody, compile_reader, read_body
 from consumer.errors import CodecError
 
 MARKER = b"\xc3\x01"
@@ -41,6 +44,8 @@ class SchemaVersion:
     version: int
     fingerprint: bytes  # 8 bytes, little-endian, as on the wire
     parsed: Any  # fastavro's parsed schema
+    # A faster reader of this version's own bodies (`consumer.avro_fast`), when it has one.
+    fast_reader: Reader | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_json(cls, schema: Mapping[str, Any], version: int) -> SchemaVersion:
@@ -52,6 +57,7 @@ class SchemaVersion:
             version=version,
             fingerprint=bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO")),
             parsed=parsed,
+            fast_reader=compile_reader(parsed),
         )
 
 
@@ -155,6 +161,14 @@ class SchemaRegistry:
             if reader_version is None
             else self._version(writer.name, reader_version)
         )
+        if reader is writer and writer.fast_reader is not None:
+            try:
+                fields, end = read_body(writer.fast_reader, data, HEADER_LEN)
+            except UnreadableBody:
+                pass  # fastavro reads it, or says what is wrong with it
+            else:
+                if end == len(data):
+                    return DecodedRecord(writer.name, writer.version, fields)
         body = io.BytesIO(data)
         body.seek(HEADER_LEN)
         try:
