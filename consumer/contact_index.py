@@ -72,13 +72,15 @@ def unpack_entry(entry: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
+# A recipient `resolve_each` visits: (number, language, the contact's JSON fragment, own promo
+# code or None). A plain tuple: one is made per recipient, in a loop of a million.
+VisitedContact = tuple[str, str, str, str | None]
+
+
 class ResolvedContact(NamedTuple):
-    """One recipient with a valid number not taken yet, as `ContactIndex.resolve_each` gives it.
+    """A `VisitedContact` with its fields named (`ResolvedContact._make(visited)`), where a
+    visitor needs more than the plain tuple: one recipient with a valid number not taken yet."""
 
-    A named tuple: one is made per recipient, and a tuple costs a third of a frozen dataclass.
-    """
-
-    customer_id: str
     number: str
     language: str
     fragment: str  # the contact's fields as the inside of a JSON object
@@ -229,7 +231,7 @@ class ContactIndex:
         batch_count: int,
         group: ContactGroup,
         version: str,
-        visit: Callable[[ResolvedContact], None],
+        visit: Callable[[list[VisitedContact]], None],
         check: Callable[[], None] = lambda: None,
         *,
         text_of: Callable[[str, str | None], int | None] | None = None,
@@ -241,6 +243,8 @@ class ContactIndex:
         The same rules (a number is taken once; unknown ids and invalid numbers counted) and the
         same determinism: batches in index order, customers in batch order.
 
+        `visit` receives the recipients in runs (those of one turn of the loop, see
+        `_YIELD_EVERY`), in order: a call per recipient would cost more than the visit itself.
         With `text_of` (the contact's language and own code → the index of its group text, or
         None) and `write_chunk`, a recipient with a group text is not visited: its contact goes
         into that text's `create_contacts_bulk` chunks of ≤1,500, the customer id in
@@ -260,38 +264,48 @@ class ContactIndex:
         async with aclosing(prefetched_batches(fetch, batch_count, check)) as batches:
             async for (ids, entries), codes in batches:
                 taken: list[tuple[str, str]] = []
-                with_codes = len(codes)
-                for position, entry in enumerate(entries):
-                    if position % _YIELD_EVERY == 0:
-                        await asyncio.sleep(0)  # see _YIELD_EVERY
-                    if not entry:
-                        unmatched += 1
-                        continue
-                    number, language, fragment = unpack_entry(entry)
-                    if not number:
-                        invalid += 1
-                        continue
-                    as_int = int(number)
-                    if as_int in numbers_seen:
-                        repeated += 1
-                        continue
-                    numbers_seen.add(as_int)
-                    matched += 1
-                    customer_id = ids[position]
-                    if on_matched is not None:
-                        taken.append((number, customer_id))
-                    code = (codes[position] if position < with_codes else "") or None
-                    text = None if text_of is None else text_of(language, code)
-                    if text is None:
-                        visit(ResolvedContact(customer_id, number, language, fragment, code))
-                        continue
-                    chunk = by_text.setdefault(text, [])
-                    chunk.append("{" + fragment + id_field + _json_string(customer_id) + "}")
-                    if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
-                        by_text[text] = []
-                        assert write_chunk is not None
-                        await write_chunk(text, "[" + ",".join(chunk) + "]", len(chunk))
-                        chunks += 1
+                if len(codes) < len(ids):  # none of the batch's customers has a code
+                    codes = [*codes, *[""] * (len(ids) - len(codes))]
+                for start in range(0, len(entries), _YIELD_EVERY):
+                    await asyncio.sleep(0)  # see _YIELD_EVERY
+                    end = start + _YIELD_EVERY
+                    visits: list[VisitedContact] = []
+                    for entry, customer_id, own_code in zip(
+                        entries[start:end], ids[start:end], codes[start:end], strict=True
+                    ):
+                        if not entry:
+                            unmatched += 1
+                            continue
+                        parts = entry.split(_SEPARATOR, 2)  # `unpack_entry`, inline
+                        if len(parts) == 3:
+                            number, language, fragment = parts
+                        else:
+                            (number, fragment), language = parts, ""
+                        if not number:
+                            invalid += 1
+                            continue
+                        as_int = int(number)
+                        if as_int in numbers_seen:
+                            repeated += 1
+                            continue
+                        numbers_seen.add(as_int)
+                        matched += 1
+                        if on_matched is not None:
+                            taken.append((number, customer_id))
+                        code = own_code or None
+                        text = None if text_of is None else text_of(language, code)
+                        if text is None:
+                            visits.append((number, language, fragment, code))
+                            continue
+                        chunk = by_text.setdefault(text, [])
+                        chunk.append("{" + fragment + id_field + _json_string(customer_id) + "}")
+                        if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
+                            by_text[text] = []
+                            assert write_chunk is not None
+                            await write_chunk(text, "[" + ",".join(chunk) + "]", len(chunk))
+                            chunks += 1
+                    if visits:
+                        visit(visits)
                 if on_matched is not None:
                     await on_matched(taken)
         for text, chunk in sorted(by_text.items()):

@@ -148,10 +148,65 @@ def test_the_executors_memoised_routes_are_the_rules_routes() -> None:
         for language in ("", "de", "fr", "it", "es"):
             for code in codes:
                 fields = '"number":"447700900001","first_name":"Ann","last_name":""'
-                contact = ResolvedContact("C1", "447700900001", language, fields, code or None)
+                contact = ResolvedContact("447700900001", language, fields, code or None)
                 expected = route(plan, family, Recipient(language, code or None, "Ann", ""))
                 assert router(contact) == expected, (campaign_codes, language, code)
                 assert router(contact) == expected  # memoised: the same again
+
+
+def test_the_cutter_writes_each_personal_text_as_the_rules_render_it() -> None:
+    """Cut in runs (plain codes written straight into the chunk's JSON, anything else routed
+    one at a time), the chunks hold each recipient's text as `route` renders it, in order, and
+    the counts are the rules' counts."""
+    import json
+
+    from consumer.contact_index import VisitedContact
+    from consumer.multi_send import _LoadTally, _PersonalCutter, _Router
+
+    family = template_families(
+        [
+            template(1, "OPT_Code", 'Code [%PROMO_CODE%] at "Shop" & Co\\ [%PROMO_CODE%]'),
+            template(2, "OPT_Code [de]", "Größer Sale ❤ [%PROMO_CODE%]"),
+            template(3, "OPT_Code [fr]", "x" * 740 + " [%PROMO_CODE%]"),
+            template(4, "OPT_Code [it]", "Ciao [%FIRST_NAME|amico%], [%PROMO_CODE%]"),
+        ]
+    )[1]
+    codes = ["A1", "B2", "LONGERCODE12", "A{B", "ÄÖ1", "A B", None, "Z" * 30]
+    fields = '"number":"4477009%05d","first_name":"Ann","last_name":""'
+    contacts: list[VisitedContact] = [
+        (f"4477009{k:05d}", language, fields % k, code)
+        for k, (language, code) in enumerate(
+            (language, code)
+            for _ in range(3)
+            for language in ("", "de", "fr", "it", "es", "de")
+            for code in codes
+        )
+    ]
+    for campaign_codes in ((), ("SAVE",)):
+        plan = plan_sends(family, campaign_codes, ["A1"], True, max_group_texts=20)
+        assert isinstance(plan, SendPlan)
+        tally = _LoadTally()
+        cutter = _PersonalCutter(_Router(plan, family, default_language=""), tally, chunk_size=7)
+        for start in range(0, len(contacts), 10):  # runs as resolution hands them over
+            cutter.visit(contacts[start : start + 10])
+        cut = cutter.take_cut(last=True)
+        sent = [message for _, chunk in cut for message in json.loads(chunk)]
+        expected = [
+            (number, routed)
+            for number, language, _, code in contacts
+            if not (routed := route(plan, family, Recipient(language, code, "Ann", ""))).skipped
+        ]
+        assert [(m["number"], m["text"]) for m in sent] == [
+            (number, routed.personal_text) for number, routed in expected
+        ]
+        assert [number for number, _ in cut] == list(range(len(cut)))
+        assert tally.personal_parts == sum(routed.parts for _, routed in expected)
+        assert sum(tally.personal.values()) == len(expected)
+        assert sum(tally.skipped.values()) == len(contacts) - len(expected)
+        assert cutter.chunks.cut_so_far == [
+            (len(json.loads(chunk)), any(r.unicode for _, r in expected[7 * n : 7 * n + 7]))
+            for n, chunk in cut
+        ]
 
 
 GSM_OR_NOT = st.sampled_from([*"aZ9 €[]^{}|~", "é", "ß", "ж", "中", "\U0001f600"])
