@@ -49,13 +49,11 @@ class Loads:
             self.under_way -= 1
 
 
-def handing_over(
-    chunks: int, result: str = "resolved"
-) -> Callable[[HandOver[int]], Awaitable[str]]:
+def handing_over(chunks: int) -> Callable[[HandOver[int]], Awaitable[str]]:
     async def resolve(hand_over: HandOver[int]) -> str:
         for chunk in range(chunks):
             await hand_over(chunk)
-        return result
+        return "resolved"
 
     return resolve
 
