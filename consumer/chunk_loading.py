@@ -1,7 +1,9 @@
-"""Contact chunks loaded while resolution goes on: the pipeline of both load steps.
+"""Chunks loaded while resolution goes on: the pipeline of both load steps, and of personal
+texts sent as they are cut.
 
 Resolution hands each chunk over as it is cut; a few loaders take them off a bounded queue and
-load them (`create_contacts_bulk`, then the chunk recorded loaded).
+load them (`create_contacts_bulk`, then the chunk recorded loaded; or, for a stream of personal
+texts, `bulk_json`, the chunk recorded pending before and sent after).
 
 Nothing here relies on cancelling a task. A loader that fails keeps its error; the loaders
 under way finish their call and record it (a cancelled call would be an outcome unknown, its

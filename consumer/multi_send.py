@@ -425,8 +425,11 @@ class MultiSend:
         the same chunks and sends only those not recorded `sent` (a `pending` one is looked for
         in TextLocal's history first). Should that version be gone (rebuilt over an hour ago),
         the chunks would differ from those already sent: the campaign fails, never guessing.
-        A chunk that fails starts no new one; those under way finish; its error is raised once
-        resolution is done (the step is retried as a whole)."""
+        The chunks go through the load steps' pipeline (`chunk_loading.load_while_resolving`,
+        `SUB_SENDS_IN_FLIGHT` senders): a chunk that fails starts no new one, those under way
+        finish and are recorded, and its error is raised at the next chunk cut, which stops
+        resolution (the step is retried as a whole); a failed resolution, too, lets the sends
+        under way finish (a cancelled `bulk_json` would be an outcome unknown)."""
         group = self._steps.contact_group(run)
         version = run.snapshot.index_version
         if not version or not await self._index.has_version(group.group_id, version):
@@ -448,42 +451,26 @@ class MultiSend:
             _Router(plan, family, group.default_language), tally, self._settings.bulk_chunk_size
         )
         personal_chunks = cutter.chunks
-        to_send: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue(
-            maxsize=2 * SUB_SENDS_IN_FLIGHT
-        )
-        failures: list[Exception] = []
         record_numbers = self._steps.numbers_recorder(run, keep_existing=resumed)
 
-        async def after_batch(taken: list[tuple[str, str]], *, last: bool = False) -> None:
-            # Numbers first: a receipt for a chunk finds its customers.
-            if record_numbers is not None:
-                await record_numbers(taken)
-            for chunk in cutter.take_cut(last=last):
-                await to_send.put(chunk)
+        async def send_cut(chunk: tuple[int, str]) -> None:
+            number, messages_json = chunk
+            count, unicode = personal_chunks.cut_so_far[number]
+            await self._send_chunk(run, records, number, messages_json, count, unicode)
 
-        async def sender() -> None:
-            while (item := await to_send.get()) is not None:
-                if failures:
-                    continue  # nothing new starts after a failure
-                number, messages_json = item
-                count, unicode = personal_chunks.cut_so_far[number]
-                try:
-                    await self._send_chunk(run, records, number, messages_json, count, unicode)
-                except Exception as exc:  # noqa: BLE001 - raised below, once the others finish
-                    failures.append(exc)
+        async def resolve(hand_over: HandOver[tuple[int, str]]) -> Resolution:
+            async def after_batch(taken: list[tuple[str, str]], *, last: bool = False) -> None:
+                # Numbers first: a receipt for a chunk finds its customers.
+                if record_numbers is not None:
+                    await record_numbers(taken)
+                for chunk in cutter.take_cut(last=last):
+                    await hand_over(chunk)
 
-        senders = [asyncio.ensure_future(sender()) for _ in range(SUB_SENDS_IN_FLIGHT)]
-        try:
             found = await self._resolve(run, version, cutter, after_batch)
             await after_batch([], last=True)
-            for _ in senders:
-                await to_send.put(None)
-            await asyncio.gather(*senders)
-        finally:
-            for task in senders:
-                task.cancel()  # only when resolution itself failed: the sends under way stop
-        if failures:
-            raise failures[0]
+            return found
+
+        found = await load_while_resolving(resolve, send_cut, SUB_SENDS_IN_FLIGHT)
         return await self._finish_loading(
             run, records, plan, family, found, tally, personal_chunks, streamed=True
         )
