@@ -6,7 +6,8 @@
 3. publishes a sample campaign (header + recipients) to the input topic
 4. prints the campaign's status events and delivery metrics as they arrive on Kafka
 
-Ctrl-C stops everything gracefully (SIGTERM to the daemon, which drains and commits). With
+Ctrl-C (or SIGTERM, SIGHUP: a closed terminal, `timeout make run`) stops everything gracefully
+(SIGTERM to the daemon, which drains and commits, then to the sandbox). With
 `--exit-when-final` it stops by itself after the campaign's last delivery poll (a few minutes:
 the demo polls every 20 s over a 2-minute window instead of daily for a week).
 The local stack (Kafka, Redis) must be up: `make run` starts it first.
@@ -163,7 +164,15 @@ def follow(env: dict[str, str], campaign_key: str, exit_when_final: bool) -> Non
         consumer.close()
 
 
+def stop_as_on_ctrl_c(signum: int, _frame: object) -> None:
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C does: their default would end this process
+    at once and leave the sandbox and the daemon running."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> int:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop_as_on_ctrl_c)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--exit-when-final",
