@@ -13,6 +13,7 @@ import pytest
 
 from tests.daemon import free_port
 from tests.helpers import eventually
+from tests.private_stack import STACK
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "deploy" / "local" / "demo.py"
@@ -21,16 +22,8 @@ pytestmark = pytest.mark.integration
 
 
 def local_stack_bootstrap() -> str:
-    """The Kafka address the demo uses (the local stack's, from `stack.py env`)."""
-    output = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "local" / "stack.py"), "env"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)[
-        "KAFKA_BOOTSTRAP_SERVERS"
-    ]
+    """The Kafka address the demo uses: the local stack's (`deploy/local/stack.py`)."""
+    return str(STACK.StackLayout.from_env().bootstrap_servers)
 
 
 def start_demo(output: Path) -> subprocess.Popen[bytes]:
