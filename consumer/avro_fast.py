@@ -182,15 +182,11 @@ def _array_of_string_records(items: Any) -> Reader:
                             raise UnreadableBody(f"union index byte {branch} not 0 or 2")
                     size = data[pos]
                     if size < 0x80 and not size & 1:  # a length below 64, in its one byte
-                        size >>= 1
-                        pos += 1
+                        end = pos + 1 + (size >> 1)
+                        element[name] = data[pos + 1 : end].decode()
+                        pos = end
                     else:
-                        size, pos = _long(data, pos)
-                        if size < 0:
-                            raise UnreadableBody("negative string length")
-                    end = pos + size
-                    element[name] = data[pos:end].decode()
-                    pos = end
+                        element[name], pos = _string(data, pos)
                 append(element)
 
     return read

@@ -64,14 +64,6 @@ class IndexedContact:
         return f"{self.number}{_SEPARATOR}{self.language}{_SEPARATOR}{fragment}"
 
 
-def unpack_entry(entry: str) -> tuple[str, str, str]:
-    """(number, language, JSON fragment) of a packed entry, of this version or an earlier one."""
-    parts = entry.split(_SEPARATOR, 2)
-    if len(parts) == 2:
-        return parts[0], "", parts[1]
-    return parts[0], parts[1], parts[2]
-
-
 # A recipient `resolve_each` visits: (number, language, the contact's JSON fragment, own promo
 # code or None). A plain tuple: one is made per recipient, in a loop of a million.
 VisitedContact = tuple[str, str, str, str | None]
@@ -112,6 +104,61 @@ class Resolution:
 # reached SENT in 7.6–8.7 s (four runs) instead of 8.8–10.0 s (two runs; bench_variants.py
 # --scenario codes, this 2-core machine, whose runs vary by about ±10 %).
 _YIELD_EVERY = 200
+
+
+class _NumberTaker:
+    """The rule both resolution loops apply: a number is taken once. A customer id the index
+    does not know is unmatched, one whose number TextLocal would refuse invalid, a number
+    already taken (a repeated id, or two customers sharing it) a duplicate.
+
+    `take` goes through a run of a batch (one turn of the loop, see `_YIELD_EVERY`): a call
+    per run, not per recipient, keeps the rule in one place at no cost to the hot loop."""
+
+    def __init__(self) -> None:
+        self.numbers_seen: set[int] = set()
+        self.matched = self.unmatched = self.invalid = self.repeated = 0
+
+    def take(
+        self,
+        entries: Sequence[str],
+        ids: Sequence[str],
+        codes: Sequence[str],
+        pairs: list[tuple[str, str]] | None,
+    ) -> list[tuple[str, str, str, str, str]]:
+        """(number, language, fragment, customer id, own code or "") of each recipient taken,
+        in order; each one's (number, customer id) appended to `pairs` too, when given."""
+        numbers_seen = self.numbers_seen
+        taken: list[tuple[str, str, str, str, str]] = []
+        unmatched = invalid = repeated = 0
+        for entry, customer_id, code in zip(entries, ids, codes, strict=True):
+            if not entry:
+                unmatched += 1
+                continue
+            # A packed entry (`IndexedContact.pack`); one of an earlier version has no language.
+            parts = entry.split(_SEPARATOR, 2)
+            if len(parts) == 3:
+                number, language, fragment = parts
+            else:
+                (number, fragment), language = parts, ""
+            if not number:
+                invalid += 1
+                continue
+            as_int = int(number)
+            if as_int in numbers_seen:
+                repeated += 1
+                continue
+            numbers_seen.add(as_int)
+            taken.append((number, language, fragment, customer_id, code))
+            if pairs is not None:
+                pairs.append((number, customer_id))
+        self.matched += len(taken)
+        self.unmatched += unmatched
+        self.invalid += invalid
+        self.repeated += repeated
+        return taken
+
+    def resolution(self, chunks: int) -> Resolution:
+        return Resolution(self.matched, self.unmatched, self.invalid, self.repeated, chunks)
 
 
 BatchT = TypeVar("BatchT")
@@ -184,45 +231,32 @@ class ContactIndex:
         same order, so a resumed resolution can skip the chunks TextLocal already accepted.
         """
         id_field = f',"{group.customer_id_field}":'
-        numbers_seen: set[int] = set()
+        taker = _NumberTaker()
         chunk: list[str] = []
-        chunks = matched = unmatched = invalid = repeated = 0
+        chunks = 0
 
         async def fetch(batch: int) -> ResolvedBatch:
             return await self._store.resolve_batch(recipients_key, group.group_id, version, batch)
 
         async with aclosing(prefetched_batches(fetch, batch_count, check)) as batches:
             async for ids, entries in batches:
-                taken: list[tuple[str, str]] = []
-                for position, entry in enumerate(entries):
-                    if position % _YIELD_EVERY == 0:
-                        await asyncio.sleep(0)  # see _YIELD_EVERY
-                    if not entry:
-                        unmatched += 1
-                        continue
-                    number, _, fragment = unpack_entry(entry)
-                    if not number:
-                        invalid += 1
-                        continue
-                    as_int = int(number)
-                    if as_int in numbers_seen:
-                        repeated += 1
-                        continue
-                    numbers_seen.add(as_int)
-                    matched += 1
-                    customer_id = ids[position]
-                    if on_matched is not None:
-                        taken.append((number, customer_id))
-                    chunk.append("{" + fragment + id_field + _json_string(customer_id) + "}")
-                    if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
-                        await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
-                        chunks, chunk = chunks + 1, []
-                if on_matched is not None:
-                    await on_matched(taken)
+                pairs: list[tuple[str, str]] | None = [] if on_matched is not None else None
+                no_codes = [""] * len(ids)
+                for start in range(0, len(entries), _YIELD_EVERY):
+                    await asyncio.sleep(0)  # see _YIELD_EVERY
+                    end = start + _YIELD_EVERY
+                    run = taker.take(entries[start:end], ids[start:end], no_codes[start:end], pairs)
+                    for _, _, fragment, customer_id, _ in run:
+                        chunk.append("{" + fragment + id_field + _json_string(customer_id) + "}")
+                        if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
+                            await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
+                            chunks, chunk = chunks + 1, []
+                if on_matched is not None and pairs is not None:
+                    await on_matched(pairs)
         if chunk:
             await write_chunk(chunks, "[" + ",".join(chunk) + "]", len(chunk))
             chunks += 1
-        return Resolution(matched, unmatched, invalid, repeated, chunks)
+        return taker.resolution(chunks)
 
     async def resolve_each(
         self,
@@ -253,9 +287,9 @@ class ContactIndex:
         are visited. `chunks` counts the chunks written. `on_matched` as in `resolve`.
         """
         id_field = f',"{group.customer_id_field}":'
-        numbers_seen: set[int] = set()
+        taker = _NumberTaker()
         by_text: dict[int, list[str]] = {}
-        matched = unmatched = invalid = repeated = chunks = 0
+        chunks = 0
 
         async def fetch(batch: int) -> tuple[ResolvedBatch, list[str]]:
             found = await self._store.resolve_batch(recipients_key, group.group_id, version, batch)
@@ -263,35 +297,15 @@ class ContactIndex:
 
         async with aclosing(prefetched_batches(fetch, batch_count, check)) as batches:
             async for (ids, entries), codes in batches:
-                taken: list[tuple[str, str]] = []
+                pairs: list[tuple[str, str]] | None = [] if on_matched is not None else None
                 if len(codes) < len(ids):  # none of the batch's customers has a code
                     codes = [*codes, *[""] * (len(ids) - len(codes))]
                 for start in range(0, len(entries), _YIELD_EVERY):
                     await asyncio.sleep(0)  # see _YIELD_EVERY
                     end = start + _YIELD_EVERY
                     visits: list[VisitedContact] = []
-                    for entry, customer_id, own_code in zip(
-                        entries[start:end], ids[start:end], codes[start:end], strict=True
-                    ):
-                        if not entry:
-                            unmatched += 1
-                            continue
-                        parts = entry.split(_SEPARATOR, 2)  # `unpack_entry`, inline
-                        if len(parts) == 3:
-                            number, language, fragment = parts
-                        else:
-                            (number, fragment), language = parts, ""
-                        if not number:
-                            invalid += 1
-                            continue
-                        as_int = int(number)
-                        if as_int in numbers_seen:
-                            repeated += 1
-                            continue
-                        numbers_seen.add(as_int)
-                        matched += 1
-                        if on_matched is not None:
-                            taken.append((number, customer_id))
+                    run = taker.take(entries[start:end], ids[start:end], codes[start:end], pairs)
+                    for number, language, fragment, customer_id, own_code in run:
                         code = own_code or None
                         text = None if text_of is None else text_of(language, code)
                         if text is None:
@@ -306,14 +320,14 @@ class ContactIndex:
                             chunks += 1
                     if visits:
                         visit(visits)
-                if on_matched is not None:
-                    await on_matched(taken)
+                if on_matched is not None and pairs is not None:
+                    await on_matched(pairs)
         for text, chunk in sorted(by_text.items()):
             if chunk:
                 assert write_chunk is not None
                 await write_chunk(text, "[" + ",".join(chunk) + "]", len(chunk))
                 chunks += 1
-        return Resolution(matched, unmatched, invalid, repeated, chunks)
+        return taker.resolution(chunks)
 
     async def has_version(self, group_id: int, version: str) -> bool:
         return await self._store.has_version(group_id, version)
