@@ -1171,24 +1171,19 @@ class _PersonalChunks:
 
 async def _each_once(sub_sends: Iterable[Callable[[], Awaitable[None]]]) -> None:
     """Run sub-sends, up to SUB_SENDS_IN_FLIGHT at a time (the client bounds its calls),
-    each recording itself `pending` before its call and `sent` after. One that fails does not
-    cancel the others in flight: nothing new starts after a failure, those under way finish and
-    are recorded, then its error is raised."""
-    waiting = iter(sub_sends)
-    failures: list[Exception] = []
+    each recording itself `pending` before its call and `sent` after, through the pipeline
+    of the load steps (`chunk_loading.load_while_resolving`): one that fails does not cancel
+    the others in flight; nothing new starts after a failure, those under way finish and are
+    recorded, then its error is raised."""
 
-    async def worker() -> None:
-        for sub_send in waiting:
-            if failures:
-                return
-            try:
-                await sub_send()
-            except Exception as exc:  # noqa: BLE001 - raised below, once the others finish
-                failures.append(exc)
+    async def hand_each_over(hand_over: HandOver[Callable[[], Awaitable[None]]]) -> None:
+        for sub_send in sub_sends:
+            await hand_over(sub_send)
 
-    await asyncio.gather(*(worker() for _ in range(SUB_SENDS_IN_FLIGHT)))
-    if failures:
-        raise failures[0]
+    async def run(sub_send: Callable[[], Awaitable[None]]) -> None:
+        await sub_send()
+
+    await load_while_resolving(hand_each_over, run, SUB_SENDS_IN_FLIGHT)
 
 
 def _streaming(records: dict[str, dict[str, Any]]) -> bool:
