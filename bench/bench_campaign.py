@@ -17,7 +17,6 @@ prefix and sandbox process, and leaves the stack as it found it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -32,9 +31,8 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
-from bench.common import free_port, wait_http
+from bench.common import delete_prefix, delete_topics_and_groups, free_port, wait_http
 from consumer.codec import SchemaRegistry
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled
 from consumer.keys import RedisKeys
@@ -59,20 +57,6 @@ def stack_env() -> dict[str, str]:
         check=True,
     ).stdout
     return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
-
-
-async def delete_prefix(redis_url: str, prefix: str) -> None:
-    """Leave Redis as the bench found it (a million-entry contact index per run adds up)."""
-    redis = aioredis.Redis.from_url(redis_url)
-    batch = []
-    async for key in redis.scan_iter(match=f"{prefix}*", count=5000):
-        batch.append(key)
-        if len(batch) == 5000:
-            await redis.unlink(*batch)
-            batch = []
-    if batch:
-        await redis.unlink(*batch)
-    await redis.aclose()
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -295,13 +279,9 @@ async def main() -> int:
                     process.kill()
         # Only once the daemon is gone: it writes to Redis, and reads its topic, until it stops.
         await delete_prefix(stack["REDIS_URL"], prefix)
-        kafka_admin = AdminClient({"bootstrap.servers": stack["KAFKA_BOOTSTRAP_SERVERS"]})
-        for future in kafka_admin.delete_topics([topic, warm_up_topic]).values():
-            with contextlib.suppress(Exception):  # never created: the run ended before it
-                future.result(timeout=30)
-        for future in kafka_admin.delete_consumer_groups([f"{topic}-daemon"]).values():
-            with contextlib.suppress(Exception):  # a daemon that never joined
-                future.result(timeout=30)
+        delete_topics_and_groups(
+            stack["KAFKA_BOOTSTRAP_SERVERS"], [topic, warm_up_topic], [f"{topic}-daemon"]
+        )
 
 
 if __name__ == "__main__":

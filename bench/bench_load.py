@@ -59,7 +59,7 @@ from confluent_kafka.admin import AdminClient
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 
-from bench.common import free_port, stack_services  # noqa: E402
+from bench.common import free_port, stack_services, unlink_prefix  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
@@ -190,17 +190,6 @@ async def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes]
                 pass
             await asyncio.sleep(0.2)
     raise SystemExit(f"{url} did not answer in {timeout_s:.0f}s")
-
-
-async def delete_prefix(redis: aioredis.Redis, prefix: str) -> None:
-    batch = []
-    async for key in redis.scan_iter(match=f"{prefix}*", count=5000):
-        batch.append(key)
-        if len(batch) == 5000:
-            await redis.unlink(*batch)
-            batch = []
-    if batch:
-        await redis.unlink(*batch)
 
 
 def cpu_s(pid: int) -> float:
@@ -575,7 +564,7 @@ async def measure(
     finally:
         stop_process(daemon)
         stop_process(sandbox, 30)
-        await delete_prefix(redis, prefix)
+        await unlink_prefix(redis, prefix)
         admin_client = AdminClient({"bootstrap.servers": bootstrap})
         for future in admin_client.delete_topics(topics.names()).values():
             with contextlib.suppress(Exception):  # a topic the daemon never created

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -51,12 +50,11 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from any directory
 
-from bench.common import free_port, wait_http  # noqa: E402
+from bench.common import delete_prefix, delete_topics_and_groups, free_port, wait_http  # noqa: E402
 from consumer.codec import SchemaRegistry  # noqa: E402
 from consumer.events import CampaignRecipients, CampaignRef, CampaignScheduled  # noqa: E402
 from consumer.keys import RedisKeys  # noqa: E402
@@ -101,20 +99,6 @@ def number_of(k: int) -> str:
 
 def own_code(k: int) -> str:
     return f"U{k:07d}X"
-
-
-async def delete_prefix(redis_url: str, prefix: str) -> None:
-    """Leave Redis as the bench found it (a million-entry contact index per run adds up)."""
-    redis = aioredis.Redis.from_url(redis_url)
-    batch = []
-    async for key in redis.scan_iter(match=f"{prefix}*", count=5000):
-        batch.append(key)
-        if len(batch) == 5000:
-            await redis.unlink(*batch)
-            batch = []
-    if batch:
-        await redis.unlink(*batch)
-    await redis.aclose()
 
 
 def proc_status_mb(pid: int, field_name: str) -> float:
@@ -585,14 +569,11 @@ async def run_scenario(
                     process.wait()
         # Only once the daemon is gone: it writes to Redis until it stops.
         await delete_prefix(stack["REDIS_URL"], prefix)
-        kafka_admin = AdminClient({"bootstrap.servers": stack["KAFKA_BOOTSTRAP_SERVERS"]})
-        for future in kafka_admin.delete_topics(list(topics.values())).values():
-            with contextlib.suppress(Exception):  # a topic the daemon never created
-                future.result(timeout=30)
-        deleting = kafka_admin.delete_consumer_groups([f"{topics['input']}-daemon"])
-        for future in deleting.values():
-            with contextlib.suppress(Exception):  # a daemon that never joined
-                future.result(timeout=30)
+        delete_topics_and_groups(
+            stack["KAFKA_BOOTSTRAP_SERVERS"],
+            list(topics.values()),
+            [f"{topics['input']}-daemon"],
+        )
 
 
 def report(campaign: Campaign, figures: Figures, chunk: int) -> None:

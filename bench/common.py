@@ -1,9 +1,11 @@
 """What the benchmark scripts share: a free port, the local stack's addresses, waiting for an
-HTTP endpoint. (Each script stays runnable on its own: `python bench/bench_x.py`.)"""
+HTTP endpoint, leaving Redis and Kafka as they were found. (Each script stays runnable on its
+own: `python bench/bench_x.py`.)"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -12,6 +14,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+import redis.asyncio as aioredis
+from confluent_kafka.admin import AdminClient
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +52,35 @@ async def wait_http(url: str, timeout_s: float) -> None:
                 pass
             await asyncio.sleep(0.5)
     raise SystemExit(f"{url} did not answer in {timeout_s:.0f}s")
+
+
+async def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Leave Redis as the bench found it (a million-entry contact index per run adds up)."""
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        await unlink_prefix(redis, prefix)
+    finally:
+        await redis.aclose()
+
+
+async def unlink_prefix(redis: aioredis.Redis, prefix: str) -> None:
+    """Unlink every key under `prefix`, 5,000 at a time."""
+    batch = []
+    async for key in redis.scan_iter(match=f"{prefix}*", count=5000):
+        batch.append(key)
+        if len(batch) == 5000:
+            await redis.unlink(*batch)
+            batch = []
+    if batch:
+        await redis.unlink(*batch)
+
+
+def delete_topics_and_groups(bootstrap: str, topics: list[str], groups: list[str]) -> None:
+    """Delete the bench's topics and consumer groups; those never created are no error."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_topics(topics).values():
+        with contextlib.suppress(Exception):  # a topic nobody created: the run ended before
+            future.result(timeout=30)
+    for future in admin.delete_consumer_groups(groups).values():
+        with contextlib.suppress(Exception):  # a daemon that never joined
+            future.result(timeout=30)

@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
@@ -161,6 +161,23 @@ class _NumberTaker:
         self.repeated += repeated
         return taken
 
+    def runs(
+        self,
+        entries: Sequence[str],
+        ids: Sequence[str],
+        codes: Sequence[str],
+        pairs: list[tuple[str, str]] | None,
+    ) -> Iterator[tuple[list[VisitedContact], list[str]]]:
+        """A batch `take`n run by run (`_YIELD_EVERY`): each run's recipients taken and their
+        customer ids. `codes` may be shorter than `ids` (empty: nobody in the batch has one)."""
+        if len(codes) < len(ids):
+            codes = [*codes, *[""] * (len(ids) - len(codes))]
+        for start in range(0, len(entries), _YIELD_EVERY):
+            end = start + _YIELD_EVERY
+            taken_ids: list[str] = []
+            run = self.take(entries[start:end], ids[start:end], codes[start:end], taken_ids, pairs)
+            yield run, taken_ids
+
     def resolution(self, chunks: int) -> Resolution:
         return Resolution(self.matched, self.unmatched, self.invalid, self.repeated, chunks)
 
@@ -245,14 +262,8 @@ class ContactIndex:
         async with aclosing(prefetched_batches(fetch, batch_count, check)) as batches:
             async for ids, entries in batches:
                 pairs: list[tuple[str, str]] | None = [] if on_matched is not None else None
-                no_codes = [""] * len(ids)
-                for start in range(0, len(entries), _YIELD_EVERY):
+                for run, taken_ids in taker.runs(entries, ids, (), pairs):
                     await asyncio.sleep(0)  # see _YIELD_EVERY
-                    end = start + _YIELD_EVERY
-                    taken_ids: list[str] = []
-                    run = taker.take(
-                        entries[start:end], ids[start:end], no_codes[start:end], taken_ids, pairs
-                    )
                     for (_, _, fragment, _), customer_id in zip(run, taken_ids, strict=True):
                         chunk.append("{" + fragment + id_field + _json_string(customer_id) + "}")
                         if len(chunk) == MAX_CONTACTS_PER_BULK_CALL:
@@ -305,15 +316,8 @@ class ContactIndex:
         async with aclosing(prefetched_batches(fetch, batch_count, check)) as batches:
             async for (ids, entries), codes in batches:
                 pairs: list[tuple[str, str]] | None = [] if on_matched is not None else None
-                if len(codes) < len(ids):  # none of the batch's customers has a code
-                    codes = [*codes, *[""] * (len(ids) - len(codes))]
-                for start in range(0, len(entries), _YIELD_EVERY):
+                for run, taken_ids in taker.runs(entries, ids, codes, pairs):
                     await asyncio.sleep(0)  # see _YIELD_EVERY
-                    end = start + _YIELD_EVERY
-                    taken_ids: list[str] = []
-                    run = taker.take(
-                        entries[start:end], ids[start:end], codes[start:end], taken_ids, pairs
-                    )
                     if text_of is None:  # every recipient visited: the run as it is
                         if run:
                             visit(run)
